@@ -1,0 +1,183 @@
+"""MPMA pre-training configs. Select a variant with `--config configs/pretrain.py:<variant>`.
+
+  tiny  a few-minute CPU run on the built-in synthetic dataset (the README's main job)
+  small a larger synthetic run, still CPU-friendly (benchmarks, sanity sweeps)
+  base  the paper's sizes: ViT-B/16 at 288, RoBERTa-base, 6 fusion layers, batch 256, 100k steps
+
+Override any field on the command line, e.g. `--config.train.steps=200 --config.model.memory.topk=16`.
+Fields marked [choice] are the project's own choices where the paper is silent (method.md).
+"""
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """Base-size model (method.md §1-4)."""
+  m = ml_collections.ConfigDict()
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and losses stay float32)
+  m.hidden = 768  # fusion width d (projections, memory, co-attention, poolers)
+
+  m.image = ml_collections.ConfigDict()
+  m.image.size = 288  # pre-training resolution; 18x18 = 324 patches + CLS
+  m.image.patch = 16
+  m.image.width = 768
+  m.image.layers = 12
+  m.image.heads = 12
+  m.image.mlp_ratio = 4.0
+
+  m.text = ml_collections.ConfigDict()
+  m.text.vocab_size = 50265  # must be >= the tokenizer's size (RoBERTa-base: 50,265)
+  m.text.width = 768
+  m.text.layers = 12
+  m.text.heads = 12
+  m.text.mlp_dim = 3072
+  m.text.max_positions = 514  # position-embedding rows (RoBERTa: max length + pad_id + 1)
+  m.text.type_vocab_size = 1  # RoBERTa has 1 token type, BERT 2
+  m.text.pad_id = 1  # must equal the tokenizer's pad token id
+  m.text.position_style = "roberta"  # bert (0..L-1) | roberta (pad_id+1.., padding at pad_id)
+  m.text.eps = 1e-5  # LayerNorm epsilon (BERT 1e-12, RoBERTa 1e-5)
+  m.text.dropout = 0.1
+  m.text.attn_dropout = 0.1
+
+  m.fusion = ml_collections.ConfigDict()
+  m.fusion.layers = 6  # K co-attention layers per stream
+  m.fusion.heads = 12
+  m.fusion.mlp_dim = 3072
+  m.fusion.dropout = 0.1
+  m.fusion.attn_dropout = 0.1
+
+  m.memory = ml_collections.ConfigDict()  # MA-CMF [choice: R2GenCMN-style top-k memory]
+  m.memory.enabled = True  # False = plain M3AE fusion
+  m.memory.slots = 2048  # S
+  m.memory.topk = 32  # slots read per token and head
+  m.memory.heads = 8
+  m.memory.placement = "pre_fusion"  # pre_fusion | every_text_layer
+  m.memory.impl = "masked"  # masked (dense softmax over top-k) | gather (same result)
+
+  m.gla = ml_collections.ConfigDict()  # global + local alignment [choice]
+  m.gla.dim = 256  # alignment embedding width
+  m.gla.local = "filip"  # filip (late interaction) | attention (GLoRIA-style)
+  m.gla.features_from = "clean"  # clean (second unmasked encoder pass) | masked (reuse, cheaper)
+  m.gla.temperature_init = 0.07
+  m.gla.temperature_min = 0.01
+  m.gla.attention_temp = 4.0  # GLoRIA word->patch attention sharpness (local = attention)
+  m.gla.agg_temp = 5.0  # GLoRIA log-sum-exp over words (local = attention)
+  m.gla.chunk = 8  # images per step of the local-similarity loop (memory vs speed)
+
+  m.mim = ml_collections.ConfigDict()
+  m.mim.layer = 3  # k_mim: fusion layer whose image stream feeds the decoder (1-based)
+  m.mim.width = 384
+  m.mim.depth = 4
+  m.mim.heads = 6
+  m.mim.norm_pix = True  # per-patch normalised pixel targets
+  return m
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  c.model = model_config()
+
+  c.masking = ml_collections.ConfigDict()  # paired masking, produced by the input pipeline
+  c.masking.image_ratio = 0.75  # MAE ratio; static keep count
+  c.masking.text_ratio = 0.15  # share of real words chosen for MLM
+  c.masking.mask_prob = 0.8  # chosen -> [MASK]
+  c.masking.random_prob = 0.1  # chosen -> random token (the rest stay unchanged)
+
+  c.loss = ml_collections.ConfigDict()  # total = sum of weight * loss
+  c.loss.mlm = 1.0
+  c.loss.mim = 1.0
+  c.loss.global_ = 1.0  # GLA global InfoNCE ('global' is a Python keyword)
+  c.loss.local = 1.0  # GLA local InfoNCE
+  c.loss.itm = 0.0  # image-text matching (0 disables the ITM head and its fusion pass)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"  # built-in generator (mpma_jax/data/synthetic.py)
+  c.data.num_train = 50_000  # synthetic examples per epoch
+  c.data.tokenizer = "builtin"  # builtin (WordPiece trained on the corpus) | a local HF tokenizer dir
+  c.data.tokenizer_vocab = 50265  # target vocab size when training the builtin tokenizer
+  c.data.max_len = 64  # text length (pre-training)
+  c.data.workers = 0  # Grain worker processes (0 = in the main process)
+  c.data.prefetch = 2  # batches buffered per worker
+
+  c.optim = ml_collections.ConfigDict()  # AdamW with M3AE's parameter groups (method.md §5)
+  c.optim.lr = 1e-5  # encoders' learning rate
+  c.optim.lr_mult = 5.0  # multiplier for every module that is not an encoder
+  c.optim.encoder_modules = ("image_encoder", "text_encoder", "modality_type")  # run at optim.lr
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01  # not applied to biases and norms
+  c.optim.warmup = 0.1  # fraction of steps of linear warm-up, then linear decay to 0
+  c.optim.grad_clip = 0.0  # global-norm clipping; 0 disables
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100_000
+  c.train.batch_size = 256  # global batch
+  c.train.log_every = 100  # console + TensorBoard scalars
+  c.train.ckpt_every = 5000  # Orbax checkpoint interval (one is always written at the end)
+  c.train.keep_checkpoints = 3
+
+  c.mesh = ml_collections.ConfigDict()  # device mesh; -1 = all remaining devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # logical axis -> mesh axes; parameters and activations carry the logical names.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("slots", None),
+      ("length", None),
+      ("kv", None),
+      ("patch", None),
+      ("gla", None),
+      ("classes", None),
+  )
+
+  c.eval = ml_collections.ConfigDict()  # zero-shot retrieval at the end of training
+  c.eval.num_pairs = 1000  # held-out (image, report) pairs ranked all-against-all
+  c.eval.batch_size = 256
+
+  if variant == "tiny":
+    _tiny(c)
+  elif variant == "small":
+    _tiny(c)
+    _small(c)
+  elif variant != "base":
+    raise ValueError(f"unknown variant {variant!r}: expected tiny, small or base")
+  return c
+
+
+def _tiny(c):
+  m = c.model
+  m.hidden = 128
+  m.image.update(size=64, patch=8, width=128, layers=3, heads=4)
+  m.text.update(vocab_size=1024, width=128, layers=3, heads=4, mlp_dim=512, max_positions=64,
+                type_vocab_size=2, pad_id=0, position_style="bert", eps=1e-12,
+                dropout=0.0, attn_dropout=0.0)
+  m.fusion.update(layers=2, heads=4, mlp_dim=512, dropout=0.0, attn_dropout=0.0)
+  m.memory.update(slots=256, topk=16, heads=4)
+  m.gla.dim = 64
+  m.mim.update(layer=1, width=64, depth=1, heads=4)
+  c.data.tokenizer_vocab = 1024
+  c.data.max_len = 40
+  c.data.num_train = 20_000
+  c.optim.lr = 2e-4
+  c.optim.lr_mult = 2.5
+  c.train.update(steps=900, batch_size=32, log_every=50, ckpt_every=300)
+  c.eval.update(num_pairs=500, batch_size=250)
+
+
+def _small(c):
+  m = c.model
+  m.hidden = 256
+  m.image.update(size=96, patch=16, width=256, layers=4, heads=8)
+  m.text.update(width=256, layers=4, heads=8, mlp_dim=1024)
+  m.fusion.update(layers=2, heads=8, mlp_dim=1024)
+  m.memory.update(slots=512, topk=32, heads=8)
+  m.gla.dim = 128
+  m.mim.update(layer=2, width=128, depth=2, heads=4)
+  c.train.update(steps=3000, batch_size=64)

@@ -1,0 +1,46 @@
+"""Zero-shot image <-> text retrieval from the GLA global embeddings."""
+import jax
+import numpy as np
+
+from mpma_jax import losses
+from mpma_jax.models.mpma import MPMA
+
+KS = (1, 5, 10)
+
+
+def _global_embeddings(module: MPMA, image, text_ids, text_mask):
+  image_gla, text_gla = module.align(module.embed_image(image), module.embed_text(text_ids, text_mask))
+  return image_gla[:, 0], text_gla[:, 0]  # [B, G] each, L2-normalised
+
+
+def make_embed_fn(model: MPMA):
+  """jit-compiled (params, image, text_ids, text_mask) -> (image_emb [B, G], text_emb [B, G])."""
+  return jax.jit(lambda params, image, ids, mask: model.apply(
+      {"params": params}, image, ids, mask, method=_global_embeddings))
+
+
+def retrieval(embed_fn, params, pairs: dict, batch_size: int) -> dict:
+  """R@1/5/10 in both directions for N pairs ranked all against all, plus chance = k / N."""
+  n = len(pairs["image"])
+  image_emb, text_emb = [], []
+  for start in range(0, n, batch_size):
+    chunk = {k: v[start:start + batch_size] for k, v in pairs.items()}
+    i, t = embed_fn(params, chunk["image"], chunk["text_ids"], chunk["text_mask"])
+    image_emb.append(np.asarray(i))
+    text_emb.append(np.asarray(t))
+  sim = np.concatenate(image_emb) @ np.concatenate(text_emb).T  # [N, N], image rows
+  return losses.retrieval_recall(sim, KS)
+
+
+def chance(num_pairs: int) -> dict:
+  """Expected recall of a random ranking."""
+  return {f"{d}_r{k}": min(k / num_pairs, 1.0) for d in ("i2t", "t2i") for k in KS}
+
+
+def format_table(rows: dict) -> str:
+  """rows: name -> recall dict (fractions) -> a fixed-width table in percent."""
+  cols = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in KS]
+  lines = [f"{'':<10}" + "".join(f"{c:>9}" for c in cols)]
+  for name, r in rows.items():
+    lines.append(f"{name:<10}" + "".join(f"{100 * r[c]:>9.2f}" for c in cols))
+  return "\n".join(lines)

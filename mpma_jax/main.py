@@ -1,0 +1,74 @@
+"""`mpma-pretrain --config configs/pretrain.py:tiny --workdir DIR [--resume]`
+
+Prepares the workdir (tokenizer, config), then runs `train.train_and_evaluate`.
+"""
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, eval.json")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def prepare_tokenizer(config, workdir: str):
+  """The run's tokenizer, saved in (or read from) <workdir>/tokenizer so a resumed run or an export
+  sees exactly the same ids. Returns (tokenizer, directory)."""
+  from mpma_jax.data import synthetic, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(workdir, "tokenizer")
+  if os.path.isdir(run_dir):
+    tok = tokenizers.load_tokenizer(run_dir)
+  elif config.data.tokenizer == "builtin":
+    if config.data.name != "synthetic":
+      raise ValueError("data.tokenizer='builtin' is trained on the built-in corpus; for "
+                       f"data.name={config.data.name!r} give a tokenizer directory")
+    corpus = synthetic.report_corpus(min(config.data.num_train, 20_000), seed=config.seed)
+    tok = tokenizers.train_wordpiece(corpus, config.data.tokenizer_vocab, run_dir)
+  else:
+    tok = tokenizers.load_tokenizer(config.data.tokenizer)
+    tok.save_pretrained(run_dir)
+  check_tokenizer(tok, config)
+  return tok, run_dir
+
+
+def check_tokenizer(tok, config) -> None:
+  text = config.model.text
+  if len(tok) > text.vocab_size:
+    raise ValueError(f"the tokenizer has {len(tok)} tokens but model.text.vocab_size is "
+                     f"{text.vocab_size}; raise model.text.vocab_size")
+  if tok.pad_token_id != text.pad_id:
+    raise ValueError(f"the tokenizer's pad token id is {tok.pad_token_id} but model.text.pad_id "
+                     f"is {text.pad_id}; set --config.model.text.pad_id={tok.pad_token_id}")
+  if tok.mask_token_id is None:
+    raise ValueError("the tokenizer has no mask token, which MLM needs")
+  need = config.data.max_len + (text.pad_id + 1 if text.position_style == "roberta" else 0)
+  if need > text.max_positions:
+    raise ValueError(f"data.max_len={config.data.max_len} needs {need} position embeddings but "
+                     f"model.text.max_positions is {text.max_positions}")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from mpma_jax import train  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  tok, tok_dir = prepare_tokenizer(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  result = train.train_and_evaluate(config, workdir, tok, tok_dir, resume=_RESUME.value)
+  i2t5, chance5 = result["trained"]["i2t_r5"], result["chance"]["i2t_r5"]
+  print(json.dumps({"i2t_r5": i2t5, "chance_r5": chance5, "ratio_to_chance": i2t5 / chance5}))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

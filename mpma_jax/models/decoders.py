@@ -1,0 +1,76 @@
+"""Reconstruction and matching heads: MIM decoder (pixels), MLM head (vocabulary), ITM head."""
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from mpma_jax.models import layers
+
+
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding [1 + grid*grid, width] (MAE); the CLS row is zeros."""
+  if width % 4:
+    raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
+  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))  # [W/4]
+  ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                       indexing="ij")
+  parts = []
+  for coord in (xs.reshape(-1), ys.reshape(-1)):  # half the channels encode each axis
+    angle = coord[:, None] * omega[None, :]  # [N, W/4]
+    parts += [np.sin(angle), np.cos(angle)]
+  pos = np.concatenate(parts, axis=1)  # [N, W]
+  return np.concatenate([np.zeros((1, width)), pos], axis=0).astype(np.float32)
+
+
+class MIMDecoder(nn.Module):
+  """image stream [B, 1+n_keep, D], restore [B, N] -> predicted patches [B, N, p*p*3].
+
+  Linear D -> width, mask tokens re-inserted in the original patch order, fixed 2-D sin-cos
+  positions, pre-LN blocks, LayerNorm, linear to pixels.
+  """
+  num_patches: int
+  patch_pixels: int  # p*p*3
+  width: int = 384
+  depth: int = 4
+  heads: int = 6
+  mlp_ratio: float = 4.0
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, restore, deterministic: bool = True):
+    b = x.shape[0]
+    x = layers.Dense(self.width, ("embed", "mlp"), self.dtype, name="embed")(x)  # [B, 1+n, W]
+    mask_token = self.param("mask_token", layers.normal((None, None, "embed")), (1, 1, self.width))
+    n_masked = self.num_patches - (x.shape[1] - 1)
+    fill = jnp.broadcast_to(mask_token.astype(self.dtype), (b, n_masked, self.width))
+    patches = jnp.concatenate([x[:, 1:], fill], axis=1)  # [B, N, W], kept first, then masked
+    patches = jnp.take_along_axis(patches, restore[:, :, None], axis=1)  # original order
+    x = jnp.concatenate([x[:, :1], patches], axis=1)  # [B, 1+N, W]
+    grid = int(round(np.sqrt(self.num_patches)))
+    x = x + jnp.asarray(sincos_2d(grid, self.width), self.dtype)
+    for i in range(self.depth):
+      x = layers.PreLNBlock(self.heads, int(self.width * self.mlp_ratio), "gelu", eps=1e-6,
+                            dtype=self.dtype, name=f"block_{i}")(x, None, deterministic)
+    x = layers.LayerNorm(1e-6, self.dtype, name="ln")(x)
+    return layers.Dense(self.patch_pixels, ("embed", "patch"), self.dtype, name="pred")(x[:, 1:])
+
+
+class MLMHead(nn.Module):
+  """text stream [B, L, D] -> logits [B, L, V]: dense + GELU + LayerNorm, then vocab + bias."""
+  vocab_size: int
+  eps: float = 1e-12
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.Dense(x.shape[-1], ("embed", "mlp"), self.dtype, name="transform")(x)
+    x = layers.LayerNorm(self.eps, self.dtype, name="ln")(layers.gelu(x))
+    return layers.Dense(self.vocab_size, ("embed", "vocab"), self.dtype, name="decoder")(x)
+
+
+class ITMHead(nn.Module):
+  """joint feature [B, 2D] -> match logits [B, 2]."""
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, joint):
+    return layers.Dense(2, ("embed", "classes"), self.dtype, name="fc")(joint)

@@ -1,0 +1,93 @@
+"""GLA: global and local alignment of uni-modal features, before fusion [paper; form: choice].
+
+One d->gla.dim head per modality is applied to every token and L2-normalised; token 0 (CLS) gives
+the global embedding, the other tokens the local ones. Global similarity is a dot product; local
+similarity is FILIP-style late interaction (`filip`) or GLoRIA-style word-attended image context
+(`attention`). Both local forms are computed image by image with `jax.lax.map`, so memory grows as
+[chunk, B, P, L] rather than [B, B, P, L].
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mpma_jax.models import layers
+
+
+_NEG = -1e9  # a finite -inf, so that masked-out entries never turn into NaN gradients
+
+
+def l2_normalize(x, eps: float = 1e-6):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class GLAHeads(nn.Module):
+  """Projection heads and the two learnable temperatures (initialised at `temperature_init`)."""
+  dim: int = 256
+  temperature_init: float = 0.07
+  temperature_min: float = 0.01
+  dtype: layers.Dtype = jnp.float32
+
+  def setup(self):
+    self.image_head = layers.Dense(self.dim, ("embed", "gla"), self.dtype)
+    self.text_head = layers.Dense(self.dim, ("embed", "gla"), self.dtype)
+    init = nn.with_logical_partitioning(
+        nn.initializers.constant(jnp.log(self.temperature_init)), ())
+    self.log_temperature_global = self.param("log_temperature_global", init, ())
+    self.log_temperature_local = self.param("log_temperature_local", init, ())
+
+  def __call__(self, image_tokens, text_tokens):
+    """image [B, 1+P, D], text [B, L, D] -> L2-normalised [B, 1+P, G], [B, L, G] (float32)."""
+    return l2_normalize(self.image_head(image_tokens)), l2_normalize(self.text_head(text_tokens))
+
+  def temperatures(self):
+    """(global, local) temperatures, clamped to >= temperature_min."""
+    clamp = lambda t: jnp.maximum(jnp.exp(t), self.temperature_min)
+    return clamp(self.log_temperature_global), clamp(self.log_temperature_local)
+
+
+def filip_similarity(image, text, word_mask, chunk: int = 8):
+  """FILIP late interaction.
+
+  image [Bi, P, G], text [Bt, L, G] (normalised), word_mask [Bt, L] (real words only) ->
+    i2t [Bi, Bt]: for each patch the max cosine over the text's words, averaged over patches;
+    t2i [Bt, Bi]: for each real word the max cosine over the image's patches, averaged over words.
+  Padding and special tokens never contribute.
+  """
+  word_mask = word_mask.astype(bool)
+  has_words = word_mask.any(-1)  # [Bt]; a text without words scores 0 (and stays finite)
+  n_words = jnp.maximum(word_mask.sum(-1), 1).astype(jnp.float32)  # [Bt]
+
+  def one_image(img):  # img [P, G]
+    sim = jnp.einsum("pg,tlg->tpl", img, text)  # [Bt, P, L]
+    best_word = jnp.max(jnp.where(word_mask[:, None, :], sim, _NEG), axis=-1)  # [Bt, P]
+    best_patch = jnp.max(sim, axis=1)  # [Bt, L]
+    i2t = jnp.where(has_words, jnp.mean(best_word, axis=-1), 0.0)  # [Bt]
+    t2i = jnp.sum(jnp.where(word_mask, best_patch, 0.0), axis=-1) / n_words  # [Bt]
+    return i2t, t2i
+
+  i2t, t2i = jax.lax.map(one_image, image.astype(jnp.float32), batch_size=chunk)  # [Bi, Bt] each
+  return i2t, t2i.T
+
+
+def attention_similarity(image, text, word_mask, attention_temp: float = 4.0,
+                         agg_temp: float = 5.0, chunk: int = 8):
+  """GLoRIA-style local similarity, symmetric: [Bi, Bt] and its transpose.
+
+  Each word attends over the image's patches (softmax of attention_temp * cosine); the word's
+  score is the cosine between the word and its attended context; the pair score aggregates the
+  real words with a log-sum-exp at agg_temp.
+  """
+  word_mask = word_mask.astype(bool)
+
+  def one_image(img):  # img [P, G]
+    sim = jnp.einsum("pg,tlg->tlp", img, text)  # [Bt, L, P]
+    attn = jax.nn.softmax(attention_temp * sim, axis=-1)
+    context = l2_normalize(jnp.einsum("tlp,pg->tlg", attn, img))  # [Bt, L, G]
+    word_score = jnp.sum(context * text, axis=-1)  # [Bt, L]
+    word_score = jnp.where(word_mask, agg_temp * word_score, _NEG)
+    lse = jax.nn.logsumexp(word_score, axis=-1) / agg_temp  # [Bt]
+    return jnp.where(word_mask.any(-1), lse, 0.0)
+
+  sim = jax.lax.map(one_image, image.astype(jnp.float32), batch_size=chunk)  # [Bi, Bt]
+  return sim, sim.T

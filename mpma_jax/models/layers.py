@@ -1,0 +1,165 @@
+"""Building blocks shared by every transformer in the model: attention, MLP, LayerNorm, Dense.
+
+Every parameter carries logical axis names, so that the sharding rules in the config (a table of
+logical -> mesh axes) decide how it is laid out and no model code changes with the parallelism:
+
+  embed  model width on the input side of a kernel      mlp    FFN hidden / output side of d->d
+  heads  attention heads                                kv     per-head width
+  vocab  vocabulary                                     slots  memory slots
+  patch  pixels of a patch (p*p*3)                      gla    alignment embedding width
+  classes  outputs of a classification head
+Activations are constrained with ('batch', 'length', 'embed').
+"""
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+INIT_STD = 0.02  # normal(0.02) for dense and embedding weights, zero bias [M3AE]
+
+
+def normal(axes: Sequence[Optional[str]], std: float = INIT_STD):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(axes))
+
+
+def zeros(axes: Sequence[Optional[str]]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+
+
+def ones(axes: Sequence[Optional[str]]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
+
+
+def constrain(x, axes=("batch", "length", "embed")):
+  """Activation sharding hint; a no-op outside a mesh with logical axis rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def quick_gelu(x):
+  """CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x):
+  """BERT's exact (erf) GELU."""
+  return nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def Dense(features: int, axes: Sequence[Optional[str]], dtype: Dtype, name: Optional[str] = None,
+          use_bias: bool = True):
+  """nn.Dense with logically named kernel [in, out] and bias [out], normal(0.02) / zeros init."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=normal(axes),
+                  bias_init=zeros(axes[-1:]), name=name)
+
+
+def LayerNorm(eps: float, dtype: Dtype, name: Optional[str] = None):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=ones(("embed",)),
+                      bias_init=zeros(("embed",)), name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head attention of queries x [B, T, D] over context y [B, S, D].
+
+  mask: bool, broadcastable to [B, heads, T, S], True where attention is allowed.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0  # on the attention probabilities (BERT); 0 lets XLA/cuDNN fuse attention
+
+  @nn.compact
+  def __call__(self, x, y, mask=None, deterministic: bool = True):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+
+    def proj(name):
+      return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name,
+                             kernel_init=normal(("embed", "heads", "kv")),
+                             bias_init=zeros(("heads", "kv")))
+
+    q = proj("query")(x)  # [B, T, H, Dh]
+    k = proj("key")(y)  # [B, S, H, Dh]
+    v = proj("value")(y)  # [B, S, H, Dh]
+    if self.dropout > 0.0 and not deterministic:
+      logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+      out = jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                           kernel_init=normal(("heads", "kv", "embed")),
+                           bias_init=zeros(("embed",)))(out)  # [B, T, D]
+
+
+class Mlp(nn.Module):
+  """Dense -> activation -> Dense, width -> hidden -> width."""
+  hidden: int
+  activation: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)  # [B, T, F]
+    h = ACTIVATIONS[self.activation](h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return Dense(width, ("mlp", "embed"), self.dtype, name="fc2")(h)  # [B, T, D]
+
+
+class PreLNBlock(nn.Module):
+  """Pre-LN transformer block (CLIP ViT, MAE decoder): x + attn(ln(x)); x + mlp(ln(x))."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = "quick_gelu"
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    h = LayerNorm(self.eps, self.dtype, name="ln_1")(x)
+    x = x + Attention(self.num_heads, self.dtype, name="attn")(h, h, mask, deterministic)
+    h = LayerNorm(self.eps, self.dtype, name="ln_2")(x)
+    x = x + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(h)
+    return constrain(x)
+
+
+class PostLNBlock(nn.Module):
+  """Post-LN (BERT) block; with `cross` also attends to a second stream (M3AE's BertCrossLayer).
+
+  x = LN(x + self_attn(x)); [x = LN(x + cross_attn(x, y))]; x = LN(x + mlp(x)).
+  """
+  num_heads: int
+  mlp_dim: int
+  cross: bool = False
+  dropout: float = 0.1
+  attn_dropout: float = 0.0
+  eps: float = 1e-12
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, y=None, y_mask=None, deterministic: bool = True):
+    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Attention(self.num_heads, self.dtype, self.attn_dropout, name="attn")(
+        x, x, mask, deterministic)
+    x = LayerNorm(self.eps, self.dtype, name="attn_ln")(x + drop(h))
+    if self.cross:
+      h = Attention(self.num_heads, self.dtype, self.attn_dropout, name="cross_attn")(
+          x, y, y_mask, deterministic)
+      x = LayerNorm(self.eps, self.dtype, name="cross_ln")(x + drop(h))
+    h = Mlp(self.mlp_dim, "gelu", self.dtype, name="mlp")(x)
+    x = LayerNorm(self.eps, self.dtype, name="mlp_ln")(x + drop(h))
+    return constrain(x)
+
+
+def key_mask(valid):
+  """[B, S] validity of keys -> bool attention mask [B, 1, 1, S]."""
+  return valid.astype(bool)[:, None, None, :]

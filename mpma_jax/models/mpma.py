@@ -1,0 +1,146 @@
+"""The whole MPMA model (method.md §1): encoders, projections, MA-CMF memory, co-attention fusion,
+GLA heads, MIM decoder, MLM head and the optional ITM head.
+
+`MPMA.__call__` is the pre-training forward pass: one fused pass with *both* modalities masked
+(paired masking) plus, with `gla.features_from = 'clean'`, an unmasked encoder pass for alignment.
+The batch is the dict produced by `mpma_jax.data.pipeline` (see `BATCH_FIELDS` there).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mpma_jax.models import layers
+from mpma_jax.models.decoders import ITMHead, MIMDecoder, MLMHead
+from mpma_jax.models.fusion import CoAttentionFusion, Pooler
+from mpma_jax.models.gla import GLAHeads
+from mpma_jax.models.memory import Memory
+from mpma_jax.models.text import TextEncoder
+from mpma_jax.models.vit import VisionTransformer, normalize_images
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TEXT, IMAGE = 0, 1  # modality-type ids [M3AE]
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
+
+
+class MPMA(nn.Module):
+  """config: the `model` section of a pre-training config (see configs/pretrain.py)."""
+  config: ml_collections.FrozenConfigDict
+
+  def setup(self):
+    c = self.config
+    dt = compute_dtype(c.dtype)
+    i, t = c.image, c.text
+    self.image_encoder = VisionTransformer(i.size, i.patch, i.width, i.layers, i.heads,
+                                           i.mlp_ratio, dtype=dt)
+    self.text_encoder = TextEncoder(t.vocab_size, t.width, t.layers, t.heads, t.mlp_dim,
+                                    t.max_positions, t.type_vocab_size, t.pad_id,
+                                    t.position_style, t.eps, t.dropout, t.attn_dropout, dtype=dt)
+    self.image_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
+    self.text_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
+    self.modality_type = nn.Embed(2, c.hidden, dtype=dt,
+                                  embedding_init=layers.normal((None, "embed")))
+    m = c.memory
+    if m.placement not in ("pre_fusion", "every_text_layer"):
+      raise ValueError(f"memory.placement must be 'pre_fusion' or 'every_text_layer', "
+                       f"got {m.placement!r}")
+    self.memory = Memory(m.slots, m.topk, m.heads, m.impl, dtype=dt) if m.enabled else None
+    f = c.fusion
+    self.fusion = CoAttentionFusion(f.layers, f.heads, f.mlp_dim, f.dropout, f.attn_dropout,
+                                    c.mim.layer, dtype=dt)
+    self.text_pooler = Pooler(dt)
+    self.image_pooler = Pooler(dt)
+    g = c.gla
+    self.gla = GLAHeads(g.dim, g.temperature_init, g.temperature_min, dtype=dt)
+    num_patches = (i.size // i.patch) ** 2
+    self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
+                                  c.mim.heads, dtype=dt)
+    self.mlm_head = MLMHead(t.vocab_size, t.eps, dtype=dt)
+    self.itm_head = ITMHead(dt)
+
+  # --- uni-modal ---------------------------------------------------------------------------------
+  def embed_image(self, images, keep=None, deterministic: bool = True):
+    """uint8 images [B, H, W, 3] (+ keep [B, n]) -> projected tokens [B, 1+n, d]."""
+    x = self.image_encoder(normalize_images(images), keep, deterministic)  # [B, 1+n, Dv]
+    x = self.image_proj(x)  # [B, 1+n, d]
+    return x + self.modality_type(jnp.full(x.shape[:2], IMAGE, jnp.int32))
+
+  def embed_text(self, ids, attention_mask, deterministic: bool = True):
+    """ids, attention_mask [B, L] -> projected tokens [B, L, d]."""
+    x = self.text_encoder(ids, attention_mask, deterministic)  # [B, L, Dt]
+    x = self.text_proj(x)  # [B, L, d]
+    return x + self.modality_type(jnp.full(x.shape[:2], TEXT, jnp.int32))
+
+  def align(self, image_tokens, text_tokens):
+    """GLA embeddings (L2-normalised, float32): image [B, 1+P, G], text [B, L, G]."""
+    return self.gla(image_tokens, text_tokens)
+
+  # --- cross-modal -------------------------------------------------------------------------------
+  def fuse(self, image_tokens, text_tokens, text_mask, deterministic: bool = True):
+    """MA-CMF memory read + K co-attention layers -> dict(text, image, image_at_mim_layer)."""
+    per_layer_memory = None
+    if self.memory is not None:
+      image_tokens = image_tokens + self.memory(image_tokens)  # V' = V + Mem(V)
+      if self.config.memory.placement == "pre_fusion":
+        text_tokens = text_tokens + self.memory(text_tokens)  # T' = T + Mem(T)
+      else:
+        per_layer_memory = self.memory
+    image_mask = jnp.ones(image_tokens.shape[:2], jnp.int32)
+    return self.fusion(text_tokens, text_mask, image_tokens, image_mask, per_layer_memory,
+                       deterministic)
+
+  def joint_feature(self, fused):
+    """Pooled text [CLS] ⊕ pooled image [CLS] -> [B, 2d], the input of every downstream head."""
+    return jnp.concatenate([self.text_pooler(fused["text"]), self.image_pooler(fused["image"])],
+                           axis=-1)
+
+  def itm_logits(self, image_tokens, text_tokens, text_mask, deterministic: bool = True):
+    fused = self.fuse(image_tokens, text_tokens, text_mask, deterministic)
+    return self.itm_head(self.joint_feature(fused)).astype(jnp.float32)  # [B, 2]
+
+  # --- pre-training ------------------------------------------------------------------------------
+  def __call__(self, batch, deterministic: bool = True, with_itm: bool = False):
+    """Paired-masking forward pass. Returns float32 outputs for the losses:
+
+    mim_pred [B, N, p*p*3], mlm_logits [B, L, V], image_gla [B, 1+P, G], text_gla [B, L, G],
+    temperature_global, temperature_local, and with_itm: itm_logits [B, 2], itm_labels [B].
+    """
+    c = self.config
+    image = self.embed_image(batch["image"], batch["image_keep"], deterministic)  # [B, 1+n, d]
+    text = self.embed_text(batch["mlm_ids"], batch["text_mask"], deterministic)  # [B, L, d]
+    if c.gla.features_from == "clean":  # a second, unmasked encoder pass
+      clean_image = self.embed_image(batch["image"], None, deterministic)  # [B, 1+N, d]
+      clean_text = self.embed_text(batch["text_ids"], batch["text_mask"], deterministic)
+    elif c.gla.features_from == "masked":  # reuse the masked pass (FLIP-style)
+      clean_image, clean_text = image, text
+    else:
+      raise ValueError(f"gla.features_from must be 'clean' or 'masked', got {c.gla.features_from!r}")
+    image_gla, text_gla = self.align(clean_image, clean_text)
+    t_global, t_local = self.gla.temperatures()
+
+    fused = self.fuse(image, text, batch["text_mask"], deterministic)
+    out = {
+        "mim_pred": self.mim_decoder(fused["image_at_mim_layer"], batch["image_restore"],
+                                     deterministic).astype(jnp.float32),
+        "mlm_logits": self.mlm_head(fused["text"]).astype(jnp.float32),
+        "image_gla": image_gla,
+        "text_gla": text_gla,
+        "temperature_global": t_global,
+        "temperature_local": t_local,
+    }
+    if with_itm:
+      # Half the pairs (drawn from the 'itm' rng stream) get another example's image.
+      b = clean_image.shape[0]
+      k_label, k_shift = jax.random.split(self.make_rng("itm"))
+      labels = jax.random.bernoulli(k_label, 0.5, (b,)).astype(jnp.int32)  # 1 = matched
+      shift = jax.random.randint(k_shift, (b,), 1, max(b, 2))
+      source = jnp.where(labels == 1, jnp.arange(b), (jnp.arange(b) + shift) % b)
+      out["itm_logits"] = self.itm_logits(clean_image[source], clean_text, batch["text_mask"],
+                                          deterministic)
+      out["itm_labels"] = labels
+    return out

@@ -1,0 +1,39 @@
+"""Shared test setup: absl flags parsed (Grain reads them), a persistent XLA compilation cache
+(the same small model is compiled by several tests), and small configs."""
+import os
+import sys
+
+from absl import flags
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for `configs.*`
+
+flags.FLAGS.mark_as_parsed()
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MPMA_TEST_CACHE", "/tmp/mpma_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config():
+  """The `tiny` pre-training config, shrunk further so that tests compile and run in seconds."""
+  from configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
+  c = get_config("tiny")
+  m = c.model
+  m.image.update(size=32, patch=8, width=64, layers=2, heads=2)
+  m.text.update(vocab_size=512, width=64, layers=2, heads=2, mlp_dim=128)
+  m.hidden = 64
+  m.fusion.update(layers=2, heads=2, mlp_dim=128)
+  m.memory.update(slots=32, topk=8, heads=2)
+  m.gla.update(dim=32, chunk=4)
+  m.mim.update(layer=1, width=32, depth=1, heads=2)
+  c.data.update(max_len=24, num_train=256, tokenizer_vocab=512)
+  c.train.update(batch_size=8, steps=20, log_every=5, ckpt_every=10)
+  c.eval.update(num_pairs=32, batch_size=32)
+  return c
+
+
+@pytest.fixture
+def small_config():
+  return tiny_config()

@@ -1,0 +1,80 @@
+import jax
+import numpy as np
+import pytest
+
+from mpma_jax.models import gla
+
+
+def _normed(key, shape):
+  return np.asarray(gla.l2_normalize(jax.random.normal(key, shape)))
+
+
+def _inputs(bi=3, bt=4, p=5, length=6, g=8):
+  image = _normed(jax.random.key(0), (bi, p, g))
+  text = _normed(jax.random.key(1), (bt, length, g))
+  word_mask = np.zeros((bt, length), bool)
+  for j, n in enumerate([1, 3, 6, 2][:bt]):
+    word_mask[j, :n] = True
+  return image, text, word_mask
+
+
+def _filip_reference(image, text, word_mask):
+  bi, bt = len(image), len(text)
+  i2t, t2i = np.zeros((bi, bt)), np.zeros((bt, bi))
+  for i in range(bi):
+    for j in range(bt):
+      words = text[j][word_mask[j]]  # [n, G]
+      sim = image[i] @ words.T  # [P, n]
+      i2t[i, j] = sim.max(1).mean()
+      t2i[j, i] = sim.max(0).mean()
+  return i2t, t2i
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_filip_matches_the_definition(chunk):
+  image, text, word_mask = _inputs()
+  i2t, t2i = gla.filip_similarity(image, text, word_mask, chunk=chunk)
+  want_i2t, want_t2i = _filip_reference(image, text, word_mask)
+  np.testing.assert_allclose(i2t, want_i2t, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(t2i, want_t2i, rtol=1e-5, atol=1e-6)
+
+
+def _attention_reference(image, text, word_mask, a=4.0, b=5.0):
+  out = np.zeros((len(image), len(text)))
+  for i in range(len(image)):
+    for j in range(len(text)):
+      words = text[j][word_mask[j]]
+      sim = words @ image[i].T  # [n, P]
+      attn = np.exp(a * sim)
+      attn /= attn.sum(1, keepdims=True)
+      ctx = attn @ image[i]
+      ctx /= np.linalg.norm(ctx, axis=1, keepdims=True)
+      score = (ctx * words).sum(1)
+      out[i, j] = np.log(np.exp(b * score).sum()) / b
+  return out
+
+
+def test_attention_local_matches_the_definition():
+  image, text, word_mask = _inputs()
+  sim, sim_t = gla.attention_similarity(image, text, word_mask, 4.0, 5.0, chunk=2)
+  np.testing.assert_allclose(sim, _attention_reference(image, text, word_mask), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(sim_t, np.asarray(sim).T)
+
+
+@pytest.mark.parametrize("fn", [gla.filip_similarity, gla.attention_similarity])
+def test_padding_does_not_change_local_similarity(fn):
+  image, text, word_mask = _inputs()
+  pad = _normed(jax.random.key(9), (text.shape[0], 5, text.shape[2]))  # junk "padding" tokens
+  text_padded = np.concatenate([text, pad], axis=1)
+  mask_padded = np.concatenate([word_mask, np.zeros((len(text), 5), bool)], axis=1)
+  for got, want in zip(fn(image, text_padded, mask_padded), fn(image, text, word_mask)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_text_without_words_is_finite():
+  image, text, word_mask = _inputs()
+  word_mask[0] = False
+  grads = jax.grad(lambda t: sum(x.sum() for x in gla.filip_similarity(image, t, word_mask)))(text)
+  assert np.isfinite(np.asarray(grads)).all()
+  assert np.all(np.asarray(gla.filip_similarity(image, text, word_mask)[0])[:, 0] == 0)
