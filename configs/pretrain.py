@@ -155,19 +155,19 @@ def _tiny(c):
   m = c.model
   m.hidden = 128
   m.image.update(size=64, patch=8, width=128, layers=3, heads=4)
-  m.text.update(vocab_size=1024, width=128, layers=3, heads=4, mlp_dim=512, max_positions=64,
+  m.text.update(vocab_size=256, width=128, layers=3, heads=4, mlp_dim=512, max_positions=64,
                 type_vocab_size=2, pad_id=0, position_style="bert", eps=1e-12,
                 dropout=0.0, attn_dropout=0.0)
   m.fusion.update(layers=2, heads=4, mlp_dim=512, dropout=0.0, attn_dropout=0.0)
   m.memory.update(slots=256, topk=16, heads=4)
   m.gla.dim = 64
   m.mim.update(layer=1, width=64, depth=1, heads=4)
-  c.data.tokenizer_vocab = 1024
+  c.data.tokenizer_vocab = 256
   c.data.max_len = 40
   c.data.num_train = 20_000
-  c.optim.lr = 2e-4
+  c.optim.lr = 5e-4
   c.optim.lr_mult = 2.5
-  c.train.update(steps=900, batch_size=32, log_every=50, ckpt_every=300)
+  c.train.update(steps=500, batch_size=32, log_every=50, ckpt_every=250)
   c.eval.update(num_pairs=500, batch_size=250)
 
 

@@ -5,7 +5,7 @@ Prepares the workdir (tokenizer, config), then runs `train.train_and_evaluate`.
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny",
@@ -53,6 +53,7 @@ def check_tokenizer(tok, config) -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   import jax  # pylint: disable=g-import-not-at-top
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value

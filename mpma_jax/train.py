@@ -135,7 +135,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -173,9 +173,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_like(state: TrainState, shardings) -> TrainState:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
+def abstract_like(state: TrainState) -> TrainState:
+  """Shapes, dtypes and shardings of a live state: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -190,11 +190,15 @@ class Logger:
       self.writer = SummaryWriter(os.path.join(self.workdir, "tb"))
 
   def scalars(self, step: int, values: dict, prefix: str = "train") -> None:
+    """TensorBoard scalars, and one JSON line per call in <workdir>/metrics.jsonl."""
     if self.writer is None:
       return
     for k, v in values.items():
       self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
     self.writer.flush()
+    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, "split": prefix,
+                          **{k: float(v) for k, v in values.items()}}) + "\n")
 
   def print(self, line: str) -> None:
     if jax.process_index() == 0:
@@ -229,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     start = 0
     if resume and ckpt.latest_step() is not None:
       start = ckpt.latest_step()
-      state = ckpt.restore(start, abstract_like(state, state_shardings), data_iter)
+      state = ckpt.restore(start, abstract_like(state), data_iter)
       log.print(f"resumed from step {start}")
     elif ckpt.latest_step() is not None:
       raise FileExistsError(f"{workdir} already holds checkpoints (latest step "

@@ -62,6 +62,37 @@ def LayerNorm(eps: float, dtype: Dtype, name: Optional[str] = None):
                       bias_init=zeros(("embed",)), name=name)
 
 
+class HeadsIn(nn.Module):
+  """x [..., D] -> [..., heads, head_dim]; kernel [D, H, Dh] ('embed', 'heads', 'kv').
+
+  (nn.DenseGeneral initialises its kernel flattened, which breaks 3-D logical constraints.)
+  """
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", normal(("embed", "heads", "kv")),
+                        (x.shape[-1], self.heads, self.head_dim))
+    bias = self.param("bias", zeros(("heads", "kv")), (self.heads, self.head_dim))
+    return jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype)) + \
+        bias.astype(self.dtype)
+
+
+class HeadsOut(nn.Module):
+  """x [..., H, Dh] -> [..., features]; kernel [H, Dh, D] ('heads', 'kv', 'embed')."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", normal(("heads", "kv", "embed")), (*x.shape[-2:], self.features))
+    bias = self.param("bias", zeros(("embed",)), (self.features,))
+    return jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype)) + \
+        bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head attention of queries x [B, T, D] over context y [B, S, D].
 
@@ -78,10 +109,7 @@ class Attention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
 
-    def proj(name):
-      return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name,
-                             kernel_init=normal(("embed", "heads", "kv")),
-                             bias_init=zeros(("heads", "kv")))
+    proj = lambda name: HeadsIn(self.num_heads, head_dim, self.dtype, name=name)
 
     q = proj("query")(x)  # [B, T, H, Dh]
     k = proj("key")(y)  # [B, S, H, Dh]
@@ -95,9 +123,7 @@ class Attention(nn.Module):
       out = jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                           kernel_init=normal(("heads", "kv", "embed")),
-                           bias_init=zeros(("embed",)))(out)  # [B, T, D]
+    return HeadsOut(width, self.dtype, name="out")(out)  # [B, T, D]
 
 
 class Mlp(nn.Module):

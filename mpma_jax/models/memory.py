@@ -37,10 +37,7 @@ class Memory(nn.Module):
     memory = self.param("memory", layers.normal(("slots", "embed"), std=1.0 / width),
                         (self.slots, width)).astype(self.dtype)  # [S, D]
 
-    def proj(name, inp):
-      return nn.DenseGeneral((self.heads, head_dim), dtype=self.dtype, name=name,
-                             kernel_init=layers.normal(("embed", "heads", "kv")),
-                             bias_init=layers.zeros(("heads", "kv")))(inp)
+    proj = lambda name, inp: layers.HeadsIn(self.heads, head_dim, self.dtype, name=name)(inp)
 
     q = proj("query", x)  # [B, L, H, Dh]
     k = proj("key", memory)  # [S, H, Dh]
@@ -60,6 +57,4 @@ class Memory(nn.Module):
       out = jnp.einsum("bhlk,bhlkd->blhd", weights, picked)  # [B, L, H, Dh]
     else:
       raise ValueError(f"memory.impl must be 'masked' or 'gather', got {self.impl!r}")
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                           kernel_init=layers.normal(("heads", "kv", "embed")),
-                           bias_init=layers.zeros(("embed",)))(out)  # [B, L, D]
+    return layers.HeadsOut(width, self.dtype, name="out")(out)  # [B, L, D]
