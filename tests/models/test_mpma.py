@@ -131,3 +131,19 @@ def test_m3ae_mode_has_no_memory_and_no_gla_cost():
                                       rngs={"itm": jax.random.key(0)}))(batch)
   _, metrics = train.compute_losses(out, batch, config)
   assert set(metrics) >= {"mlm", "mim", "itm"} and not {"global", "local"} & set(metrics)
+
+
+def test_bfloat16_compute_keeps_float32_losses():
+  """model.dtype = bfloat16: the same parameters give float32 losses close to the float32 ones."""
+  config = tiny_config()
+  batch = random_batch(config, seed=4)
+  model, params = _init(config, batch)
+  bf16 = tiny_config()
+  bf16.model.dtype = "bfloat16"
+  model16 = train.make_model(bf16)
+  run = lambda m, cfg: jax.jit(
+      lambda b: train.compute_losses(m.apply({"params": params}, b), b, cfg)[1])(batch)
+  full, half = run(model, config), run(model16, bf16)
+  for k in ("mlm", "mim", "global", "local"):
+    assert half[k].dtype == jnp.float32
+    np.testing.assert_allclose(half[k], full[k], rtol=0.05)
