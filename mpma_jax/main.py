@@ -57,10 +57,6 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not _RESUME.value and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise FileExistsError(f"{workdir} already holds checkpoints ({ckpt_dir}); pass --resume to "
-                          "continue, or use a new workdir")  # fail before any work is done
   os.makedirs(workdir, exist_ok=True)
   tok, tok_dir = prepare_tokenizer(config, workdir)
   if jax.process_index() == 0:

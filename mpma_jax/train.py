@@ -217,6 +217,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
   rule_table = sharding.rules(config.mesh)
   model = make_model(config)
   tx = optim.make_optimizer(config)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)
+  latest = ckpt.latest_step()
+  if latest is not None and not resume:  # refuse before any work is done
+    raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest}); pass "
+                          "--resume to continue, or use a new workdir")
   log = Logger(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
     state, state_shardings = create_train_state(config, model, tx, mesh, rule_table)
@@ -229,15 +234,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
 
     dataset = pipeline.pretrain_dataset(config, tokenizer_dir)
     data_iter = iter(dataset)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)
     start = 0
-    if resume and ckpt.latest_step() is not None:
-      start = ckpt.latest_step()
+    if latest is not None:
+      start = latest
       state = ckpt.restore(start, abstract_like(state), data_iter)
       log.print(f"resumed from step {start}")
-    elif ckpt.latest_step() is not None:
-      raise FileExistsError(f"{workdir} already holds checkpoints (latest step "
-                            f"{ckpt.latest_step()}); pass --resume to continue, or use a new workdir")
 
     train_step = make_train_step(config, model, tx, state_shardings, mesh)
     steps, log_every = config.train.steps, config.train.log_every
