@@ -1,0 +1,47 @@
+"""One TFDS builder per dataset (ArrayRecord output), looked up by the short names of `mpma-data`."""
+import importlib
+
+# short name -> (module, class). Modules are imported on demand.
+BUILDERS = {
+    "synthetic": ("synthetic", "Synthetic"),
+    "roco": ("roco", "Roco"),
+    "rocov2": ("roco", "Rocov2"),
+    "roco_retrieval": ("roco", "RocoRetrieval"),
+    "medicat": ("medicat", "Medicat"),
+    "mimic_cxr": ("mimic_cxr", "MimicCxr"),
+    "vqa_rad": ("vqa_rad", "VqaRad"),
+    "slake": ("slake", "Slake"),
+    "vqa_med_2019": ("vqa_med_2019", "VqaMed2019"),
+    "melinda": ("melinda", "Melinda"),
+    "chexpert": ("chexpert", "Chexpert"),
+    "rsna_pneumonia": ("rsna_pneumonia", "RsnaPneumonia"),
+}
+
+
+def get(name: str):
+  """The builder class for a short dataset name; ValueError listing the names if unknown."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(BUILDERS))}")
+  module, cls = BUILDERS[name]
+  return getattr(importlib.import_module(f"mpma_jax.data.builders.{module}"), cls)
+
+
+def builder(name: str, data_dir: str, **kwargs):
+  """An instance of the named builder reading/writing under data_dir."""
+  return get(name)(data_dir=data_dir, **kwargs)
+
+
+def build(name: str, manual_dir: str, data_dir: str, **kwargs):
+  """Builds (or reuses) the named dataset as ArrayRecord; returns (builder, report).
+
+  report: {split: {"written": n, "skipped": {reason: count}}}, also saved as build_report.json.
+  """
+  import tensorflow_datasets as tfds
+  from mpma_jax.data.builders import base
+  b = builder(name, data_dir, **kwargs)
+  if b.is_prepared():
+    return b, base.read_report(b) or b.report()
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  report = b.report()
+  base.write_report(b, report)
+  return b, report

@@ -1,0 +1,67 @@
+"""VQA-RAD: the real copy in ../shared/data/vqa_rad builds with the published counts, and a copy
+with a missing and a corrupt image skips and counts exactly the affected questions."""
+import collections
+import json
+import os
+import shutil
+
+import pytest
+
+from mpma_jax.data import builders, text
+
+REAL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "vqa_rad")
+REAL = os.path.abspath(REAL)
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
+def test_real_vqa_rad_counts_and_vocab(tmp_path):
+  b, report = builders.build("vqa_rad", REAL, str(tmp_path))
+  assert report == {"train": {"written": 3064, "skipped": {}},
+                    "test": {"written": 451, "skipped": {}}}
+  answers = []
+  for split in ("train", "test"):
+    source = b.as_data_source(split)
+    answers += [source[i]["answer"] for i in range(len(source))]
+  assert len(text.answer_vocab(answers)) == 498  # the prior protocol's class count
+  test = b.as_data_source("test")
+  types = collections.Counter(test[i]["answer_type"] for i in range(len(test)))
+  assert types == {b"closed": 272, b"open": 179}  # 'CLOSED ' with a trailing space normalised
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
+def test_missing_and_corrupt_images_are_counted_per_question(tmp_path):
+  manual = tmp_path / "manual"
+  (manual / "images").mkdir(parents=True)
+  test = json.load(open(os.path.join(REAL, "testset.json")))
+  train = json.load(open(os.path.join(REAL, "trainset.json")))
+  train = [r for r in train if r["image_name"] == test[0]["image_name"]]
+  json.dump(train, open(manual / "trainset.json", "w"))
+  json.dump(test, open(manual / "testset.json", "w"))
+  names = sorted({r["image_name"] for r in test} - {test[0]["image_name"]})
+  missing, corrupt = names[0], names[1]
+  for name in names[2:] + [test[0]["image_name"]]:
+    shutil.copy(os.path.join(REAL, "images", name), manual / "images" / name)
+  data = open(os.path.join(REAL, "images", corrupt), "rb").read()
+  (manual / "images" / corrupt).write_bytes(data[: len(data) // 3])  # truncated JPEG
+  _, report = builders.build("vqa_rad", str(manual), str(tmp_path / "out"))
+  n_missing = sum(r["image_name"] == missing for r in test)
+  n_corrupt = sum(r["image_name"] == corrupt for r in test)
+  assert report["test"]["skipped"] == {"missing image": n_missing, "unreadable image": n_corrupt}
+  assert report["test"]["written"] == len(test) - n_missing - n_corrupt
+  assert report["train"] == {"written": len(train), "skipped": {}}
+
+
+def test_wrong_manual_dir_names_the_expected_file(tmp_path):
+  (tmp_path / "trainset.json").write_text("[]")
+  with pytest.raises(FileNotFoundError, match="testset.json"):
+    builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
+
+
+def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
+  (tmp_path / "images").mkdir()
+  record = {"qid": 1, "image_name": "absent.jpg", "question": "is it?", "answer": "yes",
+            "answer_type": "CLOSED", "image_organ": "HEAD"}
+  for name in ("trainset.json", "testset.json"):
+    json.dump([record], open(tmp_path / name, "w"))
+  with pytest.raises(ValueError, match="no usable examples.*missing image"):
+    builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
