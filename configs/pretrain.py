@@ -92,9 +92,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.loss.itm = 0.0  # image-text matching (0 disables the ITM head and its fusion pass)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic"  # built-in generator (mpma_jax/data/synthetic.py)
-  c.data.num_train = 50_000  # synthetic examples per epoch
-  c.data.tokenizer = "builtin"  # builtin (WordPiece trained on the corpus) | a local HF tokenizer dir
+  # One dataset or a weighted mixture, e.g. "roco", "roco:2,medicat:1,mimic_cxr:1" (names as in
+  # `mpma-data build`); "synthetic" is the built-in generated set.
+  c.data.name = "synthetic"
+  c.data.data_dir = ""  # where `mpma-data build` wrote the datasets ("" = <workdir>/data, synthetic only)
+  c.data.text_choice = "random"  # [choice] image with several texts: random | first | concat
+  c.data.num_train = 50_000  # synthetic set: training pairs
+  c.data.num_eval = 1_000  # synthetic set: validation and test pairs
+  c.data.tokenizer = "builtin"  # builtin (WordPiece trained on the training texts) | a local HF dir
   c.data.tokenizer_vocab = 50265  # target vocab size when training the builtin tokenizer
   c.data.max_len = 64  # text length (pre-training)
   c.data.workers = 0  # Grain worker processes (0 = in the main process)

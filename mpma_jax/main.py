@@ -8,6 +8,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mpma_jax.data import pipeline
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, eval.json")
@@ -15,18 +17,25 @@ _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoin
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def prepare_tokenizer(config, workdir: str):
+def data_dir_for(config, workdir: str) -> str:
+  """config.data.data_dir, or <workdir>/data when only the generated synthetic set is used."""
+  if config.data.data_dir:
+    return config.data.data_dir
+  if all(name == "synthetic" for name, _ in pipeline.parse_mixture(config.data.name)):
+    return os.path.join(workdir, "data")
+  raise ValueError(f"data.name={config.data.name!r} needs --config.data.data_dir: the directory "
+                   "given to `mpma-data build NAME --manual_dir ... --data_dir DIR`")
+
+
+def prepare_tokenizer(config, workdir: str, data_dir: str):
   """The run's tokenizer, saved in (or read from) <workdir>/tokenizer so a resumed run or an export
   sees exactly the same ids. Returns (tokenizer, directory)."""
-  from mpma_jax.data import synthetic, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
   run_dir = os.path.join(workdir, "tokenizer")
   if os.path.isdir(run_dir):
     tok = tokenizers.load_tokenizer(run_dir)
-  elif config.data.tokenizer == "builtin":
-    if config.data.name != "synthetic":
-      raise ValueError("data.tokenizer='builtin' is trained on the built-in corpus; for "
-                       f"data.name={config.data.name!r} give a tokenizer directory")
-    corpus = synthetic.report_corpus(min(config.data.num_train, 20_000), seed=config.seed)
+  elif config.data.tokenizer == "builtin":  # WordPiece trained on (up to 20k) training texts
+    corpus = pipeline.report_corpus(config, data_dir, 20_000)
     tok = tokenizers.train_wordpiece(corpus, config.data.tokenizer_vocab, run_dir)
   else:
     tok = tokenizers.load_tokenizer(config.data.tokenizer)
@@ -58,11 +67,13 @@ def main(argv):
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
-  tok, tok_dir = prepare_tokenizer(config, workdir)
+  data_dir = data_dir_for(config, workdir)
+  pipeline.prepare(config, data_dir)  # a wrong dataset name or data_dir fails here, before any work
+  tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  result = train.train_and_evaluate(config, workdir, tok, tok_dir, resume=_RESUME.value)
+  result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir, resume=_RESUME.value)
   i2t5, chance5 = result["trained"]["i2t_r5"], result["chance"]["i2t_r5"]
   print(json.dumps({"i2t_r5": i2t5, "chance_r5": chance5, "ratio_to_chance": i2t5 / chance5}))
 

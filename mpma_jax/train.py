@@ -207,11 +207,14 @@ class Logger:
 
 def format_metrics(metrics: dict) -> str:
   keys = [k for k in ("loss", *LOSS_NAMES, "mlm_acc", "itm_acc") if k in metrics]
-  return " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+  line = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+  counts = [f"{k[5:]}={int(metrics[k])}" for k in ("data_bad_image", "data_truncated")
+            if metrics.get(k)]  # shown once non-zero
+  return " ".join([line] + counts)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenizer,
-                       tokenizer_dir: str, resume: bool = False) -> dict:
+                       tokenizer_dir: str, data_dir: str, resume: bool = False) -> dict:
   """Pre-trains, checkpoints, and ends with zero-shot retrieval. Returns the eval dict."""
   mesh = sharding.make_mesh(config.mesh)
   rule_table = sharding.rules(config.mesh)
@@ -228,11 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.print(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}")
 
-    pairs = pipeline.eval_pairs(config, tokenizer, config.eval.num_pairs)
+    pairs = pipeline.eval_pairs(config, tokenizer, config.eval.num_pairs, data_dir)
     embed_fn = evaluate.make_embed_fn(model)
     untrained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
 
-    dataset = pipeline.pretrain_dataset(config, tokenizer_dir)
+    dataset = pipeline.pretrain_dataset(config, tokenizer_dir, data_dir)
     data_iter = iter(dataset)
     start = 0
     if latest is not None:
@@ -243,8 +246,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     train_step = make_train_step(config, model, tx, state_shardings, mesh)
     steps, log_every = config.train.steps, config.train.log_every
     t0, examples, pending = time.perf_counter(), 0, []
+    data_counts = {"bad_image": 0, "truncated": 0}  # since this process started (see pipeline.py)
     for step in range(start, steps):
-      batch = sharding.global_batch(next(data_iter), mesh)
+      host_batch = next(data_iter)
+      for k in data_counts:
+        data_counts[k] += int(host_batch[k].sum())
+      batch = sharding.global_batch(
+          {k: v for k, v in host_batch.items() if k not in pipeline.COUNTER_FIELDS}, mesh)
       state, metrics = train_step(state, batch)
       pending.append(metrics)
       examples += config.train.batch_size
@@ -254,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         rate = examples / (time.perf_counter() - t0)
         avg["examples_per_sec"] = rate
+        avg.update({f"data_{k}": float(v) for k, v in data_counts.items()})
         log.scalars(done, avg)
         log.print(f"step {done:>6}/{steps}  {format_metrics(avg)}  {rate:.1f} ex/s")
         t0, examples, pending = time.perf_counter(), 0, []

@@ -28,7 +28,7 @@ def tiny_config():
   m.memory.update(slots=32, topk=8, heads=2)
   m.gla.update(dim=32, chunk=4)
   m.mim.update(layer=1, width=32, depth=1, heads=2)
-  c.data.update(max_len=24, num_train=256, tokenizer_vocab=512)
+  c.data.update(max_len=24, num_train=256, num_eval=64, tokenizer_vocab=512)
   c.train.update(batch_size=8, steps=20, log_every=5, ckpt_every=10)
   c.eval.update(num_pairs=32, batch_size=32)
   return c
@@ -37,3 +37,12 @@ def tiny_config():
 @pytest.fixture
 def small_config():
   return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A data_dir holding the synthetic set of `tiny_config()` (generated once per session)."""
+  from mpma_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp("data"))
+  pipeline.prepare(tiny_config(), out)
+  return out

@@ -18,14 +18,14 @@ def tokenizer_dir(tmp_path_factory):
   return out
 
 
-def _batches(config, tokenizer_dir, n, **kw):
-  it = iter(pipeline.pretrain_dataset(config, tokenizer_dir, **kw))
+def _batches(config, tokenizer_dir, data_dir, n, **kw):
+  it = iter(pipeline.pretrain_dataset(config, tokenizer_dir, data_dir, **kw))
   return [next(it) for _ in range(n)], it
 
 
-def test_pipeline_batches_have_static_shapes_and_consistent_masks(tokenizer_dir):
+def test_pipeline_batches_have_static_shapes_and_consistent_masks(tokenizer_dir, data_dir):
   config = tiny_config()
-  (batch,), _ = _batches(config, tokenizer_dir, 1)
+  (batch,), _ = _batches(config, tokenizer_dir, data_dir, 1)
   b, length, n = config.train.batch_size, config.data.max_len, 16
   assert set(batch) == set(pipeline.BATCH_FIELDS)
   assert batch["image"].shape == (b, 32, 32, 3) and batch["image"].dtype == np.uint8
@@ -39,26 +39,26 @@ def test_pipeline_batches_have_static_shapes_and_consistent_masks(tokenizer_dir)
   np.testing.assert_array_equal(batch["word_mask"] <= batch["text_mask"], True)
 
 
-def test_pipeline_is_deterministic_and_hosts_split_the_batch(tokenizer_dir):
+def test_pipeline_is_deterministic_and_hosts_split_the_batch(tokenizer_dir, data_dir):
   config = tiny_config()
-  first, _ = _batches(config, tokenizer_dir, 2)
-  again, _ = _batches(config, tokenizer_dir, 2)
+  first, _ = _batches(config, tokenizer_dir, data_dir, 2)
+  again, _ = _batches(config, tokenizer_dir, data_dir, 2)
   for x, y in zip(first, again):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-  host0, _ = _batches(config, tokenizer_dir, 1, process_index=0, process_count=2)
-  host1, _ = _batches(config, tokenizer_dir, 1, process_index=1, process_count=2)
+  host0, _ = _batches(config, tokenizer_dir, data_dir, 1, process_index=0, process_count=2)
+  host1, _ = _batches(config, tokenizer_dir, data_dir, 1, process_index=1, process_count=2)
   assert len(host0[0]["index"]) == config.train.batch_size // 2
   assert not set(host0[0]["index"]) & set(host1[0]["index"])
 
 
-def test_iterator_state_resumes_exactly(tokenizer_dir):
+def test_iterator_state_resumes_exactly(tokenizer_dir, data_dir):
   config = tiny_config()
-  _, it = _batches(config, tokenizer_dir, 3)
+  _, it = _batches(config, tokenizer_dir, data_dir, 3)
   state = it.get_state()
   json.dumps(state)  # it is stored as JSON in the checkpoint
   want = next(it)
-  fresh = iter(pipeline.pretrain_dataset(config, tokenizer_dir))
+  fresh = iter(pipeline.pretrain_dataset(config, tokenizer_dir, data_dir))
   fresh.set_state(state)
   got = next(fresh)
   for k in want:
@@ -66,13 +66,13 @@ def test_iterator_state_resumes_exactly(tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, tokenizer_dir):
+def short_run(tmp_path_factory, tokenizer_dir, data_dir):
   config = tiny_config()
   config.train.update(steps=40, log_every=10, ckpt_every=20, batch_size=16)
   config.optim.lr = 1e-3
   workdir = str(tmp_path_factory.mktemp("run"))
   tok = tokenizers.load_tokenizer(tokenizer_dir)
-  result = train.train_and_evaluate(config, workdir, tok, tokenizer_dir)
+  result = train.train_and_evaluate(config, workdir, tok, tokenizer_dir, data_dir)
   return config, workdir, result
 
 
@@ -91,7 +91,7 @@ def test_short_run_loss_falls_and_writes_eval(short_run):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
 
 
-def test_checkpoint_restores_identical_params(short_run, tokenizer_dir):
+def test_checkpoint_restores_identical_params(short_run, tokenizer_dir, data_dir):
   config, workdir, _ = short_run
   mesh = train.sharding.make_mesh(config.mesh)
   rules = train.sharding.rules(config.mesh)
@@ -100,13 +100,13 @@ def test_checkpoint_restores_identical_params(short_run, tokenizer_dir):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fresh, _ = train.create_train_state(config, model, tx, mesh, rules)
     ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), config)
-    it = iter(pipeline.pretrain_dataset(config, tokenizer_dir))
+    it = iter(pipeline.pretrain_dataset(config, tokenizer_dir, data_dir))
     restored = ckpt.restore(40, train.abstract_like(fresh), it)
     ckpt.close()
   assert int(restored.step) == 40
   # The restored parameters reproduce the run's final retrieval figures exactly.
   tok = tokenizers.load_tokenizer(tokenizer_dir)
-  pairs = pipeline.eval_pairs(config, tok, config.eval.num_pairs)
+  pairs = pipeline.eval_pairs(config, tok, config.eval.num_pairs, data_dir)
   again = train.evaluate.retrieval(train.evaluate.make_embed_fn(model), restored.params, pairs,
                                    config.eval.batch_size)
   assert again == short_run[2]["trained"]
