@@ -104,6 +104,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.data.max_len = 64  # text length (pre-training)
   c.data.workers = 0  # Grain worker processes (0 = in the main process)
   c.data.prefetch = 2  # batches buffered per worker
+  c.data.read_threads = 16  # threads per process decoding examples (PIL releases the GIL); 0 = none
+  c.data.read_buffer = 256  # examples read ahead per process
 
   c.optim = ml_collections.ConfigDict()  # AdamW with M3AE's parameter groups (method.md §5)
   c.optim.lr = 1e-5  # encoders' learning rate

@@ -216,7 +216,8 @@ def pretrain_dataset(config: ml_collections.ConfigDict, tokenizer_dir: str, data
   ds = ds.map_with_index(DecodeAndMask(sources, tokenizer_dir, config))
   ds = ds[process_index::process_count]  # each host reads its own examples
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
-  ds = ds.to_iter_dataset()
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
+                                            prefetch_buffer_size=config.data.read_buffer))
   if config.data.workers > 0:
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=config.data.workers, per_worker_buffer_size=config.data.prefetch))

@@ -1,7 +1,8 @@
 """One TFDS builder per dataset (ArrayRecord output), looked up by the short names of `mpma-data`."""
 import importlib
 
-# short name -> (module, class). Modules are imported on demand.
+# short name -> (module, class), modules imported on demand. Your own dataset: add its builder class
+# (or a (dotted module path, class name) pair) here or in your launcher.
 BUILDERS = {
     "synthetic": ("synthetic", "Synthetic"),
     "roco": ("roco", "Roco"),
@@ -22,8 +23,11 @@ def get(name: str):
   """The builder class for a short dataset name; ValueError listing the names if unknown."""
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(BUILDERS))}")
+  if isinstance(BUILDERS[name], type):
+    return BUILDERS[name]
   module, cls = BUILDERS[name]
-  return getattr(importlib.import_module(f"mpma_jax.data.builders.{module}"), cls)
+  path = module if "." in module else f"mpma_jax.data.builders.{module}"
+  return getattr(importlib.import_module(path), cls)
 
 
 def builder(name: str, data_dir: str, **kwargs):

@@ -65,6 +65,12 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   LAYOUT = ""
   MIN_WORDS = texts.MIN_WORDS
 
+  def __init_subclass__(cls, **kwargs):
+    # Builders are looked up in `builders.BUILDERS`, not TFDS's global registry: no clash with
+    # TFDS's own datasets of the same name, and test/benchmark builders may be defined twice.
+    kwargs.setdefault("skip_registration", True)
+    super().__init_subclass__(**kwargs)
+
   def __init__(self, *, data_dir: Optional[str] = None, **kwargs):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(data_dir=data_dir, **kwargs)
@@ -72,7 +78,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self) -> str:  # noqa: N802 (TFDS's name)
-    return self.LAYOUT
+    return self.LAYOUT or "(see the builder's docstring)"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
