@@ -258,3 +258,83 @@ def report_corpus(config: ml_collections.ConfigDict, data_dir: str, limit: int):
           return
         yield t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
         n += 1
+
+
+# --- Downstream tasks: the same sources and decoding, no masking ----------------------------------
+def answer_vocab(builder, protocol: str = "prior") -> list[str]:
+  """The VQA classifier's answers: 'prior' = normalised answers of train + test (what prior work
+  reports; it peeks at test answers), 'clean' = train answers only."""
+  from mpma_jax.data import text as texts  # pylint: disable=g-import-not-at-top
+  splits = {"prior": [s for s in builder.info.splits if s != "validation"],
+            "clean": ["train"]}
+  if protocol not in splits:
+    raise ValueError(f"unknown answer-vocabulary protocol {protocol!r}; expected prior | clean")
+  answers = []
+  for split in splits[protocol]:
+    source = builder.as_data_source(split)
+    answers += [source[i]["answer"] for i in range(len(source))]
+  return texts.answer_vocab(answers)
+
+
+class DecodeTask(grain.transforms.Map):
+  """One downstream example -> image uint8 [S, S, 3], text_ids/text_mask [L] (question, caption or
+  report) and the task's target: `answer` (index into the answer vocabulary, -1 if not in it),
+  `label`/`labels` (classification). Unusable images give `valid` = 0 (eval code skips them)."""
+
+  def __init__(self, task: str, tokenizer_dir: str, size: int, max_len: int,
+               vocab: Optional[list] = None):
+    self.task, self.tokenizer_dir, self.size, self.max_len = task, tokenizer_dir, size, max_len
+    self.vocab = {a: i for i, a in enumerate(vocab or [])}
+
+  def map(self, record: dict) -> dict:
+    from mpma_jax.data import text as texts  # pylint: disable=g-import-not-at-top
+    tok = _load_tokenizer(self.tokenizer_dir)
+    try:
+      image, valid = images.load(record["image"], self.size), 1
+    except images.ImageError:
+      image, valid = np.zeros((self.size, self.size, 3), np.uint8), 0
+    if self.task == "vqa":
+      text = record["question"]
+    elif self.task == "classification":
+      text = record["text"]
+    else:
+      text = choose_text(record["texts"], "first", None)
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    enc = encode_texts(tok, [text], self.max_len)
+    out = {"image": image, "text_ids": enc["text_ids"][0], "text_mask": enc["text_mask"][0],
+           "valid": np.int32(valid)}
+    if self.task == "vqa":
+      answer = texts.normalize_answer(record["answer"].split(b"#")[0])
+      out["answer"] = np.int32(self.vocab.get(answer, -1))
+      out["closed"] = np.int32(record["answer_type"] == b"closed")
+    elif self.task == "classification":
+      out["label"] = np.int64(record["label"])
+      out["labels"] = np.asarray(record["labels"], np.float32)
+    return out
+
+
+def downstream_dataset(config: ml_collections.ConfigDict, name: str, data_dir: str, split: str,
+                       tokenizer_dir: str, batch_size: int, train: bool,
+                       vocab: Optional[list] = None, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None):
+  """Batches of a downstream dataset (see DecodeTask) for this host: shuffled and repeated when
+  `train`, else one pass in file order with a smaller last batch."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  b = builders.builder(name, data_dir)
+  if not b.is_prepared():
+    raise FileNotFoundError(f"dataset {name!r} is not built in {data_dir!r}; run `mpma-data build "
+                            f"{name} --manual_dir DIR --data_dir {data_dir}`")
+  task = b.info.metadata.get("task")
+  ds = grain.MapDataset.source(b.as_data_source(split))
+  if train:
+    ds = ds.shuffle(seed=config.seed).repeat()
+  ds = ds.map(DecodeTask(task, tokenizer_dir, config.model.image.size, config.data.max_len, vocab))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(batch_size // process_count if train else batch_size, drop_remainder=train)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
+                                            prefetch_buffer_size=config.data.read_buffer))
+  if config.data.workers > 0:
+    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+        num_workers=config.data.workers, per_worker_buffer_size=config.data.prefetch))
+  return ds

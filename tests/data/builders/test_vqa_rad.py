@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from mpma_jax.data import builders, text
@@ -65,3 +66,27 @@ def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
     json.dump([record], open(tmp_path / name, "w"))
   with pytest.raises(ValueError, match="no usable examples.*missing image"):
     builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
+def test_real_vqa_rad_through_the_downstream_pipeline(tmp_path):
+  from mpma_jax.data import pipeline, tokenizer as tokenizers
+  from tests.conftest import tiny_config
+  b, _ = builders.build("vqa_rad", REAL, str(tmp_path / "data"))
+  vocab = pipeline.answer_vocab(b, "prior")
+  clean = pipeline.answer_vocab(b, "clean")
+  assert len(vocab) == 498 and set(clean) < set(vocab)
+  questions = [b.as_data_source("train")[i]["question"].decode() for i in range(200)]
+  tokenizers.train_wordpiece(questions, 512, str(tmp_path / "tok"))
+  config = tiny_config()
+  ds = pipeline.downstream_dataset(config, "vqa_rad", str(tmp_path / "data"), "test",
+                                   str(tmp_path / "tok"), 200, train=False, vocab=vocab)
+  batches = list(ds)
+  assert [len(x["answer"]) for x in batches] == [200, 200, 51]  # every test question, once
+  answers = np.concatenate([x["answer"] for x in batches])
+  closed = np.concatenate([x["closed"] for x in batches])
+  assert np.all(answers >= 0) and closed.sum() == 272  # prior vocab covers every test answer
+  assert all(x["valid"].all() for x in batches)
+  first = b.as_data_source("test")[0]
+  assert vocab[answers[0]] == text.normalize_answer(first["answer"])
+  assert batches[0]["image"].shape == (200, 32, 32, 3)
