@@ -62,8 +62,8 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 def _builder(config: ml_collections.ConfigDict, name: str, data_dir: str):
   if name == "synthetic":  # generated; its size and look follow the config
-    return synthetic_builder.Synthetic(data_dir=data_dir, config=synthetic_builder.config_for(
-        config.data.num_train, config.data.num_eval, config.model.image.size, config.seed))
+    return synthetic_builder.make(data_dir, config.data.num_train, config.data.num_eval,
+                                  config.model.image.size, config.seed)
   return builders.builder(name, data_dir)
 
 

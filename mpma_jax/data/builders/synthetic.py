@@ -41,3 +41,10 @@ class Synthetic(base.Builder):
       image = synthetic.render_image(case, cfg.image_size, seed=cfg.seed, index=i)
       yield i, {"id": f"{split}-{i}", "image": images.encode_png(image),
                 "texts": [synthetic.report(cfg.seed, split, i)]}
+
+
+def make(data_dir: str, num_train: int, num_eval: int, image_size: int, seed: int) -> Synthetic:
+  """The builder of the set with these parameters (TFDS wants a predefined config by name)."""
+  cfg = config_for(num_train, num_eval, image_size, seed)
+  known = {c.name for c in Synthetic.BUILDER_CONFIGS}
+  return Synthetic(data_dir=data_dir, config=cfg.name if cfg.name in known else cfg)
