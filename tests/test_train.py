@@ -121,3 +121,58 @@ def test_checkpoint_restores_identical_params(short_run, tokenizer_dir, data_dir
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(restored.params)))
+
+
+def _mimic_layout(root, n_train: int, n_test: int, n_val: int = 2) -> None:
+  """A MIMIC-CXR-JPG copy in the distributed layout: synthetic chest X-rays with reports."""
+  import csv  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import images  # pylint: disable=g-import-not-at-top
+  rows = []
+  for i in range(n_train + n_test + n_val):
+    subject, study, dicom = f"1{i:07d}", f"5{i:07d}", f"dcm{i}"
+    case = synthetic.sample_case(0, "train", i)
+    study_dir = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+    (study_dir / f"s{study}").mkdir(parents=True)
+    (study_dir / f"s{study}" / f"{dicom}.jpg").write_bytes(
+        images.encode_jpeg(synthetic.render_image(case, 48, index=i)))
+    (study_dir / f"s{study}.txt").write_text(
+        f" FINAL REPORT\n FINDINGS: {synthetic.report(0, 'train', i)}\n\n IMPRESSION: "
+        f"{case.modality} of the {case.organ} reviewed.\n")
+    rows.append((dicom, study, subject,
+                 "train" if i < n_train else "test" if i < n_train + n_test else "validate"))
+  for name, header, body in (
+      ("split", ["dicom_id", "study_id", "subject_id", "split"], rows),
+      ("metadata", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+       [(d, su, st, "PA") for d, st, su, _ in rows]),
+      ("chexpert", ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation",
+                    "Edema", "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion",
+                    "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
+                    "Pneumonia", "Pneumothorax", "Support Devices"],
+       [(su, st, *[""] * 14) for _, st, su, _ in rows])):
+    with open(root / f"mimic-cxr-2.0.0-{name}.csv", "w", newline="") as f:
+      csv.writer(f).writerows([header, *body])
+
+
+def test_main_job_runs_on_a_real_layout_dataset_by_a_config_change(tmp_path):
+  """mpma-data build mimic_cxr, then the pre-training job with data.name/data_dir changed."""
+  from mpma_jax import main  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import cli  # pylint: disable=g-import-not-at-top
+  _mimic_layout(tmp_path / "mimic", n_train=24, n_test=8)
+  data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "run")
+  assert cli.main(["build", "mimic_cxr", "--manual_dir", str(tmp_path / "mimic"),
+                   "--data_dir", data_dir]) == 0
+  config = tiny_config()
+  config.data.update(name="mimic_cxr", data_dir=data_dir, text_choice="concat")
+  config.train.update(steps=4, log_every=2, ckpt_every=4)
+  config.eval.update(num_pairs=8, batch_size=8)
+  assert main.data_dir_for(config, workdir) == data_dir
+  tok, tok_dir = main.prepare_tokenizer(config, workdir, data_dir)  # builtin: trained on MIMIC
+  result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [2, 4]
+  assert all(np.isfinite(r["loss"]) and r["data_bad_image"] == 0 for r in train_rows)
+  assert result["num_pairs"] == 8 and os.path.exists(os.path.join(workdir, "eval.json"))
+  config.data.data_dir = ""
+  with pytest.raises(ValueError, match="needs --config.data.data_dir"):
+    main.data_dir_for(config, workdir)
