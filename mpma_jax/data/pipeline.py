@@ -95,6 +95,13 @@ def _load_tokenizer(path: str):
   return tokenizers.load_tokenizer(path)
 
 
+@functools.lru_cache(maxsize=4)
+def _random_ids(tokenizer_dir: str) -> np.ndarray:
+  """Token ids MLM may substitute: the whole vocabulary minus special tokens (once per process)."""
+  tok = _load_tokenizer(tokenizer_dir)
+  return np.setdiff1d(np.arange(len(tok), dtype=np.int32), tokenizers.special_ids(tok))
+
+
 def encode_texts(tokenizer, texts, max_len: int) -> dict:
   """Tokenize -> text_ids, text_mask, word_mask [B, L] (int32)."""
   enc = tokenizers.encode(tokenizer, list(texts), max_len)
@@ -172,8 +179,7 @@ class DecodeAndMask(grain.transforms.MapWithIndex):
     if truncated:  # keep the closing special token ([SEP] / </s>) last, as truncation would
       text["text_ids"][-1] = longer["text_ids"][-1]
       text["word_mask"][-1] = 0
-    special = tokenizers.special_ids(tok)
-    random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), special)
+    random_ids = _random_ids(self.tokenizer_dir)
     masks = masking.paired_masks(
         self.seed, 0, position,
         num_patches=self.num_patches, image_mask_ratio=self.cfg["image_ratio"],
