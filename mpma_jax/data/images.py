@@ -43,26 +43,27 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
 
 
 def decode_dicom(data: bytes) -> np.ndarray:
-  """DICOM -> RGB uint8 [H, W, 3]: modality LUT (rescale), the file's VOI window if it has one
-  (else min-max), MONOCHROME1 inverted so that bone is bright; first frame of multi-frame files."""
+  """DICOM -> RGB uint8 [H, W, 3]. Colour: as decoded (YBR is converted to RGB by pydicom),
+  palettes applied. Grey: modality LUT (rescale), the file's VOI window if it has one (else
+  min-max), MONOCHROME1 inverted so that bone is bright. First frame of multi-frame files."""
   import pydicom  # imported here: only DICOM datasets need it
   from pydicom import pixels
   try:
     ds = pydicom.dcmread(io.BytesIO(data))
-    arr = ds.pixel_array
-  except Exception as e:  # pydicom raises many types (missing pixel data, codecs, truncation)
+    arr = ds.pixel_array  # pydicom >= 3 returns YBR_FULL(_422) already as RGB: do not convert again
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+      arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+      arr = pixels.apply_color_lut(arr, ds)
+    if arr.ndim == 3:
+      return arr if arr.dtype == np.uint8 else _to_uint8(arr)
+    x = pixels.apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+      x = pixels.apply_voi_lut(x, ds)
+  except Exception as e:  # pydicom raises many types (missing pixel data, codecs, truncation,
+    # invalid LUT or window values): all mean the file cannot be used
     raise ImageError("unreadable image", f"DICOM: {e}") from e
-  frames = int(ds.get("NumberOfFrames", 1) or 1)
-  if frames > 1:
-    arr = arr[0]
-  photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-  if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-    if photometric != "RGB":
-      arr = pixels.convert_color_space(arr, photometric, "RGB")
-    return _to_uint8(arr) if arr.dtype != np.uint8 else arr
-  x = pixels.apply_modality_lut(arr, ds)
-  if "WindowCenter" in ds and "WindowWidth" in ds:
-    x = pixels.apply_voi_lut(x, ds)
   grey = _to_uint8(x)
   if photometric == "MONOCHROME1":
     grey = 255 - grey
