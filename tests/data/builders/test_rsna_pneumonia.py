@@ -113,3 +113,32 @@ def test_wrong_manual_dir_names_the_expected_file(tmp_path, missing):
   path.rmdir() if path.is_dir() else path.unlink()
   with pytest.raises(FileNotFoundError, match=missing):
     builders.build("rsna_pneumonia", str(tmp_path), str(tmp_path / "out"))
+
+
+def test_real_chest_radiograph_goes_through_build_and_pipeline(tmp_path):
+  """The real PA chest radiograph of pydicom-data (MONOCHROME1, 1955 x 1841, 15-bit) as three RSNA
+  patients: built, then batched by the downstream pipeline at 288 px."""
+  from pydicom.data import get_testdata_file
+  from mpma_jax.data import pipeline, synthetic, tokenizer as tokenizers
+  from tests.conftest import tiny_config
+  real = open(get_testdata_file("RG1_UNCI.dcm"), "rb").read()
+  manual = tmp_path / "rsna"
+  (manual / "stage_2_train_images").mkdir(parents=True)
+  rows = [HEADER] + [f"real{i},,,,,{i % 2}\n" for i in range(3)]
+  (manual / "stage_2_train_labels.csv").write_text("".join(rows))
+  for i in range(3):
+    (manual / "stage_2_train_images" / f"real{i}.dcm").write_bytes(real)
+  data_dir = str(tmp_path / "data")
+  b, report = builders.build("rsna_pneumonia", str(manual), data_dir)
+  assert {s: r["written"] for s, r in report.items()} == {"train": 1, "validation": 1, "test": 1}
+  tokenizers.train_wordpiece(synthetic.report_corpus(50), 256, str(tmp_path / "tok"))
+  config = tiny_config()
+  config.model.image.size = 288
+  (batch,) = list(pipeline.downstream_dataset(config, "rsna_pneumonia", data_dir, "train",
+                                              str(tmp_path / "tok"), 4, train=False))
+  image = batch["image"][0]  # [288, 288, 3]
+  assert image.shape == (288, 288, 3) and image.dtype == np.uint8 and batch["valid"][0] == 1
+  assert np.array_equal(image, images.load(real, 288))
+  assert image.min() < 30 and image.max() > 225
+  # MONOCHROME1 inverted: the spine (centre column) is brighter than the lungs beside it.
+  assert image[100:200, 134:154].mean() > image[100:200, 60:90].mean() + 20
