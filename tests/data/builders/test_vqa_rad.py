@@ -14,9 +14,20 @@ REAL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared",
 REAL = os.path.abspath(REAL)
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
-def test_real_vqa_rad_counts_and_vocab(tmp_path):
-  b, report = builders.build("vqa_rad", REAL, str(tmp_path))
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
+
+
+@pytest.fixture(scope="module")
+def real_built(tmp_path_factory):
+  """The real VQA-RAD built once for this module: (builder, report, data_dir)."""
+  data_dir = str(tmp_path_factory.mktemp("vqa_rad_data"))
+  b, report = builders.build("vqa_rad", REAL, data_dir)
+  return b, report, data_dir
+
+
+@needs_real
+def test_real_vqa_rad_counts_and_vocab(real_built):
+  b, report, _ = real_built
   assert report == {"train": {"written": 3064, "skipped": {}},
                     "test": {"written": 451, "skipped": {}}}
   answers = []
@@ -29,7 +40,7 @@ def test_real_vqa_rad_counts_and_vocab(tmp_path):
   assert types == {b"closed": 272, b"open": 179}  # 'CLOSED ' with a trailing space normalised
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
+@needs_real
 def test_missing_and_corrupt_images_are_counted_per_question(tmp_path):
   manual = tmp_path / "manual"
   (manual / "images").mkdir(parents=True)
@@ -68,18 +79,18 @@ def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
     builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
-def test_real_vqa_rad_through_the_downstream_pipeline(tmp_path):
+@needs_real
+def test_real_vqa_rad_through_the_downstream_pipeline(real_built, tmp_path):
   from mpma_jax.data import pipeline, tokenizer as tokenizers
   from tests.conftest import tiny_config
-  b, _ = builders.build("vqa_rad", REAL, str(tmp_path / "data"))
+  b, _, data_dir = real_built
   vocab = pipeline.answer_vocab(b, "prior")
   clean = pipeline.answer_vocab(b, "clean")
   assert len(vocab) == 498 and set(clean) < set(vocab)
   questions = [b.as_data_source("train")[i]["question"].decode() for i in range(200)]
   tokenizers.train_wordpiece(questions, 512, str(tmp_path / "tok"))
   config = tiny_config()
-  ds = pipeline.downstream_dataset(config, "vqa_rad", str(tmp_path / "data"), "test",
+  ds = pipeline.downstream_dataset(config, "vqa_rad", data_dir, "test",
                                    str(tmp_path / "tok"), 200, train=False, vocab=vocab)
   batches = list(ds)
   assert [len(x["answer"]) for x in batches] == [200, 200, 51]  # every test question, once
