@@ -27,6 +27,7 @@ A batch is a dict of NumPy arrays (`BATCH_FIELDS`):
   truncated      int32 [B]            1 if the report was cut to data.max_len tokens
 """
 import functools
+import time
 from typing import Any, Optional
 
 import grain
@@ -67,6 +68,22 @@ def _builder(config: ml_collections.ConfigDict, name: str, data_dir: str):
   return builders.builder(name, data_dir)
 
 
+def _generate_synthetic(config, b, data_dir: str, timeout_s: float = 1800.0):
+  """Process 0 writes the synthetic set; the other processes wait until it is there."""
+  if jax.process_index() == 0:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig())
+    return b
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    time.sleep(2.0)
+    b = _builder(config, "synthetic", data_dir)
+    if b.is_prepared():
+      return b
+  raise TimeoutError(f"process {jax.process_index()}: the synthetic set did not appear in "
+                     f"{data_dir!r} within {timeout_s:.0f}s (process 0 writes it)")
+
+
 def prepare(config: ml_collections.ConfigDict, data_dir: str) -> list:
   """Checks data.name and data_dir before any training work; generates the synthetic set if it is
   used and missing. Returns the builders of the mixture, in order."""
@@ -76,10 +93,9 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> list:
   out = []
   for name, _ in parse_mixture(config.data.name):
     b = _builder(config, name, data_dir)
-    if name == "synthetic" and not b.is_prepared() and jax.process_index() == 0:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      b.download_and_prepare(download_config=tfds.download.DownloadConfig())
-    elif not b.is_prepared():
+    if name == "synthetic" and not b.is_prepared():
+      b = _generate_synthetic(config, b, data_dir)
+    if not b.is_prepared():
       raise FileNotFoundError(
           f"dataset {name!r} is not built in data_dir {data_dir!r} (no {b.data_dir}); run "
           f"`mpma-data build {name} --manual_dir <the dataset as distributed> --data_dir {data_dir}`")
