@@ -103,17 +103,28 @@ def init_params(config: ml_collections.ConfigDict, model: MPMA, rng) -> Any:
                     with_itm=config.loss.itm > 0)["params"]
 
 
-def create_train_state(config, model, tx, mesh, rule_table):
-  """Initialises the state directly into its shardings. Returns (state, state_shardings)."""
+def _init_boxed(config, model, tx):
   rng = jax.random.key(config.seed)
 
-  def init_boxed():
+  def init():
     params = init_params(config, model, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
 
-  abstract = jax.eval_shape(init_boxed)
-  shardings = sharding.logical_shardings(abstract, mesh, rule_table)
-  init = jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=shardings)
+
+def abstract_state(config, model, tx, mesh, rule_table):
+  """(ShapeDtypeStructs of the train state carrying their shardings, the shardings), without
+  allocating anything: the restore target, and what benchmarks compile against."""
+  init = _init_boxed(config, model, tx)
+  shardings = sharding.logical_shardings(jax.eval_shape(init), mesh, rule_table)
+  abstract = jax.eval_shape(jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings))
+  return abstract, shardings
+
+
+def create_train_state(config, model, tx, mesh, rule_table):
+  """Initialises the state directly into its shardings. Returns (state, state_shardings)."""
+  _, shardings = abstract_state(config, model, tx, mesh, rule_table)
+  init = jax.jit(lambda: nn.meta.unbox(_init_boxed(config, model, tx)()), out_shardings=shardings)
   return init(), shardings
 
 
