@@ -14,6 +14,9 @@ def model_config() -> ml_collections.ConfigDict:
   """Base-size model (method.md §1-4)."""
   m = ml_collections.ConfigDict()
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and losses stay float32)
+  # Rematerialisation of every transformer block: none | full (recompute all) | dots (keep matmul
+  # outputs) | dots_no_batch (keep weight matmuls only). Trades backward-pass compute for memory.
+  m.remat = "none"
   m.hidden = 768  # fusion width d (projections, memory, co-attention, poolers)
 
   m.image = ml_collections.ConfigDict()
@@ -122,10 +125,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.steps = 100_000
   c.train.batch_size = 256  # global batch
   c.train.log_every = 100  # console + TensorBoard scalars
+  c.train.grad_accum = 1  # micro-batches per step (contrastive negatives: the global micro-batch)
   c.train.ckpt_every = 5000  # Orbax checkpoint interval (one is always written at the end)
   c.train.keep_checkpoints = 3
+  c.train.ckpt_async = True  # write checkpoints in the background while training goes on
+  # A step whose loss or gradient is not finite never changes the state; then: skip (count it and
+  # go on) | stop (raise, keeping the last good checkpoint).
+  c.train.nonfinite = "skip"
+  c.train.run_steps = 0  # stop (with a checkpoint) after this many steps in one invocation; 0 = off
+  c.train.peak_tflops = 0.0  # peak TFLOP/s per device for MFU; 0 = from flops.PEAK_TFLOPS
 
-  c.mesh = ml_collections.ConfigDict()  # device mesh; -1 = all remaining devices
+  # Device mesh (data, fsdp, tensor); one size may be -1 = all remaining devices. The batch is split
+  # over data x fsdp; parameters and optimizer state over fsdp ('embed') and tensor (heads, mlp).
+  c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
@@ -188,3 +200,18 @@ def _small(c):
   m.gla.dim = 128
   m.mim.update(layer=2, width=128, depth=2, heads=4)
   c.train.update(steps=3000, batch_size=64)
+
+
+def get_sweep(variant: str = "tiny") -> list:
+  """`mpma-sweep --config configs/pretrain.py:<variant> --workdir ROOT`: the encoders' learning rate
+  (x0.5, x1, x2 of the variant's) crossed with the memory's top-k (x0.5, x1, x2), then two ablations
+  at the defaults: plain M3AE fusion (no memory) and GLA on the masked pass. 11 runs."""
+  from mpma_jax.sweep import chain, fixed, product, sweep  # pylint: disable=g-import-not-at-top
+  c = get_config(variant)
+  lr, topk = c.optim.lr, c.model.memory.topk
+  return chain(
+      product(sweep("optim.lr", [lr * 0.5, lr, lr * 2]),
+              sweep("model.memory.topk", [topk // 2, topk, topk * 2])),
+      fixed("model.memory.enabled", False),
+      fixed("model.gla.features_from", "masked"),
+  )

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Single-process run on this machine: launch/local.sh CONFIG WORKDIR [extra flags...]
 #   e.g. launch/local.sh configs/pretrain.py:tiny runs/tiny --config.train.steps=2000
-# Multi-process, TPU-pod and SLURM launchers come with the scale-out work.
+# Adds --resume when WORKDIR already holds checkpoints. The other launchers take the same
+# CONFIG WORKDIR [flags...] after their own arguments, so any of them can be mpma-sweep's
+# --launcher:
+#   launch/multiprocess.sh N ...   N processes on this machine (CPU devices or a share of GPUs)
+#   sbatch launch/slurm.sbatch ... SLURM, a process per GPU, checkpoint + requeue at the time limit
+#   launch/tpu_pod.sh TPU ZONE ... every worker of a Cloud TPU pod slice (pass --resume yourself)
 set -euo pipefail
 config=${1:?usage: launch/local.sh CONFIG WORKDIR [flags...]}
 workdir=${2:?usage: launch/local.sh CONFIG WORKDIR [flags...]}

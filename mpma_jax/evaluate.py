@@ -13,10 +13,15 @@ def _global_embeddings(module: MPMA, image, text_ids, text_mask):
   return image_gla[:, 0], text_gla[:, 0]  # [B, G] each, L2-normalised
 
 
-def make_embed_fn(model: MPMA):
-  """jit-compiled (params, image, text_ids, text_mask) -> (image_emb [B, G], text_emb [B, G])."""
+def make_embed_fn(model: MPMA, mesh=None):
+  """jit-compiled (params, image, text_ids, text_mask) -> (image_emb [B, G], text_emb [B, G]).
+
+  With a mesh the embeddings come back replicated, so that every host can read them (the
+  parameters may be sharded over several hosts; the inputs are the same NumPy arrays on each).
+  """
+  out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(lambda params, image, ids, mask: model.apply(
-      {"params": params}, image, ids, mask, method=_global_embeddings))
+      {"params": params}, image, ids, mask, method=_global_embeddings), out_shardings=out)
 
 
 def retrieval(embed_fn, params, pairs: dict, batch_size: int) -> dict:

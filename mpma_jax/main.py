@@ -1,9 +1,13 @@
 """`mpma-pretrain --config configs/pretrain.py:tiny --workdir DIR [--resume]`
 
-Prepares the workdir (tokenizer, config), then runs `train.train_and_evaluate`.
+Joins the other processes of a multi-host job (`jax.distributed.initialize`: automatic on TPU pods
+and under SLURM, explicit with --coordinator_address/--num_processes/--process_id otherwise),
+prepares the workdir (tokenizer, config), then runs `train.train_and_evaluate`. Every process runs
+this same command; the workdir must be on storage that all of them see.
 """
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,7 +18,39 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, eval.json")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run outside TPU pods "
+    "and SLURM (which are detected); with --num_processes and --process_id")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (explicit mode)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit mode)")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def detected_cluster() -> str | None:
+  """'tpu_pod' or 'slurm' when this process is one of several started by a TPU pod or SLURM."""
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu_pod"
+  if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return "slurm"
+  return None
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """jax.distributed.initialize for a multi-process job; nothing for a single process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  explicit = [coordinator, num_processes, process_id]
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise ValueError("--coordinator_address, --num_processes and --process_id go together; got "
+                     f"{coordinator!r}, {num_processes!r}, {process_id!r}")
+  # CPU devices exchange collectives through gloo (a no-op setting on GPU and TPU).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator is not None:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  elif detected_cluster():
+    jax.distributed.initialize()  # TPU pod / SLURM: addresses and ids from the environment
 
 
 def data_dir_for(config, workdir: str) -> str:
@@ -31,15 +67,20 @@ def prepare_tokenizer(config, workdir: str, data_dir: str):
   """The run's tokenizer, saved in (or read from) <workdir>/tokenizer so a resumed run or an export
   sees exactly the same ids. Returns (tokenizer, directory)."""
   from mpma_jax.data import tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   run_dir = os.path.join(workdir, "tokenizer")
-  if os.path.isdir(run_dir):
-    tok = tokenizers.load_tokenizer(run_dir)
-  elif config.data.tokenizer == "builtin":  # WordPiece trained on (up to 20k) training texts
-    corpus = pipeline.report_corpus(config, data_dir, 20_000)
-    tok = tokenizers.train_wordpiece(corpus, config.data.tokenizer_vocab, run_dir)
-  else:
-    tok = tokenizers.load_tokenizer(config.data.tokenizer)
-    tok.save_pretrained(run_dir)
+  # Process 0 writes the run's tokenizer (training one is not repeatable, so exactly one process
+  # may do it); the others wait for it and read the same files.
+  if jax.process_index() == 0 and not os.path.isdir(run_dir):
+    if config.data.tokenizer == "builtin":  # WordPiece trained on (up to 20k) training texts
+      corpus = pipeline.report_corpus(config, data_dir, 20_000)
+      tokenizers.train_wordpiece(corpus, config.data.tokenizer_vocab, run_dir)
+    else:
+      tokenizers.load_tokenizer(config.data.tokenizer).save_pretrained(run_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mpma_jax: tokenizer written")
+  tok = tokenizers.load_tokenizer(run_dir)
   check_tokenizer(tok, config)
   return tok, run_dir
 
@@ -63,6 +104,7 @@ def check_tokenizer(tok, config) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax  # pylint: disable=g-import-not-at-top
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -74,6 +116,9 @@ def main(argv):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir, resume=_RESUME.value)
+  if "stopped_at" in result:  # SIGTERM or train.run_steps: a clean stop with a checkpoint
+    print(json.dumps(result))
+    sys.exit(0)
   i2t5, chance5 = result["trained"]["i2t_r5"], result["chance"]["i2t_r5"]
   print(json.dumps({"i2t_r5": i2t5, "chance_r5": chance5, "ratio_to_chance": i2t5 / chance5}))
 

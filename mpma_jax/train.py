@@ -1,11 +1,18 @@
 """MPMA pre-training: losses, the jit-compiled train step, checkpoints and the training loop.
 
 Read top to bottom: `compute_losses` (method.md §4) -> `TrainState` / `create_train_state`
-(sharded init) -> `make_train_step` -> `Checkpointer` -> `train_and_evaluate` (the loop).
+(sharded init) -> `make_train_step` (gradient accumulation, non-finite guard) -> `Checkpointer`
+(Orbax: state + data iterator) -> `Preemption` (SIGTERM) -> `train_and_evaluate` (the loop).
+
+Parallelism is a config change: `config.mesh` sizes the (data, fsdp, tensor) mesh and its rule
+table maps the model's logical axis names onto it; the step is one `jax.jit` over global arrays, so
+the contrastive losses see the global batch.
 """
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -19,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
-from mpma_jax import evaluate, losses, masking, optim, sharding
+from mpma_jax import evaluate, flops, losses, masking, optim, sharding
 from mpma_jax.data import pipeline
 from mpma_jax.models import gla
 from mpma_jax.models.mpma import MPMA
@@ -73,9 +80,10 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
 # --- state ----------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # int32 [], steps (batches) consumed
   params: Any
   opt_state: Any
+  rng: jax.Array  # uint32 [2], raw key; step s uses fold_in(rng, s) (dropout, ITM negatives)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict:
@@ -108,7 +116,8 @@ def _init_boxed(config, model, tx):
 
   def init():
     params = init_params(config, model, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed + 1)))
   return init
 
 
@@ -130,12 +139,26 @@ def create_train_state(config, model, tx, mesh, rule_table):
 
 # --- train step -----------------------------------------------------------------------------------
 def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
-  """jit-compiled (state, batch) -> (state, metrics). Randomness comes from (seed, step)."""
-  with_itm = config.loss.itm > 0
-  schedule = optim.schedule(config, config.optim.lr)
+  """jit-compiled (state, batch) -> (state, metrics).
 
-  def step_fn(state: TrainState, batch: dict):
-    rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+  * train.grad_accum > 1 splits the global batch into that many micro-batches (each still spread
+    over every device) and averages their gradients; the contrastive losses then see the global
+    micro-batch as negatives.
+  * A step whose loss or gradient is not finite leaves parameters and optimizer state unchanged
+    (metrics['nonfinite'] = 1); the loop then skips it or stops (train.nonfinite).
+  * Per-example data counters in the batch (pipeline.COUNTER_FIELDS) come back summed over the
+    global batch as metrics['data_<name>'].
+  """
+  with_itm = config.loss.itm > 0
+  accum = config.train.grad_accum
+  if accum < 1 or config.train.batch_size % accum:
+    raise ValueError(f"train.grad_accum={accum} must be >= 1 and divide train.batch_size="
+                     f"{config.train.batch_size}")
+  schedule = optim.schedule(config, config.optim.lr)
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, sharding.BATCH_AXES))
+
+  def loss_and_grads(params, batch, rng):
     dropout_rng, itm_rng = jax.random.split(rng)
 
     def loss_fn(params):
@@ -143,11 +166,47 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
                         rngs={"dropout": dropout_rng, "itm": itm_rng})
       return compute_losses(out, batch, config)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return metrics, grads
+
+  def accumulated(params, batch, rng):
+    """Mean metrics and gradients over `accum` micro-batches (a scan: one micro-batch live)."""
+    # Row j*accum + i of the batch goes to micro-batch i, so each micro-batch keeps the batch's
+    # sharding: [G, ...] -> [G/a, a, ...] -> [a, G/a, ...].
+    micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+        micro_sharding), batch)
+
+    def body(total, xs):
+      i, mb = xs
+      out = loss_and_grads(params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, total, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(loss_and_grads, params, first, rng))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    return jax.tree.map(lambda x: x / accum, total)
+
+  def step_fn(state: TrainState, batch: dict):
+    counters = {k: batch[k] for k in pipeline.COUNTER_FIELDS if k in batch}
+    batch = {k: v for k, v in batch.items() if k not in counters}
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if accum == 1:
+      metrics, grads = loss_and_grads(state.params, batch, rng)
+    else:
+      metrics, grads = accumulated(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    keep = lambda new, old: jnp.where(finite, new, old)  # a non-finite step changes nothing
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics["grad_norm"] = grad_norm
     metrics["lr"] = schedule(state.step)
+    metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
+    metrics.update({f"data_{k}": jnp.sum(v) for k, v in counters.items() if k != "source"})
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   batch_shardings = sharding.batch_sharding(mesh)
@@ -157,13 +216,22 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
 
 # --- checkpoints ----------------------------------------------------------------------------------
 class Checkpointer:
-  """Orbax CheckpointManager for the train state and the Grain iterator state."""
+  """Orbax CheckpointManager for the train state (step, params, optimizer state, RNG) and the Grain
+  iterator state, saved together under <directory>/<step>/.
+
+  Saves are asynchronous (training goes on while the arrays are written) and atomic: Orbax writes
+  into a temporary directory and renames it when complete, so a process killed mid-save leaves the
+  previous checkpoint as the latest one; the temporary directory is removed on the next start. The
+  iterator state is the same on every host (a batch counter, see pipeline.HostShare), so one JSON
+  copy restores any number of hosts.
+  """
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict):
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                             enable_async_checkpointing=True))
+                                             enable_async_checkpointing=config.train.ckpt_async,
+                                             cleanup_tmp_directories=True))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -187,6 +255,42 @@ class Checkpointer:
 def abstract_like(state: TrainState) -> TrainState:
   """Shapes, dtypes and shardings of a live state: the restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class Preemption:
+  """SIGTERM (a scheduler's preemption notice) -> `reached(step)` turns true at a step boundary;
+  the loop then saves a checkpoint there and exits cleanly.
+
+  One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption service (started
+  by jax.distributed.initialize) catches SIGTERM on any host and picks one step at which
+  `reached` is true on every host, so that all of them save the same step.
+  """
+
+  def __init__(self):
+    self._flag = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._flag.is_set()
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
+      return False
+
+
+class NonFiniteLossError(FloatingPointError):
+  """train.nonfinite = 'stop' and a step's loss or gradient was not finite."""
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -221,12 +325,42 @@ def format_metrics(metrics: dict) -> str:
   line = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
   counts = [f"{k[5:]}={int(metrics[k])}" for k in ("data_bad_image", "data_truncated")
             if metrics.get(k)]  # shown once non-zero
+  if metrics.get("nonfinite_steps"):
+    counts.append(f"nonfinite_steps={int(metrics['nonfinite_steps'])}")
   return " ".join([line] + counts)
+
+
+def summarise(host_metrics: list[dict]) -> dict:
+  """Per-step metrics of one log interval (on the host) -> interval means; steps whose loss was
+  not finite are left out of the means and counted in 'nonfinite_steps'."""
+  good = [m for m in host_metrics if not m["nonfinite"]] or host_metrics
+  out = {k: float(np.mean([m[k] for m in good])) for k in host_metrics[0]
+         if k != "nonfinite" and not k.startswith("data_")}
+  out["nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host_metrics))
+  return out
+
+
+class Throughput:
+  """examples/s, model TFLOP/s per device and MFU over a log interval (analytic FLOPs, flops.py;
+  peak per device from train.peak_tflops or the device table; MFU is left out when unknown)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.batch = config.train.batch_size
+    self.step_flops = flops.train_step_flops(config, self.batch)
+    self.devices = jax.device_count()
+    self.peak = flops.peak_flops(jax.devices()[0], config.model.dtype, config.train.peak_tflops)
+
+  def __call__(self, steps: int, seconds: float) -> dict:
+    out = {"examples_per_sec": steps * self.batch / seconds, "step_time": seconds / steps}
+    out.update(flops.throughput(self.step_flops, seconds / steps, self.devices, self.peak))
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenizer,
                        tokenizer_dir: str, data_dir: str, resume: bool = False) -> dict:
-  """Pre-trains, checkpoints, and ends with zero-shot retrieval. Returns the eval dict."""
+  """Pre-trains, checkpoints, and ends with zero-shot retrieval. Returns the eval dict, or
+  {'stopped_at': step, 'reason': ...} when the run stopped early with a checkpoint (SIGTERM,
+  train.run_steps); continue it with resume=True."""
   mesh = sharding.make_mesh(config.mesh)
   rule_table = sharding.rules(config.mesh)
   model = make_model(config)
@@ -236,59 +370,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
   if latest is not None and not resume:  # refuse before any work is done
     raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest}); pass "
                           "--resume to continue, or use a new workdir")
+  if config.train.nonfinite not in ("skip", "stop"):
+    raise ValueError(f"train.nonfinite must be 'skip' or 'stop', got {config.train.nonfinite!r}")
   log = Logger(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
-    state, state_shardings = create_train_state(config, model, tx, mesh, rule_table)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log.print(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}")
+    abstract, state_shardings = abstract_state(config, model, tx, mesh, rule_table)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    log.print(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}; "
+              f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
 
     pairs = pipeline.eval_pairs(config, tokenizer, config.eval.num_pairs, data_dir)
-    embed_fn = evaluate.make_embed_fn(model)
-    untrained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
-
+    embed_fn = evaluate.make_embed_fn(model, mesh)
     dataset = pipeline.pretrain_dataset(config, tokenizer_dir, data_dir)
     data_iter = iter(dataset)
-    start = 0
-    if latest is not None:
+    untrained_file = os.path.join(workdir, "eval_untrained.json")
+    if latest is None:
+      state, _ = create_train_state(config, model, tx, mesh, rule_table)
+      untrained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
+      if jax.process_index() == 0:
+        with open(untrained_file, "w") as f:
+          json.dump(untrained, f)
+      start = 0
+    else:  # restored straight into its shardings: the fresh state is never allocated
+      state = ckpt.restore(latest, abstract, data_iter)
+      untrained = None  # (runs from before this file existed have no untrained figures)
+      if os.path.exists(untrained_file):
+        with open(untrained_file) as f:
+          untrained = json.load(f)
       start = latest
-      state = ckpt.restore(start, abstract_like(state), data_iter)
       log.print(f"resumed from step {start}")
 
     train_step = make_train_step(config, model, tx, state_shardings, mesh)
+    throughput = Throughput(config)
     steps, log_every = config.train.steps, config.train.log_every
-    t0, examples, pending = time.perf_counter(), 0, []
-    data_counts = {"bad_image": 0, "truncated": 0}  # since this process started (see pipeline.py)
-    for step in range(start, steps):
-      host_batch = next(data_iter)
-      for k in data_counts:
-        data_counts[k] += int(host_batch[k].sum())
-      batch = sharding.global_batch(
-          {k: v for k, v in host_batch.items() if k not in pipeline.COUNTER_FIELDS}, mesh)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      examples += config.train.batch_size
-      done = step + 1
-      if done % log_every == 0 or done == steps:
-        host = jax.device_get(pending)  # one host sync per log interval
-        avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        rate = examples / (time.perf_counter() - t0)
-        avg["examples_per_sec"] = rate
-        avg.update({f"data_{k}": float(v) for k, v in data_counts.items()})
-        log.scalars(done, avg)
-        log.print(f"step {done:>6}/{steps}  {format_metrics(avg)}  {rate:.1f} ex/s")
-        t0, examples, pending = time.perf_counter(), 0, []
-      if done % config.train.ckpt_every == 0 or done == steps:
-        ckpt.save(done, state, data_iter)
-    ckpt.close()
+    stop_at = min(steps, start + config.train.run_steps) if config.train.run_steps else steps
+    t0, pending, unchecked, saved, reason = time.perf_counter(), [], [], start, None
+    data_counts = {"bad_image": 0, "truncated": 0}  # since this process started, global batch
+
+    def check_finite(done):
+      """train.nonfinite = 'stop': raise before a non-finite step could be checkpointed."""
+      if config.train.nonfinite == "stop" and unchecked and sum(jax.device_get(unchecked)):
+        ckpt.close()  # the saves already made (all of finite states) complete
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient before step {done}; stopped (train.nonfinite='stop'). "
+            f"The last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints")
+      unchecked.clear()
+
+    with Preemption() as preemption:
+      for step in range(start, stop_at):
+        host_batch = next(data_iter)
+        batch = sharding.global_batch({k: v for k, v in host_batch.items() if k != "source"}, mesh)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        unchecked.append(metrics["nonfinite"])
+        done = step + 1
+        if done % log_every == 0 or done == stop_at:
+          host = jax.device_get(pending)  # one host sync per log interval
+          check_finite(done)
+          for k in data_counts:
+            data_counts[k] += sum(int(m[f"data_{k}"]) for m in host)
+          avg = summarise(host)
+          avg.update(throughput(len(host), time.perf_counter() - t0))
+          avg.update({f"data_{k}": float(v) for k, v in data_counts.items()})
+          log.scalars(done, avg)
+          mfu = f"  MFU {100 * avg['mfu']:.1f}%" if "mfu" in avg else ""
+          log.print(f"step {done:>6}/{steps}  {format_metrics(avg)}  "
+                    f"{avg['examples_per_sec']:.1f} ex/s  "
+                    f"{avg['tflops_per_device']:.3g} TFLOP/s/device{mfu}")
+          t0, pending = time.perf_counter(), []
+        if preemption.reached(done):
+          reason = f"preempted (SIGTERM) at step {done}"
+        elif done == stop_at and stop_at < steps:
+          reason = f"train.run_steps={config.train.run_steps} reached at step {done}"
+        if done % config.train.ckpt_every == 0 or done == steps or reason:
+          check_finite(done)
+          ckpt.save(done, state, data_iter)
+          saved = done
+        if reason:
+          break
+    ckpt.close()  # waits for the last asynchronous save
+    if reason:
+      log.print(f"{reason}: checkpoint {saved} saved; continue with --resume")
+      return {"stopped_at": saved, "reason": reason}
 
     trained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
   result = {"num_pairs": config.eval.num_pairs, "steps": steps, "num_params": int(n_params),
             "trained": trained, "untrained": untrained,
             "chance": evaluate.chance(config.eval.num_pairs)}
   log.scalars(steps, trained, prefix="eval")
+  rows = {"trained": trained, "untrained": untrained, "chance": result["chance"]}
   log.print("zero-shot retrieval (%), GLA global similarity, "
             f"{config.eval.num_pairs} held-out pairs:\n" + evaluate.format_table(
-                {"trained": trained, "untrained": untrained, "chance": result["chance"]}))
+                {k: v for k, v in rows.items() if v is not None}))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)

@@ -1,10 +1,16 @@
-"""Shared test setup: absl flags parsed (Grain reads them), a persistent XLA compilation cache
-(the same small model is compiled by several tests), and small configs."""
+"""Shared test setup: 8 simulated CPU devices (mesh tests; the default mesh puts all of them on
+the data axis), absl flags parsed (Grain reads them), a persistent XLA compilation cache (the same
+small model is compiled by several tests), and small configs."""
 import os
 import sys
 
-from absl import flags
-import jax
+# Before JAX starts: 8 CPU devices, unless the caller chose a device count.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,4 +51,13 @@ def data_dir(tmp_path_factory):
   from mpma_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   out = str(tmp_path_factory.mktemp("data"))
   pipeline.prepare(tiny_config(), out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """A WordPiece tokenizer (512 ids) trained once per session on synthetic reports."""
+  from mpma_jax.data import synthetic, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp("tok"))
+  tokenizers.train_wordpiece(synthetic.report_corpus(500), 512, out)
   return out

@@ -11,13 +11,6 @@ from mpma_jax.data import pipeline, synthetic, tokenizer as tokenizers
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("tok"))
-  tokenizers.train_wordpiece(synthetic.report_corpus(500), 512, out)
-  return out
-
-
 def _batches(config, tokenizer_dir, data_dir, n, **kw):
   it = iter(pipeline.pretrain_dataset(config, tokenizer_dir, data_dir, **kw))
   return [next(it) for _ in range(n)], it

@@ -222,6 +222,38 @@ def mixture(config: ml_collections.ConfigDict, data_dir: str, split: str = "trai
   return grain.MapDataset.mix(datasets, [w for _, w in parts]), sources
 
 
+class HostShare(grain.MapDataset):
+  """This host's rows of every global batch: global batch b holds stream positions
+  [b*G, (b+1)*G), and host p of P reads the contiguous block [b*G + p*G/P, b*G + (p+1)*G/P).
+
+  Contiguous blocks (not a stride) make the global batch that `make_array_from_process_local_data`
+  assembles identical, row for row, to the single-host batch: the same run on any number of hosts
+  sees the same batches in the same order.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self.global_batch, self.local = global_batch, global_batch // process_count
+    self.offset = process_index * self.local
+    self._length = len(parent) // global_batch * self.local  # whole global batches only
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _position(self, index: int) -> int:
+    batch, row = divmod(index, self.local)
+    return batch * self.global_batch + self.offset + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._position(index)]
+
+  def __str__(self) -> str:
+    return f"HostShare(rows {self.offset}..{self.offset + self.local - 1} of {self.global_batch})"
+
+
 def pretrain_dataset(config: ml_collections.ConfigDict, tokenizer_dir: str, data_dir: str,
                      process_index: Optional[int] = None, process_count: Optional[int] = None):
   """An infinite grain.IterDataset of this host's share of the global batches (see module doc).
@@ -236,7 +268,7 @@ def pretrain_dataset(config: ml_collections.ConfigDict, tokenizer_dir: str, data
                      f"{process_count} processes")
   ds, sources = mixture(config, data_dir, "train")
   ds = ds.map_with_index(DecodeAndMask(sources, tokenizer_dir, config))
-  ds = ds[process_index::process_count]  # each host reads its own examples
+  ds = HostShare(ds, global_batch, process_index, process_count)  # each host reads its own rows
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
                                             prefetch_buffer_size=config.data.read_buffer))

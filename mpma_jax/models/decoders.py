@@ -34,6 +34,7 @@ class MIMDecoder(nn.Module):
   heads: int = 6
   mlp_ratio: float = 4.0
   dtype: layers.Dtype = jnp.float32
+  remat: str = "none"  # rematerialisation policy of each block (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, x, restore, deterministic: bool = True):
@@ -47,9 +48,10 @@ class MIMDecoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)  # [B, 1+N, W]
     grid = int(round(np.sqrt(self.num_patches)))
     x = x + jnp.asarray(sincos_2d(grid, self.width), self.dtype)
+    block = layers.remat(layers.PreLNBlock, self.remat, deterministic_argnum=3)
     for i in range(self.depth):
-      x = layers.PreLNBlock(self.heads, int(self.width * self.mlp_ratio), "gelu", eps=1e-6,
-                            dtype=self.dtype, name=f"block_{i}")(x, None, deterministic)
+      x = block(self.heads, int(self.width * self.mlp_ratio), "gelu", eps=1e-6, dtype=self.dtype,
+                name=f"block_{i}")(x, None, deterministic)
     x = layers.LayerNorm(1e-6, self.dtype, name="ln")(x)
     return layers.Dense(self.patch_pixels, ("embed", "patch"), self.dtype, name="pred")(x[:, 1:])
 

@@ -24,6 +24,7 @@ class CoAttentionFusion(nn.Module):
   attn_dropout: float = 0.1
   mim_layer: int = 3  # 1-based layer whose image output feeds the MIM decoder
   dtype: layers.Dtype = jnp.float32
+  remat: str = "none"  # rematerialisation policy of each layer (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, text, text_mask, image, image_mask, memory: Optional[Memory] = None,
@@ -32,7 +33,8 @@ class CoAttentionFusion(nn.Module):
       raise ValueError(f"mim.layer must be in [1, fusion.layers={self.layers}], got {self.mim_layer}")
     t_keys = layers.key_mask(text_mask)  # [B, 1, 1, L]
     i_keys = layers.key_mask(image_mask)  # [B, 1, 1, 1+n]
-    block = lambda name: layers.PostLNBlock(
+    block_cls = layers.remat(layers.PostLNBlock, self.remat, deterministic_argnum=5)
+    block = lambda name: block_cls(
         self.heads, self.mlp_dim, cross=True, dropout=self.dropout,
         attn_dropout=self.attn_dropout, dtype=self.dtype, name=name)
     image_at_mim = None

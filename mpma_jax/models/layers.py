@@ -186,6 +186,29 @@ class PostLNBlock(nn.Module):
     return constrain(x)
 
 
+# Rematerialisation policies (config `model.remat`): what a transformer block keeps for the backward
+# pass; everything else is recomputed. 'none' keeps everything (no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def remat(block: type, policy: str, deterministic_argnum: int) -> type:
+  """`block` (a Module class), or the same class wrapped in nn.remat with the named policy.
+
+  deterministic_argnum: position of the `deterministic` argument of __call__ (self = 0), which is a
+  Python bool and must stay static.
+  """
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+  if policy == "none":
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=(deterministic_argnum,))
+
+
 def key_mask(valid):
   """[B, S] validity of keys -> bool attention mask [B, 1, 1, S]."""
   return valid.astype(bool)[:, None, None, :]

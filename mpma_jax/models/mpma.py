@@ -37,10 +37,11 @@ class MPMA(nn.Module):
     dt = compute_dtype(c.dtype)
     i, t = c.image, c.text
     self.image_encoder = VisionTransformer(i.size, i.patch, i.width, i.layers, i.heads,
-                                           i.mlp_ratio, dtype=dt)
+                                           i.mlp_ratio, dtype=dt, remat=c.remat)
     self.text_encoder = TextEncoder(t.vocab_size, t.width, t.layers, t.heads, t.mlp_dim,
                                     t.max_positions, t.type_vocab_size, t.pad_id,
-                                    t.position_style, t.eps, t.dropout, t.attn_dropout, dtype=dt)
+                                    t.position_style, t.eps, t.dropout, t.attn_dropout, dtype=dt,
+                                    remat=c.remat)
     self.image_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.text_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.modality_type = nn.Embed(2, c.hidden, dtype=dt,
@@ -52,14 +53,14 @@ class MPMA(nn.Module):
     self.memory = Memory(m.slots, m.topk, m.heads, m.impl, dtype=dt) if m.enabled else None
     f = c.fusion
     self.fusion = CoAttentionFusion(f.layers, f.heads, f.mlp_dim, f.dropout, f.attn_dropout,
-                                    c.mim.layer, dtype=dt)
+                                    c.mim.layer, dtype=dt, remat=c.remat)
     self.text_pooler = Pooler(dt)
     self.image_pooler = Pooler(dt)
     g = c.gla
     self.gla = GLAHeads(g.dim, g.temperature_init, g.temperature_min, dtype=dt)
     num_patches = (i.size // i.patch) ** 2
     self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
-                                  c.mim.heads, dtype=dt)
+                                  c.mim.heads, dtype=dt, remat=c.remat)
     self.mlm_head = MLMHead(t.vocab_size, t.eps, dtype=dt)
     self.itm_head = ITMHead(dt)
 

@@ -36,22 +36,31 @@ class TextEncoder(nn.Module):
   dropout: float = 0.1
   attn_dropout: float = 0.1
   dtype: layers.Dtype = jnp.float32
+  remat: str = "none"  # rematerialisation policy of each layer (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, ids, attention_mask, deterministic: bool = True):
     pos = position_ids(attention_mask, self.position_style, self.pad_id)  # [B, L]
-    embed = lambda n, axes, name: nn.Embed(n, self.width, dtype=self.dtype, name=name,
-                                           embedding_init=layers.normal(axes))
-    x = embed(self.vocab_size, ("vocab", "embed"), "word_embeddings")(ids)  # [B, L, D]
-    x = x + embed(self.max_positions, (None, "embed"), "position_embeddings")(pos)
-    x = x + embed(self.type_vocab_size, (None, "embed"), "token_type_embeddings")(
-        jnp.zeros_like(ids))
+
+    def lookup(name, rows, axes, index):  # [B, L] -> [B, L, D]
+      table = self.param(name, layers.normal(axes), (rows, self.width))  # [rows, D]
+      # Gathered whole (FSDP gathers every weight before use anyway): a lookup into a table split
+      # over 'embed' would hand its split to the batch-split activations, which XLA can only fix
+      # by replicating them.
+      table = nn.with_logical_constraint(table, (None, None))
+      return layers.constrain(jnp.take(table, index, axis=0).astype(self.dtype))
+
+    x = lookup("word_embeddings", self.vocab_size, ("vocab", "embed"), ids)  # [B, L, D]
+    x = x + lookup("position_embeddings", self.max_positions, (None, "embed"), pos)
+    x = x + lookup("token_type_embeddings", self.type_vocab_size, (None, "embed"),
+                   jnp.zeros_like(ids))
     x = layers.LayerNorm(self.eps, self.dtype, name="embeddings_ln")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = layers.constrain(x)
     mask = layers.key_mask(attention_mask)  # [B, 1, 1, L]
+    block = layers.remat(layers.PostLNBlock, self.remat, deterministic_argnum=5)
     for i in range(self.layers):
-      x = layers.PostLNBlock(self.heads, self.mlp_dim, dropout=self.dropout,
-                             attn_dropout=self.attn_dropout, eps=self.eps, dtype=self.dtype,
-                             name=f"layer_{i}")(x, mask, deterministic=deterministic)
+      x = block(self.heads, self.mlp_dim, dropout=self.dropout, attn_dropout=self.attn_dropout,
+                eps=self.eps, dtype=self.dtype, name=f"layer_{i}")(x, mask, None, None,
+                                                                    deterministic)
     return x  # [B, L, D]

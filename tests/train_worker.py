@@ -1,0 +1,71 @@
+"""A pre-training process for the multi-process and signal tests: `tests.conftest.tiny_config()`
+plus overrides, run through `train.train_and_evaluate` as `mpma-pretrain` would run it.
+
+  python -m tests.train_worker --workdir W --data_dir D --tokenizer_dir T \
+      [--overrides '{"train.steps": 6}'] [--resume] [--kill_in_save_at STEP]
+      [--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I]
+
+Prints one JSON line with the result. --kill_in_save_at makes the process SIGKILL itself right
+after the (asynchronous) save of that step has started, i.e. in the middle of writing it.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data_dir", required=True)
+  p.add_argument("--tokenizer_dir", required=True)
+  p.add_argument("--overrides", default="{}")
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--kill_in_save_at", type=int, default=0)
+  p.add_argument("--coordinator_address")
+  p.add_argument("--num_processes", type=int)
+  p.add_argument("--process_id", type=int)
+  args = p.parse_args()
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
+  from mpma_jax import main as mpma_main  # pylint: disable=g-import-not-at-top
+  mpma_main.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ.get("MPMA_TEST_CACHE", "/tmp/mpma_jax_test_xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  from mpma_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config()
+  for key, value in json.loads(args.overrides).items():
+    section, field = key.rsplit(".", 1)
+    config_section = config
+    for part in section.split("."):
+      config_section = config_section[part]
+    config_section[field] = value
+
+  if args.kill_in_save_at:
+    save = train.Checkpointer.save
+
+    def save_then_die(self, step, state, data_iterator):
+      save(self, step, state, data_iterator)  # returns once the background write has started
+      if step == args.kill_in_save_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    train.Checkpointer.save = save_then_die
+
+  os.makedirs(args.workdir, exist_ok=True)
+  config.data.tokenizer = args.tokenizer_dir  # copied into <workdir>/tokenizer by process 0
+  tok, tok_dir = mpma_main.prepare_tokenizer(config, args.workdir, args.data_dir)
+  result = train.train_and_evaluate(config, args.workdir, tok, tok_dir, args.data_dir,
+                                    resume=args.resume)
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()
