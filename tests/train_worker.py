@@ -12,10 +12,27 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def start(workdir, tokenizer_dir, data_dir, overrides: dict, *extra, env=None) -> subprocess.Popen:
+  """Starts this script in a new process (stdout and stderr together, as text)."""
+  cmd = [sys.executable, "-m", "tests.train_worker", "--workdir", workdir, "--data_dir", data_dir,
+         "--tokenizer_dir", tokenizer_dir, "--overrides", json.dumps(overrides), *extra]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
+
+
+def result_of(output: str) -> dict:
+  """The RESULT line a worker printed."""
+  lines = [l for l in output.splitlines() if l.startswith("RESULT ")]
+  if not lines:
+    raise AssertionError("the worker printed no RESULT line:\n" + output[-3000:])
+  return json.loads(lines[-1][len("RESULT "):])
 
 
 def main():

@@ -1,0 +1,63 @@
+"""Multi-host training on one machine: 2 processes x 2 CPU devices (jax.distributed on 127.0.0.1,
+gloo collectives) train the same steps as 1 process x 4 devices, with the same result."""
+import json
+import os
+import socket
+
+import jax
+import numpy as np
+
+from tests import train_worker
+from tests.test_checkpoint import restore_state, run_config, train_rows
+
+# AdamW eps 1e-4: with a tiny eps Adam's early updates lr * g / (|g| + eps) turn float
+# reduction-order noise in near-zero gradient entries into visible parameter differences.
+STEPS = {"train.steps": 3, "train.ckpt_every": 3, "train.log_every": 1,
+         "eval.num_pairs": 16, "eval.batch_size": 16, "optim.eps": 1e-4}
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
+  single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
+  single = train_worker.start(single_dir, tokenizer_dir, data_dir, STEPS, env=_env(4))
+  port = _free_port()
+  multi = [train_worker.start(multi_dir, tokenizer_dir, data_dir, STEPS,
+                              "--coordinator_address", f"127.0.0.1:{port}",
+                              "--num_processes", "2", "--process_id", str(i), env=_env(2))
+           for i in range(2)]
+  outputs = [p.communicate(timeout=400)[0] for p in [single, *multi]]
+  for p, out in zip([single, *multi], outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "2 process(es), 4 device(s)" in outputs[1]  # process 0 of the pair logs
+  results = [train_worker.result_of(out) for out in outputs]
+  assert results[1] == results[2]  # both hosts evaluate the same (global) model
+  for key in ("trained", "untrained"):
+    for k, v in results[0][key].items():
+      assert abs(results[1][key][k] - v) <= 1 / 16, (key, k)  # at most one pair ranks differently
+
+  # The same losses step by step, and the same parameters after the last step.
+  single_rows, multi_rows = train_rows(single_dir), train_rows(multi_dir)
+  assert [r["step"] for r in multi_rows] == [1, 2, 3]
+  for a, b in zip(single_rows, multi_rows):
+    for k in ("loss", "mlm", "mim", "global", "local", "grad_norm"):
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=f"step {a['step']} {k}")
+  config = run_config(**STEPS)
+  a, b = restore_state(config, single_dir, 3), restore_state(config, multi_dir, 3)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-6, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  # one copy of the data-iterator state, valid for any number of hosts
+  data_state = json.load(open(os.path.join(multi_dir, "checkpoints", "3", "data", "metadata")))
+  assert data_state == json.load(open(os.path.join(single_dir, "checkpoints", "3", "data",
+                                                   "metadata")))
