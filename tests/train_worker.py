@@ -27,6 +27,20 @@ def start(workdir, tokenizer_dir, data_dir, overrides: dict, *extra, env=None) -
                           text=True, env=env)
 
 
+def wait_all(procs: list, timeout: float) -> list[str]:
+  """Outputs of the processes; on a timeout all are killed and the failure shows their output."""
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=timeout)[0])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    tails = [p.communicate()[0][-2000:] for p in procs]
+    raise AssertionError("workers timed out:\n" + "\n-----\n".join(tails)) from None
+  return outputs
+
+
 def result_of(output: str) -> dict:
   """The RESULT line a worker printed."""
   lines = [l for l in output.splitlines() if l.startswith("RESULT ")]
@@ -47,15 +61,21 @@ def main():
   p.add_argument("--num_processes", type=int)
   p.add_argument("--process_id", type=int)
   args = p.parse_args()
+  if os.environ.get("MPMA_WORKER_TRACEBACK_AFTER"):  # debugging a hang: dump every thread's stack
+    import faulthandler  # pylint: disable=g-import-not-at-top
+    faulthandler.dump_traceback_later(float(os.environ["MPMA_WORKER_TRACEBACK_AFTER"]), exit=True)
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
   from mpma_jax import main as mpma_main  # pylint: disable=g-import-not-at-top
   mpma_main.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_compilation_cache_dir",
-                    os.environ.get("MPMA_TEST_CACHE", "/tmp/mpma_jax_test_xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if args.coordinator_address is None:
+    # Not for multi-process workers: a CPU executable cached by a single-process run of the same
+    # program (same HLO, same device count) lacks the cross-process collectives and hangs.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("MPMA_TEST_CACHE", "/tmp/mpma_jax_test_xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
 
