@@ -20,6 +20,10 @@ flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("MPMA_TEST_CACHE", "/tmp/mpma_jax_test_xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# One computation in flight at a time: on a 2-core machine, 8 simulated devices' collectives
+# (in-process rendezvous, aborted by XLA after 40 s) intermittently stalled while the next step
+# was already dispatched and the input pipeline's threads competed for the cores.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def tiny_config():
@@ -34,7 +38,8 @@ def tiny_config():
   m.memory.update(slots=32, topk=8, heads=2)
   m.gla.update(dim=32, chunk=4)
   m.mim.update(layer=1, width=32, depth=1, heads=2)
-  c.data.update(max_len=24, num_train=256, num_eval=64, tokenizer_vocab=512)
+  c.data.update(max_len=24, num_train=256, num_eval=64, tokenizer_vocab=512, read_threads=2,
+                read_buffer=32)
   c.train.update(batch_size=8, steps=20, log_every=5, ckpt_every=10)
   c.eval.update(num_pairs=32, batch_size=32)
   return c
