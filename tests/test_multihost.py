@@ -67,3 +67,28 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
   data_state = json.load(open(os.path.join(multi_dir, "checkpoints", "3", "data", "metadata")))
   assert data_state == json.load(open(os.path.join(single_dir, "checkpoints", "3", "data",
                                                    "metadata")))
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, tokenizer_dir, data_dir):
+  """Preemption of one host: JAX's preemption service agrees on one step, both hosts save it
+  together and exit 0."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir, port = str(tmp_path), _free_port()
+  long_run = {**STEPS, "train.steps": 10_000, "train.ckpt_every": 10_000}
+  procs = [train_worker.start(workdir, tokenizer_dir, data_dir, long_run,
+                              "--coordinator_address", f"127.0.0.1:{port}",
+                              "--num_processes", "2", "--process_id", str(i), env=_env(1))
+           for i in range(2)]
+  metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.monotonic() + 200
+  while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+      break
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # only the second host is told
+  outputs = train_worker.wait_all(procs, timeout=200)
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:]
+  stopped = [train_worker.result_of(out) for out in outputs]
+  k = stopped[0]["stopped_at"]
+  assert stopped[1]["stopped_at"] == k >= 3 and "SIGTERM" in stopped[0]["reason"]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(k)]
