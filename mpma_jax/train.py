@@ -130,9 +130,11 @@ def abstract_state(config, model, tx, mesh, rule_table):
   return abstract, shardings
 
 
-def create_train_state(config, model, tx, mesh, rule_table):
-  """Initialises the state directly into its shardings. Returns (state, state_shardings)."""
-  _, shardings = abstract_state(config, model, tx, mesh, rule_table)
+def create_train_state(config, model, tx, mesh, rule_table, shardings=None):
+  """Initialises the state directly into its shardings (computed here unless given, e.g. by
+  `abstract_state`). Returns (state, state_shardings)."""
+  if shardings is None:
+    _, shardings = abstract_state(config, model, tx, mesh, rule_table)
   init = jax.jit(lambda: nn.meta.unbox(_init_boxed(config, model, tx)()), out_shardings=shardings)
   return init(), shardings
 
@@ -241,10 +243,15 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_iterator.get_state())))
 
-  def restore(self, step: int, abstract_state: TrainState, data_iterator) -> TrainState:
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    data_iterator.set_state(restored["data"])
+  def restore(self, step: int, abstract_state: TrainState, data_iterator=None) -> TrainState:
+    """The state saved at `step`, laid out as `abstract_state` says; the data iterator (when
+    given) is set to continue where that step left off."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if data_iterator is not None:
+      data_iterator.set_state(restored["data"])
     return restored["state"]
 
   def close(self) -> None:
@@ -385,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     data_iter = iter(dataset)
     untrained_file = os.path.join(workdir, "eval_untrained.json")
     if latest is None:
-      state, _ = create_train_state(config, model, tx, mesh, rule_table)
+      state, _ = create_train_state(config, model, tx, mesh, rule_table, state_shardings)
       untrained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
       if jax.process_index() == 0:
         with open(untrained_file, "w") as f:

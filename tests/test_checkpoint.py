@@ -27,11 +27,7 @@ OVERRIDES = {"train.steps": 6, "train.ckpt_every": 2, "train.log_every": 1,
 
 
 def run_config(**extra):
-  c = tiny_config()
-  for key, value in {**OVERRIDES, **extra}.items():
-    section, field = key.split(".")
-    c[section][field] = value
-  return c
+  return train_worker.apply_overrides(tiny_config(), {**OVERRIDES, **extra})
 
 
 def restore_state(config, workdir, step, mesh_sizes=None):
@@ -43,8 +39,7 @@ def restore_state(config, workdir, step, mesh_sizes=None):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, _ = train.abstract_state(config, model, tx, mesh, rules)
     ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), config)
-    restored = ckpt.manager.restore(step, args=train.ocp.args.Composite(
-        state=train.ocp.args.StandardRestore(abstract)))["state"]
+    restored = ckpt.restore(step, abstract)
     ckpt.close()
   return restored
 

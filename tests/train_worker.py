@@ -27,6 +27,17 @@ def start(workdir, tokenizer_dir, data_dir, overrides: dict, *extra, env=None) -
                           text=True, env=env)
 
 
+def apply_overrides(config, overrides: dict):
+  """Sets {dotted.field: value} on the config; returns it."""
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    section = config
+    for part in sections:
+      section = section[part]
+    section[field] = value
+  return config
+
+
 def wait_all(procs: list, timeout: float) -> list[str]:
   """Outputs of the processes; on a timeout all are killed and the failure shows their output."""
   outputs = []
@@ -79,13 +90,7 @@ def main():
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
 
-  config = tiny_config()
-  for key, value in json.loads(args.overrides).items():
-    section, field = key.rsplit(".", 1)
-    config_section = config
-    for part in section.split("."):
-      config_section = config_section[part]
-    config_section[field] = value
+  config = apply_overrides(tiny_config(), json.loads(args.overrides))
 
   if args.kill_in_save_at:
     save = train.Checkpointer.save
