@@ -9,6 +9,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
+# XLA:CPU runs each device's independent thunks concurrently on one shared pool of
+# max(cores, devices) threads, and a collective blocks its thread until every participant
+# arrives. On a 2-core machine two or more collectives in flight per device used up all 8
+# threads and deadlocked (XLA aborts after 40 s). A larger pool leaves threads for the
+# participants still computing. Subprocesses (multi-host tests) inherit it.
+os.environ.setdefault("PJRT_NPROC", "32")
+
 from absl import flags  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import pytest

@@ -22,9 +22,11 @@ STEPS = {"train.steps": 3, "train.ckpt_every": 3, "train.log_every": 1,
          "eval.num_pairs": 16, "eval.batch_size": 16, "optim.eps": 1e-4}
 
 
-def _env(devices: int) -> dict:
+def _env(devices: int, multi_process: bool = False) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if multi_process:  # gloo: more pool threads = more collectives in flight, in any order
+    env.pop("PJRT_NPROC", None)
   return env
 
 
@@ -40,7 +42,8 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
   port = _free_port()
   multi = [train_worker.start(multi_dir, tokenizer_dir, data_dir, STEPS,
                               "--coordinator_address", f"127.0.0.1:{port}",
-                              "--num_processes", "2", "--process_id", str(i), env=_env(1))
+                              "--num_processes", "2", "--process_id", str(i),
+                              env=_env(1, multi_process=True))
            for i in range(2)]
   outputs = train_worker.wait_all([single, *multi], timeout=240)
   for p, out in zip([single, *multi], outputs):
@@ -78,7 +81,8 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, tokenizer_dir
   long_run = {**STEPS, "train.steps": 10_000, "train.ckpt_every": 10_000}
   procs = [train_worker.start(workdir, tokenizer_dir, data_dir, long_run,
                               "--coordinator_address", f"127.0.0.1:{port}",
-                              "--num_processes", "2", "--process_id", str(i), env=_env(1))
+                              "--num_processes", "2", "--process_id", str(i),
+                              env=_env(1, multi_process=True))
            for i in range(2)]
   metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.monotonic() + 200
   while time.monotonic() < deadline and all(p.poll() is None for p in procs):
