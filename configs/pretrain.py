@@ -81,6 +81,17 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config()
 
+  # Start from public PyTorch weights (local paths; README "PyTorch interop"). Applied in the order
+  # m3ae, image, text to a fresh model; parts not in a checkpoint keep their initialisation, and
+  # <workdir>/init_report.txt lists every imported, skipped and newly initialised tensor.
+  c.init = ml_collections.ConfigDict()
+  c.init.m3ae = ""  # M3AE Lightning .ckpt: encoders, fusion, poolers, MIM/MLM/ITM heads
+  c.init.image = ""  # Hugging Face CLIPVisionModel / CLIPModel directory (or weight file)
+  c.init.text = ""  # Hugging Face RoBERTa / BERT directory (+ its MLM head when present)
+  # Take model.image / model.text sizes from the checkpoints' config.json (not image.size: the
+  # position embedding is resized), and the tokenizer from init.text when data.tokenizer=builtin.
+  c.init.adapt_config = True
+
   c.masking = ml_collections.ConfigDict()  # paired masking, produced by the input pipeline
   c.masking.image_ratio = 0.75  # MAE ratio; static keep count
   c.masking.text_ratio = 0.15  # share of real words chosen for MLM

@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mpma_jax.data import pipeline
+from mpma_jax.interop import pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny",
                                           lock_config=True)
@@ -109,6 +110,8 @@ def main(argv):
   from mpma_jax import train  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
+  for change in pretrained.adapt_config(config):  # init.* checkpoints set the encoder sizes
+    print(f"config: {change}")
   data_dir = data_dir_for(config, workdir)
   pipeline.prepare(config, data_dir)  # a wrong dataset name or data_dir fails here, before any work
   tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)

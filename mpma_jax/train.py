@@ -28,6 +28,7 @@ from tensorboardX import SummaryWriter
 
 from mpma_jax import evaluate, flops, losses, masking, optim, sharding
 from mpma_jax.data import pipeline
+from mpma_jax.interop import pretrained
 from mpma_jax.models import gla
 from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.vit import normalize_images
@@ -106,9 +107,9 @@ def make_model(config: ml_collections.ConfigDict) -> MPMA:
 
 
 def init_params(config: ml_collections.ConfigDict, model: MPMA, rng) -> Any:
-  """Boxed (logically named) parameters."""
-  return model.init({"params": rng, "itm": rng}, dummy_batch(config, 2),
-                    with_itm=config.loss.itm > 0)["params"]
+  """Boxed (logically named) parameters of the whole model: the poolers and the ITM head are
+  created even when the ITM loss is off, so that every checkpoint can be fine-tuned or exported."""
+  return model.init({"params": rng, "itm": rng}, dummy_batch(config, 2), with_itm=True)["params"]
 
 
 def _init_boxed(config, model, tx):
@@ -137,6 +138,30 @@ def create_train_state(config, model, tx, mesh, rule_table, shardings=None):
     _, shardings = abstract_state(config, model, tx, mesh, rule_table)
   init = jax.jit(lambda: nn.meta.unbox(_init_boxed(config, model, tx)()), out_shardings=shardings)
   return init(), shardings
+
+
+def load_pretrained(config, state: TrainState, shardings: TrainState, tx, workdir: str,
+                    log=None) -> TrainState:
+  """The fresh state with the `init.*` checkpoints written into its parameters (placed in their
+  shardings; each process reads the files itself) and a matching fresh optimizer state. The import
+  reports go to <workdir>/init_report.txt."""
+  params, reports = pretrained.initialise(config, state.params)
+
+  def place(x, s):  # imported leaves are host arrays; untouched ones are still sharded arrays
+    if isinstance(x, jax.Array):
+      return x
+    x = np.asarray(x, np.float32)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  params = jax.tree.map(place, params, shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "init_report.txt"), "w") as f:
+      f.write("\n\n".join(r.summary() for r in reports) + "\n")
+  if log is not None:
+    for r in reports:
+      log.print(r.summary().splitlines()[0])
+  return state.replace(params=params, opt_state=opt_state)
 
 
 # --- train step -----------------------------------------------------------------------------------
@@ -393,6 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     untrained_file = os.path.join(workdir, "eval_untrained.json")
     if latest is None:
       state, _ = create_train_state(config, model, tx, mesh, rule_table, state_shardings)
+      if pretrained.requested(config):  # init.m3ae / init.image / init.text
+        state = load_pretrained(config, state, state_shardings, tx, workdir, log)
       untrained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
       if jax.process_index() == 0:
         with open(untrained_file, "w") as f:

@@ -1,0 +1,90 @@
+"""`init.*` config fields: start pre-training (or fine-tuning) from public PyTorch weights.
+
+  init.m3ae   an M3AE Lightning checkpoint (encoders, fusion, poolers, heads)  -> m3ae.py
+  init.image  a Hugging Face CLIP vision tower                                 -> hf_clip.py
+  init.text   a Hugging Face RoBERTa / BERT (+ MLM head)                       -> hf_text.py
+
+They are applied in that order to a freshly initialised model, so a later one overrides the part it
+covers. Parameters no checkpoint covers (the MA-CMF memory, GLA) keep their fresh values.
+"""
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from mpma_jax.interop.common import ImportReport
+
+# CLIP vision config.json field -> model.image field
+_CLIP_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers",
+                "num_attention_heads": "heads", "patch_size": "patch"}
+
+
+def requested(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.init.m3ae or config.init.image or config.init.text)
+
+
+def _clip_vision_config(path: str) -> dict | None:
+  config_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
+  if not config_file or not os.path.exists(config_file):
+    return None
+  with open(config_file) as f:
+    hf = json.load(f)
+  return hf.get("vision_config", hf)  # a CLIPModel nests the vision tower's config
+
+
+def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
+  """With init.adapt_config, sets the model sizes from the checkpoints (an M3AE checkpoint's tensor
+  shapes, the Hugging Face config.json files), and data.tokenizer from init.text when it is
+  'builtin'. Returns the changes, for the log."""
+  if not config.init.adapt_config:
+    return []
+  changes = []
+
+  def put(section, field, value, source):
+    if section[field] != value:
+      changes.append(f"{field} {section[field]!r} -> {value!r} (from {source})")
+      section[field] = value
+
+  if config.init.m3ae:  # sizes implied by the checkpoint's tensors (it has no config.json)
+    from mpma_jax.interop import common, m3ae  # pylint: disable=g-import-not-at-top
+    fields = m3ae.model_fields(common.load_state_dict(config.init.m3ae), config.init.m3ae)
+    for dotted, value in fields.items():
+      section, field = dotted.rsplit(".", 1) if "." in dotted else ("", dotted)
+      target = config.model[section] if section else config.model
+      if dotted == "image.mlp_dim":  # the ViT is sized by its MLP ratio
+        field, value = "mlp_ratio", value / fields["image.width"]
+      put(target, field, value, config.init.m3ae)
+  if config.init.image:
+    hf = _clip_vision_config(config.init.image)
+    if hf is not None:
+      for key, field in _CLIP_FIELDS.items():
+        put(config.model.image, field, hf[key], config.init.image)
+      put(config.model.image, "mlp_ratio", hf["intermediate_size"] / hf["hidden_size"],
+          config.init.image)
+  if config.init.text:
+    from mpma_jax.interop import hf_text  # pylint: disable=g-import-not-at-top
+    for field, value in hf_text.text_config_from_hf(config.init.text).items():
+      put(config.model.text, field, value, config.init.text)
+    if config.data.tokenizer == "builtin":
+      put(config.data, "tokenizer", config.init.text, "init.text")
+  return changes
+
+
+def initialise(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, list[ImportReport]]:
+  """params (the whole model's tree) with the `init.*` checkpoints written in, and one report per
+  checkpoint. Leaves that no checkpoint covers are returned as they came (e.g. sharded arrays)."""
+  reports = []
+  if config.init.m3ae:
+    from mpma_jax.interop import m3ae  # pylint: disable=g-import-not-at-top
+    params, report = m3ae.import_m3ae(config.init.m3ae, params, config.model)
+    reports.append(report)
+  if config.init.image:
+    from mpma_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
+    params, report = hf_clip.import_clip_vision(config.init.image, params, config.model.image)
+    reports.append(report)
+  if config.init.text:
+    from mpma_jax.interop import hf_text  # pylint: disable=g-import-not-at-top
+    params, report = hf_text.import_hf_text(config.init.text, params, config.model.text)
+    reports.append(report)
+  return params, reports
