@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_collections
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of mpma-pretrain.", required=True)
@@ -67,6 +67,7 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
   result = export(_WORKDIR.value, _OUT.value, _STEP.value)
   print(json.dumps(result))
 
