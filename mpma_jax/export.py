@@ -15,9 +15,6 @@ from typing import Any, Optional
 from absl import app, flags, logging
 import ml_collections
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of mpma-pretrain.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -68,11 +65,16 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
-  result = export(_WORKDIR.value, _OUT.value, _STEP.value)
+  result = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
   print(json.dumps(result))
 
 
 def run():
+  # Flags are defined here, not at import, so that the functions above can be imported next to
+  # mpma_jax.main (which defines --workdir too).
+  flags.DEFINE_string("workdir", None, "Run directory of mpma-pretrain.", required=True)
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   app.run(main)
 
 

@@ -185,3 +185,18 @@ def test_exported_mpma_module_matches_the_trained_jax_model(exported_run):
   assert np.abs(t_joint - np.asarray(joint)).max() <= TOL
   assert np.abs(t_logits - np.asarray(logits)).max() <= TOL
   assert json.load(open(os.path.join(out, "mpma", "config.json")))["hidden"] == config.model.hidden
+
+
+def test_export_command_line(exported_run, tmp_path):
+  """`mpma-export` (as `python -m mpma_jax.export`): the given step, one JSON line, clear errors."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  _, workdir, _, _, _, _ = exported_run
+  cmd = [sys.executable, "-m", "mpma_jax.export", "--workdir", workdir]
+  done = subprocess.run(cmd + ["--out", str(tmp_path / "e"), "--step", "2"], capture_output=True,
+                        text=True, check=True)
+  assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
+  assert sorted(os.listdir(tmp_path / "e")) == ["image_encoder", "mpma", "text_encoder"]
+  bad = subprocess.run(cmd + ["--out", str(tmp_path / "f"), "--step", "7"], capture_output=True,
+                       text=True)
+  assert bad.returncode != 0 and "no checkpoint for step 7" in bad.stderr
