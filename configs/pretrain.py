@@ -71,6 +71,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.mim.width = 384
   m.mim.depth = 4
   m.mim.heads = 6
+  m.mim.activation = "gelu"  # decoder MLP: gelu (MAE) | quick_gelu (M3AE's CLIP-block decoder)
+  m.mim.eps = 1e-6  # decoder LayerNorm epsilon (MAE 1e-6; M3AE 1e-5)
   m.mim.norm_pix = True  # per-patch normalised pixel targets
   return m
 

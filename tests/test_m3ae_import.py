@@ -259,6 +259,7 @@ def test_adapt_config_takes_the_sizes_from_the_checkpoint(ckpt):
       if field in ("layers", "heads", "mlp_ratio", "mlp_dim", "position_style", "pad_id",
                    "width", "patch"):
         assert other.model[section][field] == value, (section, field, changes)
+  assert (other.model.mim.activation, other.model.mim.eps) == ("quick_gelu", 1e-5)  # CLIP blocks
   fresh = _random_params(other, seed=2)
   imported, _ = pretrained.initialise(other, fresh)
   np.testing.assert_array_equal(imported["fusion"]["text_layer_0"]["mlp"]["fc1"]["kernel"],

@@ -29,7 +29,8 @@ CASES = {
         fusion=dict(dropout=0.1, attn_dropout=0.1), mim=dict(layer=2)),
     "every_layer-masked-roberta-mim1": dict(
         memory=dict(enabled=True, placement="every_text_layer", impl="masked"),
-        text=dict(position_style="roberta", pad_id=1), mim=dict(layer=1)),
+        text=dict(position_style="roberta", pad_id=1),
+        mim=dict(layer=1, activation="quick_gelu", eps=1e-5)),  # M3AE's decoder blocks
     "no_memory-bert-mim2-masked_gla": dict(
         memory=dict(enabled=False), text=dict(position_style="bert", pad_id=0),
         mim=dict(layer=2), gla=dict(features_from="masked")),

@@ -247,10 +247,12 @@ def _notes(c: Any, imported_heads: set[str]) -> list[str]:
   if "mlm_head" in imported_heads and c.text.eps != BERT_EPS:
     notes.append(f"M3AE's MLM head LayerNorm uses eps {BERT_EPS}; ours uses model.text.eps = "
                  f"{c.text.eps}")
-  if "mim_head" in imported_heads:
+  mim_act, mim_eps = c.mim.get("activation", "gelu"), c.mim.get("eps", 1e-6)
+  if "mim_head" in imported_heads and (mim_act, mim_eps) != ("quick_gelu", CLIP_EPS):
     notes.append("M3AE's MIM decoder blocks are CLIP blocks (QuickGELU, LayerNorm eps "
-                 f"{CLIP_EPS}, also in decoder_norm); ours use exact GELU and eps 1e-6, so the "
-                 "imported decoder does not compute M3AE's function exactly")
+                 f"{CLIP_EPS}, also in decoder_norm); ours use model.mim.activation = "
+                 f"{mim_act!r} and model.mim.eps = {mim_eps}, so the imported decoder does not "
+                 "compute M3AE's function exactly (set them to 'quick_gelu' and 1e-5)")
     if c.mim.layer != 3:
       notes.append(f"model.mim.layer is {c.mim.layer}; M3AE pre-trained its MIM decoder on the "
                    "image stream after 3 fusion layers (mim_layer=3), i.e. model.mim.layer=3")

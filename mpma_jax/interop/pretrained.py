@@ -55,6 +55,9 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
       if dotted == "image.mlp_dim":  # the ViT is sized by its MLP ratio
         field, value = "mlp_ratio", value / fields["image.width"]
       put(target, field, value, config.init.m3ae)
+    if "mim.width" in fields:  # M3AE's MIM decoder is built from CLIP blocks
+      put(config.model.mim, "activation", "quick_gelu", config.init.m3ae)
+      put(config.model.mim, "eps", 1e-5, config.init.m3ae)
   if config.init.image:
     hf = _clip_vision_config(config.init.image)
     if hf is not None:

@@ -362,8 +362,9 @@ class MIMDecoder(nn.Module):
     grid = int(round(math.sqrt(num_patches)))
     self.register_buffer("pos", torch.from_numpy(sincos_2d(grid, m.width)), persistent=False)
     for i in range(m.depth):
-      self.add_module(f"block_{i}", PreLNBlock(m.width, m.heads, int(m.width * 4.0), "gelu", 1e-6))
-    self.ln = nn.LayerNorm(m.width, eps=1e-6)
+      self.add_module(f"block_{i}", PreLNBlock(m.width, m.heads, int(m.width * 4.0),
+                                               m.get("activation", "gelu"), m.get("eps", 1e-6)))
+    self.ln = nn.LayerNorm(m.width, eps=m.get("eps", 1e-6))
     self.pred = nn.Linear(m.width, patch_pixels)
 
   def forward(self, x, restore):

@@ -33,6 +33,8 @@ class MIMDecoder(nn.Module):
   depth: int = 4
   heads: int = 6
   mlp_ratio: float = 4.0
+  activation: str = "gelu"  # of the blocks' MLP (layers.ACTIVATIONS)
+  eps: float = 1e-6  # LayerNorm epsilon
   dtype: layers.Dtype = jnp.float32
   remat: str = "none"  # rematerialisation policy of each block (layers.REMAT_POLICIES)
 
@@ -50,9 +52,9 @@ class MIMDecoder(nn.Module):
     x = x + jnp.asarray(sincos_2d(grid, self.width), self.dtype)
     block = layers.remat(layers.PreLNBlock, self.remat, deterministic_argnum=3)
     for i in range(self.depth):
-      x = block(self.heads, int(self.width * self.mlp_ratio), "gelu", eps=1e-6, dtype=self.dtype,
-                name=f"block_{i}")(x, None, deterministic)
-    x = layers.LayerNorm(1e-6, self.dtype, name="ln")(x)
+      x = block(self.heads, int(self.width * self.mlp_ratio), self.activation, eps=self.eps,
+                dtype=self.dtype, name=f"block_{i}")(x, None, deterministic)
+    x = layers.LayerNorm(self.eps, self.dtype, name="ln")(x)
     return layers.Dense(self.patch_pixels, ("embed", "patch"), self.dtype, name="pred")(x[:, 1:])
 
 

@@ -59,8 +59,10 @@ class MPMA(nn.Module):
     g = c.gla
     self.gla = GLAHeads(g.dim, g.temperature_init, g.temperature_min, dtype=dt)
     num_patches = (i.size // i.patch) ** 2
+    # (.get: configs saved before these fields existed)
     self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
-                                  c.mim.heads, dtype=dt, remat=c.remat)
+                                  c.mim.heads, activation=c.mim.get("activation", "gelu"),
+                                  eps=c.mim.get("eps", 1e-6), dtype=dt, remat=c.remat)
     self.mlm_head = MLMHead(t.vocab_size, t.eps, dtype=dt)
     self.itm_head = ITMHead(dt)
 
