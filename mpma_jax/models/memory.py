@@ -44,16 +44,12 @@ class Memory(nn.Module):
     v = proj("value", memory)  # [S, H, Dh]
     scores = jnp.einsum("blhd,shd->bhls", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
     # scores: [B, H, L, S]
-    # Sort-based selection, not lax.top_k: XLA's SPMD partitioner does not split top_k over the
-    # batch and gathers the whole [B, H, L, S] score tensor onto every device (9 MiB/example in
-    # the base config); a sort along S stays sharded. Ties resolve to the lower slot, as top_k.
+    top_scores, top_idx = jax.lax.top_k(scores, self.topk)  # [B, H, L, k]
     if self.impl == "masked":
-      kth = jnp.sort(scores, axis=-1)[..., -self.topk:][..., :1]  # [B, H, L, 1]
+      kth = top_scores[..., -1:]  # [B, H, L, 1]
       weights = jax.nn.softmax(jnp.where(scores >= kth, scores, -jnp.inf), axis=-1)
       out = jnp.einsum("bhls,shd->blhd", weights.astype(self.dtype), v)  # [B, L, H, Dh]
     elif self.impl == "gather":
-      top_idx = jnp.argsort(-scores, axis=-1, stable=True)[..., :self.topk]  # [B, H, L, k]
-      top_scores = jnp.take_along_axis(scores, top_idx, axis=-1)  # [B, H, L, k]
       weights = jax.nn.softmax(top_scores, axis=-1).astype(self.dtype)  # [B, H, L, k]
       v_heads = jnp.moveaxis(v, 1, 0)  # [H, S, Dh]
       picked = jax.vmap(lambda vh, idx: vh[idx], in_axes=(0, 1), out_axes=1)(v_heads, top_idx)

@@ -61,17 +61,3 @@ def test_slots_outside_the_topk_do_not_matter():
 def test_rejects_bad_topk():
   with pytest.raises(ValueError, match="topk"):
     Memory(4, 5, 1).init(jax.random.key(0), jnp.zeros((1, 2, WIDTH)))
-
-
-@pytest.mark.parametrize("impl", ["masked", "gather"])
-def test_topk_read_stays_split_over_the_batch(impl):
-  """With the batch split over 8 devices, the top-k read compiles without any all-gather (XLA's
-  lax.top_k gathered the whole [B, H, L, S] score tensor onto every device)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  mesh = jax.make_mesh((8,), ("data",))
-  module = Memory(slots=256, topk=8, heads=2, impl=impl)
-  x = jnp.ones((8, 16, 64))
-  params = module.init(jax.random.PRNGKey(0), x)
-  fn = jax.jit(module.apply,
-               in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
-  assert "all-gather" not in fn.lower(params, x).compile().as_text()
