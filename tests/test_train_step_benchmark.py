@@ -70,9 +70,11 @@ def test_one_step_updates_params_like_jax(one_step):
   diffs = {k: float(np.max(np.abs(torch_params[k] - v))) for k, v in jax_params.items()}
   worst = max(diffs, key=diffs.get)
   assert diffs[worst] <= PARAM_ATOL, (worst, diffs[worst])
-  # The step moved every trained parameter: the comparison is not of unchanged values.
+  # The step moved the parameters by far more than the tolerance (those it leaves alone get no
+  # gradient: zero-initialised biases of keys, the image stream's last layer, poolers, ITM head).
   moved = {k: float(np.max(np.abs(v - initial[k]))) for k, v in jax_params.items()}
-  assert min(moved.values()) > 1e-4, min(moved, key=moved.get)
+  assert np.median(list(moved.values())) > 30 * PARAM_ATOL
+  assert sum(m > 10 * PARAM_ATOL for m in moved.values()) >= 0.75 * len(moved)
   # Group learning rates: a non-encoder bias moves lr_mult times farther than an encoder one
   # (the first AdamW step is lr * g / (|g| + eps) ~ lr where |g| >> eps).
   enc = moved["text_encoder/layer_0/mlp/fc2/bias"]
@@ -107,7 +109,7 @@ def test_local_similarities_match_jax(chunk):
   text = np.asarray(gla.l2_normalize(jnp.asarray(normal(6, 7, 16))))  # [Bt, L, G]
   word_mask = (rng.random((6, 7)) < 0.6).astype(np.int32)
   word_mask[2] = 0  # a text without words scores 0
-  t = lambda x: torch.from_numpy(x)
+  t = lambda x: torch.from_numpy(np.array(x))
   want = gla.filip_similarity(image, text, word_mask, chunk)
   got = torch_reference.filip_similarity(t(image), t(text), t(word_mask), chunk)
   for w, g in zip(want, got):
