@@ -17,10 +17,10 @@ labelled with its phase and model part from the HLO metadata (op_name) of the co
   update      the rest of the step: gradient norm, AdamW, the non-finite guard
 
 Prints the top ops by self time (ms per step, % of the step's wall time), the same time summed per
-phase and part and per op kind (on the CPU `fusion:custom` are the YNNPACK matmul fusions,
-`fusion:loop` elementwise / reduction fusions), and the trace directory (open it in TensorBoard / Perfetto for the timeline). On a
-CPU ops may overlap (the runtime runs independent thunks concurrently), so the percentages can add
-up to more than 100%.
+phase and part, and per op kind (on the CPU `fusion:custom` are YNNPACK matmul fusions,
+`fusion:loop` elementwise / reduction fusions), and the trace directory (open it in TensorBoard or
+Perfetto for the timeline). On a CPU ops may overlap (the runtime runs independent thunks
+concurrently), so the percentages can add up to more than 100%.
 """
 import argparse
 import collections

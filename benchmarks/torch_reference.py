@@ -9,8 +9,9 @@
                  (encoders at optim.lr, the rest at lr * lr_mult; no weight decay on biases,
                  LayerNorm scales and temperatures), b1, b2, eps, the same warm-up + linear decay
                  schedule, and global-norm clipping when optim.grad_clip > 0.
-  not ported   = the JAX step's non-finite guard (a jnp.where over params and optimizer state;
-                 elementwise, negligible) and its data counters.
+  not ported   = the JAX step's non-finite guard (a jnp.where over parameters and optimizer
+                 state; ~6% of the small config's CPU step, docs/benchmarks.md) and its data
+                 counters.
 
 `random_batch` builds one batch in the input pipeline's format (random pixels and token ids, real
 MAE and BERT masks from mpma_jax.masking), shared by the JAX and PyTorch benchmarks.
@@ -171,7 +172,8 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
                               m.image.patch, m.mim.norm_pix)
   if w["global"]:
     image, text = out["image_gla"][:, 0].float(), out["text_gla"][:, 0].float()
-    metrics["global"] = symmetric_info_nce(*_both(image @ text.T / out["temperature_global"]))
+    logits = image @ text.T / out["temperature_global"]  # [B, B]
+    metrics["global"] = symmetric_info_nce(logits, logits.T)
   if w["local"]:
     image_local, text_local = out["image_gla"][:, 1:].float(), out["text_gla"].float()
     if m.gla.local == "filip":
@@ -186,10 +188,6 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
   total = sum(w[k] * metrics[k] for k in train.LOSS_NAMES if w[k])
   metrics["loss"] = total
   return total, metrics
-
-
-def _both(logits):
-  return logits, logits.T
 
 
 # --- optimizer (mpma_jax.optim) -------------------------------------------------------------------
@@ -245,7 +243,7 @@ def make_torch_step(config: ml_collections.ConfigDict, model: torch_mpma.MPMATor
   precision; parameters, gradients and optimizer state stay float32, the losses cast to float32).
   """
   model.train()
-  params = [p for p in model.parameters()]
+  params = list(model.parameters())
   for p in params:  # zero, not None: unused parameters still get weight decay, as in optax
     p.grad = torch.zeros_like(p)
   opt, sched = make_optimizer(config, model, optimizer)

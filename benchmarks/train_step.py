@@ -15,19 +15,22 @@ masks), on the same device.
 
 Timing: after --warmup steps of every variant, --rounds rounds each run every variant for
 steps / rounds steps in turn, so that a noisy, shared machine slows all of them alike; the figure
-is the median step time over all rounds. Also printed: analytic FLOPs per step (flops.py, model
-FLOPs = 3 x forward) next to XLA's cost_analysis() of the compiled step, TFLOP/s and MFU. The peak
-for MFU is flops.peak_flops on a GPU / TPU; on a CPU it is measured in the same run, as the TFLOP/s
-of a jitted [n, n] x [n, n] matmul in the compute dtype (--peak_size n), and PyTorch's torch.mm
-rate is printed beside it. Ends with a Markdown table and one JSON line.
+is the median step time over all rounds. The minimum is reported too, and the machine's runnable
+threads during the steps (more than the cores: the step shared the CPU with other work).
+
+Also printed: analytic FLOPs per step (flops.py, model FLOPs = 3 x forward) next to XLA's
+cost_analysis() of the compiled step, TFLOP/s and MFU. The peak for MFU is flops.peak_flops on a
+GPU / TPU; on a CPU it is measured in the same run, as the TFLOP/s of a jitted [n, n] x [n, n]
+matmul in the compute dtype (--peak_size n), with PyTorch's torch.mm rate beside it. Ends with a
+Markdown table and one JSON line.
 
 --set changes the config of every variant; --jax_variant adds a JAX row with its own overrides,
-timed in the same rounds (to try config choices: --jax_variant gather:model.memory.impl=gather).
-An override whose key starts with 'xla_' is an XLA compiler option of that JAX step instead
-(Lowered.compile(compiler_options=...)), e.g. --jax_variant noynn:xla_cpu_experimental_ynn_fusion_type=
-so that XLA options, too, are compared within one process. 'patch=NAME' (PATCHES) traces that
-variant with a proposed change to the model code (e.g. patch=topk_barrier+erf_gelu), to measure it
-before it is made in mpma_jax.
+timed in the same rounds (config choices: --jax_variant gather:model.memory.impl=gather). An
+override whose key starts with 'xla_' is an XLA compiler option of that JAX step instead
+(Lowered.compile(compiler_options=...)), so XLA options too are compared within one process:
+--jax_variant noynn:xla_cpu_experimental_ynn_fusion_type= (empty: no YNNPACK fusions).
+'patch=NAME' (see PATCHES) traces that variant with a proposed change to the model code
+(patch=topk_barrier+erf_gelu), to measure it before it is made in mpma_jax.
 """
 import argparse
 import ast
@@ -137,7 +140,7 @@ def compiler_options(overrides: list[str]) -> dict:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
   """'a.b.c=value' strings -> config fields (value parsed as a Python literal, else a string);
-  XLA options (keys starting with 'xla_') are skipped: see compiler_options."""
+  XLA options ('xla_...', see compiler_options) and 'patch=...' (see patches) are skipped."""
   for item in overrides:
     key, value = _parse(item)
     if key.startswith("xla_") or key == "patch":
@@ -176,10 +179,11 @@ def _cost_flops(compiled) -> Optional[float]:
 
 
 class JaxStep:
-  """The compiled JAX train step on one device, its state and one batch on that device."""
+  """The compiled JAX train step on one device, its state and one batch on that device;
+  xla_options: XLA compiler options for this compilation only."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict, device,
-               compiler_options: Optional[dict] = None):
+               xla_options: Optional[dict] = None):
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, [device])
     rules = sharding.rules(config.mesh)
@@ -191,7 +195,7 @@ class JaxStep:
       self.batch = sharding.global_batch(batch, self.mesh)
       step = train.make_train_step(config, model, tx, shardings, self.mesh)
       t = time.perf_counter()
-      self.compiled = step.lower(self.state, self.batch).compile(compiler_options or None)
+      self.compiled = step.lower(self.state, self.batch).compile(xla_options or None)
       self.compile_s = time.perf_counter() - t
     self.xla_flops = _cost_flops(self.compiled)
     self.metrics = None
@@ -255,10 +259,22 @@ def matmul_tflops(n: int, dtype: str, reps: int = 10) -> dict:
 
 
 # --- the benchmark --------------------------------------------------------------------------------
+def runnable_threads() -> Optional[int]:
+  """Threads running or waiting for a CPU on this machine now (ours included), from
+  /proc/loadavg; more than the cores means the step competed for them. None off Linux."""
+  try:
+    with open("/proc/loadavg") as f:
+      return int(f.read().split()[3].split("/")[0])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
 def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
-                  log: Callable[[str], None]) -> dict:
-  """{name: callable} -> {name: per-step seconds}; warm-up, then interleaved rounds."""
+                  log: Callable[[str], None], load: Optional[dict] = None) -> dict:
+  """{name: callable} -> {name: per-step seconds}; warm-up, then interleaved rounds. `load`, if
+  given, receives {name: [runnable threads sampled before each timed step]}."""
   times = {name: [] for name in variants}
+  samples = {name: [] for name in variants}
   for name, fn in variants.items():
     t = time.perf_counter()
     for _ in range(warmup):
@@ -268,11 +284,14 @@ def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
   for r in range(rounds):
     for name, fn in variants.items():
       for _ in range(per_round):
+        samples[name].append(runnable_threads())
         t = time.perf_counter()
         fn()
         times[name].append(time.perf_counter() - t)
     log(f"  round {r + 1}/{rounds}: " + ", ".join(
         f"{k} {statistics.median(v[-per_round:]):.3f}s" for k, v in times.items()))
+  if load is not None:
+    load.update(samples)
   return times
 
 
@@ -296,15 +315,17 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
   Returns the summary (also printed as one JSON line)."""
   device = jax.devices()[0]
   on_cpu = device.platform == "cpu"
-  torch_device = "cpu" if on_cpu else "cuda"
-  if not on_cpu and torch_device == "cuda" and not torch.cuda.is_available():
-    raise SystemExit("JAX runs on a GPU but this PyTorch has no CUDA: pass --no_torch")
+  torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(device.platform)
+  torch_variants = [] if args.no_torch else _torch_variants(args.torch, on_cpu)
+  if torch_variants and (torch_device is None or
+                         (torch_device == "cuda" and not torch.cuda.is_available())):
+    raise SystemExit(f"JAX runs on {device.platform} but PyTorch cannot run there (a CUDA build "
+                     "is needed on a GPU): pass --no_torch")
   if on_cpu:
     torch.set_num_threads(torch_reference.num_threads())
-  else:
+  elif torch_device == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's default float32 matmul precision
     torch.backends.cudnn.allow_tf32 = True
-  torch_variants = [] if args.no_torch else _torch_variants(args.torch, on_cpu)
 
   cpu_model = _cpu_model()
   log(f"config={config.variant} batch={args.batch} dtype={args.dtype} device={device.device_kind} "
@@ -357,7 +378,8 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
       meta[tname] = {"features_from": ff, "flops": step_flops, "impl": "torch",
                      "jax_name": name, "first_step_s": time.perf_counter() - t}
 
-  times = time_variants(variants, args.steps, args.warmup, args.rounds, log)
+  load = {}
+  times = time_variants(variants, args.steps, args.warmup, args.rounds, log, load)
   medians = {k: statistics.median(v) for k, v in times.items()}
   losses = {k: float(v.metrics["loss"]) for k, v in variants.items()}  # after equal step counts
   for name, t in medians.items():
@@ -368,9 +390,13 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
                  "mfu": tput.get("mfu"), "time_vs_jax": t / medians[m["jax_name"]],
                  "min_s": min(times[name]), "steps": len(times[name]),
                  "final_loss": losses[name], "overrides": m.get("overrides", []),
+                 "runnable_threads": _mean(load[name]),
                  **{k: m[k] for k in ("xla_flops", "compile_s", "first_step_s") if k in m}})
   rows.sort(key=lambda r: order.index(r["variant"]))
   log("final loss per variant: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+  if any(_mean(v) is not None for v in load.values()):
+    log(f"runnable threads during the timed steps (mean; {os.cpu_count()} cores; more = the "
+        "machine was shared): " + ", ".join(f"{k} {_mean(v):.1f}" for k, v in load.items()))
   log("\n" + markdown_table(rows) + "\n")
   summary = {"config": config.variant, "batch": args.batch, "dtype": args.dtype,
              "device": device.device_kind, "platform": device.platform, "cpu": cpu_model,
@@ -384,6 +410,11 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
     with open(args.json, "w") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _mean(values: list) -> Optional[float]:
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
 
 
 def jax_variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], str]]:
