@@ -7,8 +7,6 @@
 They are applied in that order to a freshly initialised model, so a later one overrides the part it
 covers. Parameters no checkpoint covers (the MA-CMF memory, GLA) keep their fresh values.
 """
-import json
-import os
 from typing import Any
 
 import ml_collections
@@ -22,15 +20,6 @@ _CLIP_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers",
 
 def requested(config: ml_collections.ConfigDict) -> bool:
   return bool(config.init.m3ae or config.init.image or config.init.text)
-
-
-def _clip_vision_config(path: str) -> dict | None:
-  config_file = os.path.join(path, "config.json") if os.path.isdir(path) else None
-  if not config_file or not os.path.exists(config_file):
-    return None
-  with open(config_file) as f:
-    hf = json.load(f)
-  return hf.get("vision_config", hf)  # a CLIPModel nests the vision tower's config
 
 
 def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
@@ -59,11 +48,12 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
       put(config.model.mim, "activation", "quick_gelu", config.init.m3ae)
       put(config.model.mim, "eps", 1e-5, config.init.m3ae)
   if config.init.image:
-    hf = _clip_vision_config(config.init.image)
+    from mpma_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
+    hf = hf_clip.hf_vision_config(config.init.image)
     if hf is not None:
       for key, field in _CLIP_FIELDS.items():
-        put(config.model.image, field, hf[key], config.init.image)
-      put(config.model.image, "mlp_ratio", hf["intermediate_size"] / hf["hidden_size"],
+        put(config.model.image, field, getattr(hf, key), config.init.image)
+      put(config.model.image, "mlp_ratio", hf.intermediate_size / hf.hidden_size,
           config.init.image)
   if config.init.text:
     from mpma_jax.interop import hf_text  # pylint: disable=g-import-not-at-top
