@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpma_jax import metrics
+
 IGNORE = -100  # label at positions the MLM loss skips
 
 
@@ -107,16 +109,10 @@ def retrieval_recall(sim, ks=(1, 5, 10)) -> dict:
   """sim [N, N], row i's positive in column i -> {"i2t_r1": ..., "t2i_r1": ...} as floats in [0, 1].
 
   A candidate that ties with the positive counts as ranked above it (pessimistic), so a constant
-  similarity matrix scores as badly as possible rather than perfectly.
+  similarity matrix scores as badly as possible rather than perfectly. See metrics.recall_at_k
+  (several captions per image).
   """
-  sim = np.asarray(jax.device_get(sim)).astype(np.float32)
+  sim = np.asarray(jax.device_get(sim))
   if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
     raise ValueError(f"retrieval_recall needs a square similarity matrix, got {sim.shape}")
-  out = {}
-  for name, s in (("i2t", sim), ("t2i", sim.T)):
-    ahead = s >= np.diagonal(s)[:, None]  # [N, N]: candidates scoring at least the positive
-    np.fill_diagonal(ahead, False)
-    rank = ahead.sum(axis=1)  # [N], 0 = the positive is first
-    for k in ks:
-      out[f"{name}_r{k}"] = float(np.mean(rank < k))
-  return out
+  return metrics.recall_at_k(sim, ks)
