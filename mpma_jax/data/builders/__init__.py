@@ -5,6 +5,9 @@ import importlib
 # (or a (dotted module path, class name) pair) here or in your launcher.
 BUILDERS = {
     "synthetic": ("synthetic", "Synthetic"),
+    "synthetic_vqa": ("synthetic_downstream", "SyntheticVqa"),
+    "synthetic_cls": ("synthetic_downstream", "SyntheticCls"),
+    "synthetic_chest": ("synthetic_downstream", "SyntheticChest"),
     "roco": ("roco", "Roco"),
     "rocov2": ("roco", "Rocov2"),
     "roco_retrieval": ("roco", "RocoRetrieval"),
