@@ -51,11 +51,8 @@ import ml_collections
 import numpy as np
 import torch
 
-# Run as a script, benchmarks/ would come first on sys.path and this directory's profile.py would
-# shadow the standard library's `profile` (which PyTorch imports): keep the repository root only.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))  # for configs/ and benchmarks.*
+# Run as a script: the repository root on sys.path, for configs/ and benchmarks.*
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference

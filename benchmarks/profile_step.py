@@ -1,6 +1,6 @@
 """Where the JAX pre-training step spends its time: a profiler trace of a few steps, top ops.
 
-  python benchmarks/profile.py --config tiny --batch 32 [--steps 5] [--top 25]
+  python benchmarks/profile_step.py --config tiny --batch 32 [--steps 5] [--top 25]
       [--dtype float32|bfloat16] [--features_from clean|masked] [--set key=value ...]
       [--trace_dir DIR]
 
@@ -33,11 +33,8 @@ import time
 
 import jax
 
-# Run as a script, benchmarks/ would come first on sys.path and this directory's profile.py would
-# shadow the standard library's `profile` (which PyTorch imports): keep the repository root only.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))  # for configs/ and benchmarks.*
+# Run as a script: the repository root on sys.path, for configs/ and benchmarks.*
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference, train_step
