@@ -30,7 +30,7 @@ def _quiet() -> None:
 def build(name: str, manual_dir: str, data_dir: str) -> dict:
   """Builds NAME; returns {"dataset", "data_dir", "splits": {split: {"written", "skipped"}}}."""
   cls = builders.get(name)
-  if name != "synthetic" and not os.path.isdir(manual_dir):
+  if not cls.GENERATED and not os.path.isdir(manual_dir):
     raise base.ManualDirError(
         f"{name}: --manual_dir {manual_dir!r} is not a directory. Expected layout:\n{cls.LAYOUT}")
   with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress lines on stdout

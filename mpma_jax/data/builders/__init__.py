@@ -1,5 +1,6 @@
 """One TFDS builder per dataset (ArrayRecord output), looked up by the short names of `mpma-data`."""
 import importlib
+import re
 
 # short name -> (module, class), modules imported on demand. Your own dataset: add its builder class
 # (or a (dotted module path, class name) pair) here or in your launcher.
@@ -34,8 +35,23 @@ def get(name: str):
 
 
 def builder(name: str, data_dir: str, **kwargs):
-  """An instance of the named builder reading/writing under data_dir."""
-  return get(name)(data_dir=data_dir, **kwargs)
+  """An instance of the named builder reading/writing under data_dir. 'name/config' selects a
+  builder config; generated sets accept any 'n<train>_e<eval>_s<size>_seed<seed>'."""
+  name, _, config_name = name.partition("/")
+  cls = get(name)
+  if config_name:
+    kwargs["config"] = _config(cls, config_name)
+  return cls(data_dir=data_dir, **kwargs)
+
+
+def _config(cls, config_name: str):
+  if config_name in {c.name for c in cls.BUILDER_CONFIGS}:
+    return config_name
+  match = re.fullmatch(r"n(\d+)_e(\d+)_s(\d+)_seed(\d+)", config_name)
+  if not cls.GENERATED or not match:
+    raise ValueError(f"{cls.__name__} has no config {config_name!r}; it has "
+                     f"{[c.name for c in cls.BUILDER_CONFIGS]}")
+  return importlib.import_module(cls.__module__).config_for(*map(int, match.groups()))
 
 
 def build(name: str, manual_dir: str, data_dir: str, **kwargs):

@@ -24,6 +24,7 @@ def config_for(num_train: int, num_eval: int, image_size: int, seed: int) -> Syn
 
 class Synthetic(base.Builder):
   """Rendered radiology-like images with reports that describe them (no manual_dir needed)."""
+  GENERATED = True
   TASK = "pretrain"
   BUILDER_CONFIGS = [config_for(20_000, 1_000, 64, 0)]
   LAYOUT = "  (none: the set is generated; --manual_dir is ignored)"

@@ -40,6 +40,7 @@ def config_for(num_train: int, num_eval: int, image_size: int, seed: int) -> Dow
 
 class _Generated(base.Builder):
   """Shared by the three sets: no manual_dir; subclasses turn (split, index, case) into examples."""
+  GENERATED = True
   BUILDER_CONFIGS = [config_for(1_000, 200, 64, 0)]
   LAYOUT = "  (none: the set is generated; --manual_dir is ignored)"
 

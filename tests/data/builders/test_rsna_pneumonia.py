@@ -119,8 +119,8 @@ def test_real_chest_radiograph_goes_through_build_and_pipeline(tmp_path):
   """The real PA chest radiograph of pydicom-data (MONOCHROME1, 1955 x 1841, 15-bit) as three RSNA
   patients: built, then batched by the downstream pipeline at 288 px."""
   from pydicom.data import get_testdata_file
-  from mpma_jax.data import pipeline, synthetic, tokenizer as tokenizers
-  from tests.conftest import tiny_config
+  import ml_collections
+  from mpma_jax.data import downstream, synthetic, tokenizer as tokenizers
   real = open(get_testdata_file("RG1_UNCI.dcm"), "rb").read()
   manual = tmp_path / "rsna"
   (manual / "stage_2_train_images").mkdir(parents=True)
@@ -132,10 +132,13 @@ def test_real_chest_radiograph_goes_through_build_and_pipeline(tmp_path):
   b, report = builders.build("rsna_pneumonia", str(manual), data_dir)
   assert {s: r["written"] for s, r in report.items()} == {"train": 1, "validation": 1, "test": 1}
   tokenizers.train_wordpiece(synthetic.report_corpus(50), 256, str(tmp_path / "tok"))
-  config = tiny_config()
-  config.model.image.size = 288
-  (batch,) = list(pipeline.downstream_dataset(config, "rsna_pneumonia", data_dir, "train",
-                                              str(tmp_path / "tok"), 4, train=False))
+  config = ml_collections.ConfigDict({"eval": {"batch_size": 4},
+                                      "data": {"read_threads": 0, "read_buffer": 4}})
+  decode = downstream.Decode("image_classification", str(tmp_path / "tok"), 288, 8,
+                             class_names=b.info.metadata["class_names"], labels=["pneumonia"])
+  (batch,) = list(downstream.eval_batches(config, b, "train", np.arange(1), decode))
+  assert batch["valid"].tolist() == [1, 0, 0, 0]  # one record, padded to the batch size
+  assert batch["targets"][0, 0] == b.as_data_source("train")[0]["labels"][1]
   image = batch["image"][0]  # [288, 288, 3]
   assert image.shape == (288, 288, 3) and image.dtype == np.uint8 and batch["valid"][0] == 1
   assert np.array_equal(image, images.load(real, 288))

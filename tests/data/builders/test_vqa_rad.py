@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -81,23 +82,24 @@ def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
 
 @needs_real
 def test_real_vqa_rad_through_the_downstream_pipeline(real_built, tmp_path):
-  from mpma_jax.data import pipeline, tokenizer as tokenizers
-  from tests.conftest import tiny_config
+  from mpma_jax.data import downstream, tokenizer as tokenizers
   b, _, data_dir = real_built
-  vocab = pipeline.answer_vocab(b, "prior")
-  clean = pipeline.answer_vocab(b, "clean")
+  vocab = downstream.answer_vocab(b, ["train", "test"])
+  clean = downstream.answer_vocab(b, ["train"])
   assert len(vocab) == 498 and set(clean) < set(vocab)
   questions = [b.as_data_source("train")[i]["question"].decode() for i in range(200)]
   tokenizers.train_wordpiece(questions, 512, str(tmp_path / "tok"))
-  config = tiny_config()
-  ds = pipeline.downstream_dataset(config, "vqa_rad", data_dir, "test",
-                                   str(tmp_path / "tok"), 200, train=False, vocab=vocab)
-  batches = list(ds)
-  assert [len(x["answer"]) for x in batches] == [200, 200, 51]  # every test question, once
-  answers = np.concatenate([x["answer"] for x in batches])
-  closed = np.concatenate([x["closed"] for x in batches])
-  assert np.all(answers >= 0) and closed.sum() == 272  # prior vocab covers every test answer
-  assert all(x["valid"].all() for x in batches)
+  config = ml_collections.ConfigDict({"eval": {"batch_size": 200},
+                                      "data": {"read_threads": 4, "read_buffer": 64}})
+  decode = downstream.Decode("vqa", str(tmp_path / "tok"), 32, 32, vocab)
+  test = np.arange(len(b.as_data_source("test")))
+  batches = list(downstream.eval_batches(config, b, "test", test, decode))
+  assert len(batches) == 3  # every test question, once; the last batch padded
+  valid = np.concatenate([x["valid"] for x in batches])
+  assert valid.sum() == 451 and np.all(valid[:451] == 1) and np.all(valid[451:] == 0)
+  accepted = np.concatenate([x["accepted"] for x in batches])[:451]
+  closed = np.concatenate([x["closed"] for x in batches])[:451]
+  assert np.all(accepted.sum(1) == 1) and closed.sum() == 272  # prior vocab covers every answer
+  answers = accepted.argmax(1)
   first = b.as_data_source("test")[0]
-  assert vocab[answers[0]] == text.normalize_answer(first["answer"])
   assert batches[0]["image"].shape == (200, 32, 32, 3)

@@ -1,0 +1,462 @@
+"""`mpma-finetune --config configs/finetune/<task>.py --init RUN_OR_CKPT --workdir DIR`
+
+Fine-tunes a pre-trained MPMA on a downstream task (method.md §6) and tests it, under each protocol
+in `config.protocols` (data/downstream.py: `prior` as in M3AE-style work, `clean` without peeking at
+test). Read top to bottom: loading the pre-trained run -> the optimizer (M3AE's groups) -> losses
+-> the jit-compiled train and predict steps (sharded like pre-training: `config.mesh`) -> `score`
+(the task's metrics on one split) -> `run_protocol` (train, select on validation every epoch,
+test once) -> `finetune` (all protocols, results.json).
+
+A run writes <workdir>/config.json, and per protocol <workdir>/<protocol>/: checkpoints/<epoch>/
+(Orbax, the best by validation kept), plan.json (which records trained / selected / tested, and the
+notes), vocab.json (VQA), results.json (validation history, test metrics, the majority baseline),
+plus tb/ and metrics.jsonl.
+"""
+import functools
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from mpma_jax import losses, metrics, sharding
+from mpma_jax.data import downstream
+from mpma_jax.data import tokenizer as tokenizers
+from mpma_jax.models import vit
+from mpma_jax.models.heads import Downstream
+
+SELECT_METRIC = {"vqa": "overall", "classification": "accuracy", "image_classification": "mean",
+                 "retrieval": "rsum"}
+
+
+# --- the pre-trained run --------------------------------------------------------------------------
+def resolve_init(path: str) -> tuple[str, Optional[int]]:
+  """A pre-training run directory (its latest checkpoint) or one checkpoint directory
+  RUN/checkpoints/<step> -> (run directory, step or None)."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path, None
+  parent = os.path.dirname(path)
+  if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
+    return os.path.dirname(parent), int(os.path.basename(path))
+  raise FileNotFoundError(f"--init {path!r} is neither an mpma-pretrain run directory (with "
+                          "config.json) nor a checkpoint directory RUN/checkpoints/<step>")
+
+
+def load_init(path: str) -> tuple[ml_collections.ConfigDict, Any, int, str]:
+  """(pre-training config, its parameters as host arrays, step, tokenizer directory)."""
+  from mpma_jax import export  # pylint: disable=g-import-not-at-top
+  run_dir, step = resolve_init(path)
+  config = export.run_config(run_dir)
+  params, step = export.restore_params(run_dir, step)
+  tokenizer_dir = os.path.join(run_dir, "tokenizer")
+  if not os.path.isdir(tokenizer_dir):
+    raise FileNotFoundError(f"{tokenizer_dir} is missing: the run's tokenizer is needed to encode "
+                            "the downstream texts with the ids the model was trained on")
+  return config, params, step, tokenizer_dir
+
+
+def model_config(config: ml_collections.ConfigDict, pre_model: ml_collections.ConfigDict):
+  """The pre-training model config with the fine-tuning overrides (image size, dtype, remat)."""
+  m = ml_collections.ConfigDict(pre_model.to_dict())
+  if config.image_size:
+    m.image.size = config.image_size
+  if config.model_dtype:
+    m.dtype = config.model_dtype
+  if config.remat:
+    m.remat = config.remat
+  if m.image.size % m.image.patch:
+    raise ValueError(f"image_size={m.image.size} is not a multiple of the patch size "
+                     f"{m.image.patch}")
+  return m
+
+
+def transfer(fresh: Any, pretrained: Any, model: ml_collections.ConfigDict) -> tuple[Any, list]:
+  """Every leaf of fresh['mpma'] taken from the pre-trained parameters (the image position
+  embedding resized to model.image.size); the head keeps its initialisation. Returns (params as
+  host arrays, notes)."""
+  flat_new = {k: v for k, v in _flatten(fresh["mpma"]).items()}
+  flat_old = _flatten(pretrained)
+  notes, out = [], {}
+  for key, value in flat_new.items():
+    if key not in flat_old:
+      raise KeyError(f"the pre-trained checkpoint has no parameter {'/'.join(key)} (shape "
+                     f"{value.shape}); was it written by an older mpma-jax?")
+    old = np.asarray(flat_old[key], np.float32)
+    if key[-2:] == ("image_encoder", "position_embedding") and old.shape != value.shape:
+      old = np.asarray(vit.resize_pos_embed(old, model.image.size // model.image.patch))
+      notes.append(f"{'/'.join(key)} resized from {flat_old[key].shape} to {old.shape}")
+    if old.shape != value.shape:
+      raise ValueError(f"parameter {'/'.join(key)}: checkpoint shape {old.shape}, model shape "
+                       f"{value.shape}")
+    out[key] = old
+  return {**fresh, "mpma": _unflatten(out)}, notes
+
+
+def _flatten(tree, prefix=()) -> dict:
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, prefix + (str(k),)))
+    return out
+  return {prefix: tree}
+
+
+def _unflatten(flat: dict) -> dict:
+  out = {}
+  for key, value in flat.items():
+    node = out
+    for k in key[:-1]:
+      node = node.setdefault(k, {})
+    node[key[-1]] = value
+  return out
+
+
+# --- optimizer ------------------------------------------------------------------------------------
+def param_groups(params: Any, config: ml_collections.ConfigDict) -> Any:
+  """'head' (new task head), 'encoder' (config.optim.encoder_modules) or 'fusion' (every other
+  pre-trained module: projections, memory, co-attention, poolers, GLA) per leaf; with
+  linear_probe everything but the head is 'frozen'."""
+  encoders = set(config.optim.encoder_modules)
+
+  def group(path, _):
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names[0] == "head":
+      return "head"
+    if config.linear_probe:
+      return "frozen"
+    return "encoder" if names[1] in encoders else "fusion"
+  return jax.tree_util.tree_map_with_path(group, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+  """AdamW at optim.lr for the encoders, x fusion_mult for the rest of the pre-trained model, x
+  head_mult for the head [M3AE]; linear warm-up over optim.warmup of the steps, linear decay."""
+  from mpma_jax import optim  # pylint: disable=g-import-not-at-top
+  o = config.optim
+  warmup = int(round(o.warmup * steps))
+
+  def adamw(peak):
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                     optax.linear_schedule(peak, 0.0, max(steps - warmup, 1))],
+                                    [warmup])
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=optim.decay_mask)
+
+  tx = optax.multi_transform(
+      {"encoder": adamw(o.lr), "fusion": adamw(o.lr * o.fusion_mult),
+       "head": adamw(o.lr * o.head_mult), "frozen": optax.set_to_zero()},
+      lambda params: param_groups(params, config))
+  if o.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx
+
+
+# --- losses ---------------------------------------------------------------------------------------
+def task_loss(task: str, out, batch) -> jax.Array:
+  """Mean loss over the valid rows of the batch (float32).
+
+  vqa: binary cross-entropy against the accepted answers, summed over answers [M3AE];
+  classification: cross-entropy; image_classification: binary cross-entropy over the scored
+  labels; retrieval: symmetric InfoNCE of the GLA global embeddings over the batch.
+  """
+  valid = batch["valid"].astype(jnp.float32)  # [B]
+  if task == "vqa":
+    bce = optax.sigmoid_binary_cross_entropy(out, batch["accepted"]).sum(-1)  # [B]
+    return (bce * valid).sum() / jnp.maximum(valid.sum(), 1)
+  if task == "classification":
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.maximum(batch["label"], 0))
+    return (ce * valid).sum() / jnp.maximum(valid.sum(), 1)
+  if task == "image_classification":
+    mask = batch["target_mask"] * valid[:, None]  # [B, C]
+    bce = optax.sigmoid_binary_cross_entropy(out, batch["targets"])
+    return (bce * mask).sum() / jnp.maximum(mask.sum(), 1)
+  return losses.global_alignment_loss(out["image"], out["text"], out["temperature"])
+
+
+# --- steps ----------------------------------------------------------------------------------------
+def build_model(config, model_cfg, num_outputs: int) -> Downstream:
+  return Downstream(ml_collections.FrozenConfigDict(model_cfg), config.task, num_outputs,
+                    config.linear_probe)
+
+
+def dummy_batch(config, model_cfg, num_outputs: int, batch_size: int = 2) -> dict:
+  s, length = model_cfg.image.size, config.data.max_len
+  batch = {"image": np.zeros((batch_size, s, s, 3), np.uint8),
+           "text_ids": np.zeros((batch_size, length), np.int32),
+           "text_mask": np.ones((batch_size, length), np.int32),
+           "valid": np.ones((batch_size,), np.int32)}
+  if config.task == "vqa":
+    batch.update(accepted=np.zeros((batch_size, num_outputs), np.float32),
+                 closed=np.zeros((batch_size,), np.int32))
+  elif config.task == "classification":
+    batch["label"] = np.zeros((batch_size,), np.int32)
+  elif config.task == "image_classification":
+    batch.update(targets=np.zeros((batch_size, num_outputs), np.float32),
+                 target_mask=np.ones((batch_size, num_outputs), np.float32))
+  return batch
+
+
+def init_state(config, model: Downstream, model_cfg, num_outputs, pretrained, tx, mesh, rules):
+  """(params, opt_state, shardings of both, notes): the head freshly initialised, the rest from
+  the pre-trained parameters, placed directly in their shardings."""
+  batch = dummy_batch(config, model_cfg, num_outputs)
+  init = lambda: model.init(jax.random.key(config.seed), batch, method=Downstream.init_all)["params"]
+  boxed = jax.eval_shape(init)
+  param_sh = sharding.logical_shardings(boxed, mesh, rules)
+  fresh = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=param_sh)()
+  host, notes = transfer(jax.device_get(fresh), pretrained, model_cfg)
+
+  def place(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  params = jax.tree.map(place, host, param_sh)
+  opt_state = jax.jit(tx.init)(params)  # moments laid out like the parameters
+  return params, opt_state, param_sh, notes
+
+
+def make_train_step(config, model: Downstream, tx, param_sh, mesh):
+  """jit (params, opt_state, batch, step) -> (params, opt_state, loss)."""
+  def step_fn(params, opt_state, batch, step):
+    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+
+    def loss_fn(p):
+      out = model.apply({"params": p}, batch, deterministic=False, rngs={"dropout": rng})
+      return task_loss(config.task, out, batch)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step_fn, in_shardings=(param_sh, None, sharding.batch_sharding(mesh), None),
+                 out_shardings=(param_sh, None, None), donate_argnums=(0, 1))
+
+
+def make_predict(model: Downstream, mesh):
+  """jit (params, batch) -> the model's outputs, replicated (every host reads all of them)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda params, batch: model.apply({"params": params}, batch),
+                 out_shardings=replicated)
+
+
+def device_batch(batch: dict, mesh) -> dict:
+  """A full batch that every host holds -> global arrays split over the batch axes."""
+  s = sharding.batch_sharding(mesh)
+  return {k: jax.device_put(np.asarray(v), s) for k, v in batch.items()}
+
+
+# --- scoring --------------------------------------------------------------------------------------
+def predict_split(config, predict, params, batches, mesh) -> dict:
+  """Runs the model over eval batches; returns the valid rows' outputs and targets as numpy."""
+  keep = ("valid", "accepted", "closed", "label", "targets", "target_mask", "index")
+  rows: dict[str, list] = {}
+  for batch in batches:
+    out = jax.device_get(predict(params, device_batch(batch, mesh)))
+    valid = batch["valid"].astype(bool)
+    if isinstance(out, dict):
+      for k in ("image", "text"):
+        rows.setdefault(f"emb_{k}", []).append(np.asarray(out[k])[valid])
+    else:
+      rows.setdefault("out", []).append(np.asarray(out)[valid])
+    for k in keep:
+      if k in batch:
+        rows.setdefault(k, []).append(batch[k][valid])
+  return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def score(task: str, p: dict, class_names=()) -> dict:
+  """The task's metrics from `predict_split`'s output (fractions in [0, 1])."""
+  if task == "vqa":
+    return metrics.vqa_accuracy(p["out"].argmax(-1), p["accepted"], p["closed"].astype(bool))
+  if task == "classification":
+    return {"accuracy": metrics.accuracy(p["out"].argmax(-1), p["label"]), "n": len(p["label"])}
+  if task == "image_classification":
+    labels = np.where(p["target_mask"] > 0, p["targets"], np.nan)
+    return {**metrics.mean_auc(p["out"], labels, list(class_names)), "n": len(labels)}
+  recall = metrics.recall_at_k(p["emb_image"] @ p["emb_text"].T)
+  return {**recall, "rsum": float(sum(recall.values())), "n": len(p["emb_image"])}
+
+
+def majority_baseline(builder, plan: downstream.Plan, test: dict) -> dict:
+  """VQA accuracy of answering every question with the most frequent training answer of its type
+  (closed / open), measured on the same test rows as the model."""
+  vocab = {a: i for i, a in enumerate(plan.vocab)}
+  source = builder.as_data_source("train")
+  answers, closed = [], []
+  for i in plan.train[1]:
+    record = source[int(i)]
+    first = [vocab[a] for a in downstream.accepted_answers(record["answer"]) if a in vocab]
+    answers.append(first[0] if first else -1)
+    closed.append(downstream._str(record["answer_type"]) == "closed")  # pylint: disable=protected-access
+  pred = metrics.majority_answers(np.array(answers), np.array(closed), test["closed"].astype(bool))
+  return metrics.vqa_accuracy(pred, test["accepted"], test["closed"].astype(bool))
+
+
+# --- one protocol ---------------------------------------------------------------------------------
+def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: str, workdir: str,
+                 log_print=print) -> dict:
+  """Trains under one protocol, keeps the best checkpoint by validation, tests it once."""
+  from mpma_jax import train  # pylint: disable=g-import-not-at-top  (Logger)
+  os.makedirs(workdir, exist_ok=True)
+  builder = downstream.open_builder(config.dataset, config.data_dir)
+  plan = downstream.plan(builder, config, protocol)
+  source = {role: builder if name == config.dataset else
+            downstream.open_builder(name, config.data_dir) for role, name in plan.datasets.items()}
+  class_names = list(builder.info.metadata.get("class_names", ()))
+  num_outputs = {"vqa": len(plan.vocab), "classification": len(class_names),
+                 "image_classification": len(config.data.labels), "retrieval": 0}[config.task]
+  model_cfg = model_config(config, pre_config.model)
+  decode = downstream.decoder(config, builder, tokenizer_dir, model_cfg.image.size, plan.vocab)
+  train_split, train_idx = plan.train
+  batch_size = config.train.batch_size
+  if config.train.epochs and len(train_idx) < batch_size:
+    raise ValueError(f"{len(train_idx)} training records < train.batch_size={batch_size}")
+  steps_per_epoch = len(train_idx) // batch_size
+  total_steps = max(config.train.epochs * steps_per_epoch, 1)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "plan.json"), "w") as f:
+      json.dump({"protocol": protocol, "notes": plan.notes,
+                 **{role: {"split": s, "num": len(i), "indices": i.tolist()}
+                    for role, (s, i) in (("train", plan.train), ("select", plan.select),
+                                         ("test", plan.test))}}, f)
+    if plan.vocab:
+      with open(os.path.join(workdir, "vocab.json"), "w") as f:
+        json.dump(plan.vocab, f)
+  for note in plan.notes:
+    log_print(f"[{protocol}] {note}")
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.mesh)
+  model = build_model(config, model_cfg, num_outputs)
+  tx = make_optimizer(config, total_steps)
+  log = train.Logger(workdir)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params, opt_state, param_sh, notes = init_state(config, model, model_cfg, num_outputs,
+                                                    pretrained, tx, mesh, rules)
+    for note in notes:
+      log_print(f"[{protocol}] {note}")
+    train_step = make_train_step(config, model, tx, param_sh, mesh)
+    predict = make_predict(model, mesh)
+    select_metric = SELECT_METRIC[config.task]
+    scored = config.data.labels or class_names
+
+    def evaluate(params, split, indices):
+      batches = downstream.eval_batches(config, source["select"], split, indices, decode)
+      return score(config.task, predict_split(config, predict, params, batches, mesh), scored)
+
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m[select_metric], best_mode="max",
+            enable_async_checkpointing=False))
+    history = []
+    if config.train.epochs == 0:  # zero-shot: the pre-trained model as it is
+      manager.save(0, args=ocp.args.StandardSave(params), metrics={select_metric: 0.0})
+    data = (downstream.train_dataset(config, source["train"], train_idx, decode,
+                                     jax.process_index(), jax.process_count())
+            if config.train.epochs else None)
+    step = 0
+    for epoch in range(1, config.train.epochs + 1):
+      running = []
+      for _ in range(steps_per_epoch):
+        batch = sharding.global_batch(next(data), mesh)
+        params, opt_state, loss = train_step(params, opt_state, batch, step)
+        running.append(loss)
+        step += 1
+        if step % config.train.log_every == 0:
+          log.scalars(step, {"loss": float(np.mean(jax.device_get(running[-config.train.log_every:])))})
+      val = evaluate(params, *plan.select)
+      history.append({"epoch": epoch, "step": step, "loss": float(np.mean(jax.device_get(running))),
+                      **{k: v for k, v in val.items() if isinstance(v, float)}})
+      log.scalars(step, {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
+                  prefix="select")
+      log_print(f"[{protocol}] epoch {epoch}/{config.train.epochs} loss {history[-1]['loss']:.4f} "
+                f"{select_metric} on {plan.select[0]} {val[select_metric]:.4f}")
+      manager.save(epoch, args=ocp.args.StandardSave(params), metrics={select_metric: val[select_metric]})
+    best = manager.best_step()
+    manager.wait_until_finished()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          params)
+    params = manager.restore(best, args=ocp.args.StandardRestore(target))
+    manager.close()
+    test_rows = predict_split(config, predict, params, downstream.eval_batches(
+        config, source["test"], *plan.test, decode), mesh)
+    test = score(config.task, test_rows, scored)
+  result = {"task": config.task, "dataset": config.dataset, "protocol": protocol,
+            "best_epoch": best, "selected_on": plan.select[0], "select_metric": select_metric,
+            "selected_on_test": plan.selected_on_test, "notes": plan.notes,
+            "num_train": len(train_idx), "num_select": len(plan.select[1]),
+            "num_test": int(test["n"]), "test": test, "history": history}
+  if config.task == "vqa":
+    result["majority_baseline"] = majority_baseline(builder, plan, test_rows)
+    result["num_answers"] = len(plan.vocab)
+  log.scalars(step, {k: v for k, v in test.items() if isinstance(v, float)}, prefix="test")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def finetune(config: ml_collections.ConfigDict, init: str, workdir: str, log_print=print) -> dict:
+  """Every protocol of config.protocols; returns {protocol: result} (also <workdir>/results.json)."""
+  if not config.data_dir:
+    raise ValueError("data_dir is empty: set --config.data_dir to the directory given to "
+                     f"`mpma-data build {config.dataset} ... --data_dir DIR`")
+  pre_config, pretrained, step, tokenizer_dir = load_init(init)
+  tokenizers.load_tokenizer(tokenizer_dir)  # fails early on a broken run directory
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "init.json"), "w") as f:
+      json.dump({"init": os.path.abspath(init), "step": step,
+                 "model": model_config(config, pre_config.model).to_dict()}, f, indent=1)
+  log_print(f"fine-tuning {config.dataset} ({config.task}) from {init} (step {step})")
+  results = {}
+  for protocol in config.protocols:
+    results[protocol] = run_protocol(config, protocol, pre_config, pretrained, tokenizer_dir,
+                                     os.path.join(workdir, protocol), log_print)
+    log_print(f"[{protocol}] test: " + json.dumps(
+        {k: round(v, 4) for k, v in results[protocol]["test"].items() if isinstance(v, float)}))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from mpma_jax import main as pretrain_main  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  pretrain_main.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  config = f.config
+  if f.data_dir:
+    config.data_dir = f.data_dir
+  finetune(config, f.init, f.workdir)
+
+
+def run():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "configs/finetune/<task>.py", lock_config=True)
+  flags.DEFINE_string("init", None, "Pre-training run directory or RUN/checkpoints/<step>",
+                      required=True)
+  flags.DEFINE_string("workdir", None, "Fine-tuning run directory", required=True)
+  flags.DEFINE_string("data_dir", None, "Overrides config.data_dir")
+  flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
+  flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+  flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,86 @@
+"""Downstream heads on the pre-trained model (method.md §6) and the fine-tuning model around them.
+
+  vqa / classification    joint feature [B, 2d] -> linear 2d->2d, LayerNorm, GELU, linear -> [B, C]
+                          (answer scores for BCE, or class logits for cross-entropy)
+  image_classification    image encoder [CLS] [B, Dv] -> linear -> [B, C] (linear probe: the encoder
+                          is frozen and its features get no gradient)
+  retrieval               no new head: GLA global embeddings, and the ITM head for re-ranking
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mpma_jax.models import layers
+from mpma_jax.models.mpma import MPMA, compute_dtype
+from mpma_jax.models.vit import normalize_images
+
+TASKS = ("vqa", "classification", "image_classification", "retrieval")
+
+
+class JointHead(nn.Module):
+  """joint feature [B, 2d] -> [B, num_outputs] [M3AE's VQA / classification head]."""
+  num_outputs: int
+  eps: float = 1e-5
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, joint):
+    x = layers.Dense(joint.shape[-1], ("embed", "mlp"), self.dtype, name="fc1")(joint)
+    x = layers.gelu(layers.LayerNorm(self.eps, self.dtype, name="ln")(x))
+    return layers.Dense(self.num_outputs, ("embed", "classes"), self.dtype, name="fc2")(x)
+
+
+class Downstream(nn.Module):
+  """The pre-trained MPMA (params under 'mpma', loaded from a pre-training checkpoint) + a head.
+
+  model: the `model` section of the pre-training config (image.size may differ: the position
+  embedding is resized when the checkpoint is loaded).
+  """
+  model: ml_collections.FrozenConfigDict
+  task: str
+  num_outputs: int = 0
+  linear_probe: bool = False
+
+  def setup(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    self.mpma = MPMA(self.model)
+    dt = compute_dtype(self.model.dtype)
+    if self.task in ("vqa", "classification"):
+      self.head = JointHead(self.num_outputs, dtype=dt)
+    elif self.task == "image_classification":
+      self.head = layers.Dense(self.num_outputs, ("embed", "classes"), dt)
+
+  def __call__(self, batch, deterministic: bool = True):
+    """Float32 outputs: logits [B, C] (vqa, classification, image_classification); for retrieval
+    the GLA global embeddings image [B, G], text [B, G] and the global temperature."""
+    m = self.mpma
+    if self.task == "image_classification":
+      feats = m.image_encoder(normalize_images(batch["image"]), None, deterministic)[:, 0]
+      if self.linear_probe:
+        feats = jax.lax.stop_gradient(feats)  # [B, Dv]
+      return self.head(feats).astype(jnp.float32)
+    image = m.embed_image(batch["image"], None, deterministic)  # [B, 1+N, d]
+    text = m.embed_text(batch["text_ids"], batch["text_mask"], deterministic)  # [B, L, d]
+    if self.task == "retrieval":
+      image_gla, text_gla = m.align(image, text)
+      return {"image": image_gla[:, 0], "text": text_gla[:, 0],
+              "temperature": m.gla.temperatures()[0]}
+    fused = m.fuse(image, text, batch["text_mask"], deterministic)
+    return self.head(m.joint_feature(fused)).astype(jnp.float32)
+
+  def itm_scores(self, batch, deterministic: bool = True):
+    """Match probability of each (image, text) row of the batch [B] (retrieval re-ranking)."""
+    m = self.mpma
+    image = m.embed_image(batch["image"], None, deterministic)
+    text = m.embed_text(batch["text_ids"], batch["text_mask"], deterministic)
+    logits = m.itm_logits(image, text, batch["text_mask"], deterministic)  # [B, 2]
+    return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+  def init_all(self, batch):
+    """Initialisation touching every module the task uses (retrieval: also the ITM path)."""
+    out = self(batch)
+    if self.task == "retrieval":
+      out = (out, self.itm_scores(batch))
+    return out
