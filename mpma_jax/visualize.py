@@ -18,6 +18,7 @@ a pre-training run (`visualize_run`).
 import functools
 import json
 import os
+import re
 import textwrap
 from typing import Optional, Sequence
 
@@ -25,7 +26,8 @@ from absl import app, flags, logging
 import numpy as np
 
 _NORM_PIX_EPS = 1e-6  # losses.mim_loss's eps, with which the norm_pix targets were standardised
-_MASK_FILL = 128  # grey of the masked patches in the "masked input" panel
+# Colour of the masked patches in the "masked input" panel (no grey: the images mostly are).
+_MASK_FILL = np.array([70, 110, 170], np.uint8)
 _CURVE_PANELS = (  # (panel title, metrics.jsonl keys drawn in it)
     ("total loss", ("loss",)), ("MLM", ("mlm",)), ("MIM", ("mim",)),
     ("GLA global", ("global",)), ("GLA local", ("local",)), ("ITM", ("itm",)),
@@ -125,7 +127,7 @@ def mim_panels(model_config, params, images, text_ids, text_mask, seed: int = 0,
   masked_pixels = np.asarray(losses.unpatchify(
       np.repeat(masked[..., None], p * p * 3, axis=-1), p)).astype(bool)  # [B, H, W, 3]
   return {"original": images,
-          "masked_input": np.where(masked_pixels, np.uint8(_MASK_FILL), images),
+          "masked_input": np.where(masked_pixels, _MASK_FILL, images),
           "reconstruction": np.where(masked_pixels, prediction, images),
           "prediction": prediction, "masked": masked, "mim_loss": mim_loss}
 
@@ -137,16 +139,20 @@ def mim_reconstructions(model_config, params, images, text_ids, text_mask, path:
   panels = mim_panels(model_config, params, images, text_ids, text_mask, seed, mask_ratio)
   columns = (("original", "original"), ("masked_input", f"masked input ({mask_ratio:.0%})"),
              ("reconstruction", "reconstruction"), ("prediction", "prediction, all patches"))
-  fig, axes = _figure(len(images), len(columns), 2.0, 2.15)
+  header = 0.2 if model_config.mim.norm_pix else 0.0
+  fig, axes = _grid(len(images), [1.9] * len(columns), 1.8, 0.4, header)
+  if header:
+    fig.text(0.5, 1 - 0.05 / fig.get_figheight(), "norm_pix: each predicted patch is shown with "
+             "the mean and std of the original patch (as MAE shows them)", fontsize=7,
+             ha="center", va="top")
   for r in range(len(images)):
     for c, (key, title) in enumerate(columns):
       ax = axes[r, c]
       ax.imshow(panels[key][r], interpolation="nearest")
       ax.set_axis_off()
       if key == "reconstruction":
-        ax.set_title(f"{title}\nMIM loss {panels['mim_loss'][r]:.3f}", fontsize=8)
-      elif r == 0 or key == "masked_input":
-        ax.set_title(title, fontsize=8)
+        title += f"\nMIM loss {panels['mim_loss'][r]:.3f}"
+      ax.set_title(title, fontsize=8)
   return _render(fig, path)
 
 
@@ -202,29 +208,28 @@ def pick_words(maps: np.ndarray, text_words: list, num: int) -> list[tuple[str, 
 
 def alignment_heatmaps(model_config, params, images, text_ids, text_mask, word_mask, tokenizer,
                        path: Optional[str] = None, words_per_image: int = 4) -> np.ndarray:
-  """One row per image: the image with its report, then the words the image matches best (see
-  `pick_words`), each word's patch similarity upsampled (bilinear) and overlaid; the colour scale
-  is shared along a row. Writes a PNG to path (when given); returns the picture uint8 [H, W, 3]."""
+  """One row per image: its report, the image, then the words the image matches best (see
+  `pick_words`), each word's patch similarity upsampled (bilinear) and overlaid in jet colours
+  (blue low, red high) on a scale shared along the row. Writes a PNG to path (when given); returns the picture uint8 [H, W, 3]."""
   images = _check_images(model_config, images)
   maps = word_similarity_maps(model_config, params, images, text_ids, text_mask)  # [B, L, g, g]
   size = model_config.image.size
-  fig, axes = _figure(len(images), 1 + words_per_image, 2.0, 2.3)
-  extent = (0, size, size, 0)
+  extent = (0, size, size, 0)  # the map's cell [0, 0] on the image's top-left patch
+  fig, axes = _grid(len(images), [2.4] + [1.9] * (1 + words_per_image), 1.8, 0.4)
   for r in range(len(images)):
     chosen = pick_words(maps[r], words(tokenizer, text_ids[r], word_mask[r]), words_per_image)
-    report = tokenizer.decode([int(i) for i, m in zip(text_ids[r], text_mask[r]) if m],
-                              skip_special_tokens=True)
-    axes[r, 0].imshow(images[r])
-    axes[r, 0].set_title(textwrap.shorten(report, 90), fontsize=6, wrap=True)
+    _caption(axes[r, 0], _report(tokenizer, text_ids[r], text_mask[r]), 36, 10)
+    axes[r, 1].imshow(images[r], extent=extent)
+    axes[r, 1].set_title("image", fontsize=8)
     lo = min((m.min() for _, m in chosen), default=0.0)
     hi = max((m.max() for _, m in chosen), default=1.0)
-    for c, (word, m) in enumerate(chosen, start=1):
+    for c, (word, m) in enumerate(chosen, start=2):
       ax = axes[r, c]
       ax.imshow(images[r], extent=extent)
       ax.imshow(m, cmap="jet", alpha=0.45, extent=extent, interpolation="bilinear", vmin=lo,
                 vmax=hi)
-      ax.set_title(f"{word}\nmax cos {m.max():.2f}", fontsize=8)
-    for ax in axes[r]:
+      ax.set_title(f"{word}\ncos {m.min():.2f} to {m.max():.2f}", fontsize=8)
+    for ax in axes[r, 1:]:
       ax.set_axis_off()
   return _render(fig, path)
 
@@ -254,16 +259,12 @@ def retrieval_examples(model_config, params, pairs: dict, tokenizer, path: Optio
   images = pairs["image"]
   sim, top = retrieval_ranking(model_config, params, images, pairs["text_ids"],
                                pairs["text_mask"], k)
-  fig, axes = _figure(num_queries, 1 + k, 1.9, 2.1, first_width=3.0)
+  num_queries = min(num_queries, len(images))
+  fig, axes = _grid(num_queries, [2.6] + [1.9] * k, 1.8, 0.25)
   for q in range(num_queries):
-    report = tokenizer.decode([int(i) for i, m in zip(pairs["text_ids"][q], pairs["text_mask"][q])
-                               if m], skip_special_tokens=True)
     rank = int(np.sum(sim[:, q] > sim[q, q])) + 1  # the true image's rank (ties count for it)
-    ax = axes[q, 0]
-    ax.set_axis_off()
-    ax.text(0.0, 0.5, "\n".join(textwrap.wrap(report, 38)[:8]) +
-            f"\n\ntrue image: rank {rank} of {len(images)}", fontsize=7, va="center",
-            ha="left", transform=ax.transAxes)
+    _caption(axes[q, 0], _report(tokenizer, pairs["text_ids"][q], pairs["text_mask"][q]), 38, 9,
+             f"true image: rank {rank} of {len(images)}")
     for c, i in enumerate(top[q], start=1):
       ax = axes[q, c]
       ax.imshow(images[i])
@@ -309,12 +310,15 @@ def training_curves(metrics_path: str, path: Optional[str] = None) -> np.ndarray
   returns the picture uint8 [H, W, 3]."""
   curves = read_curves(metrics_path)
   panels = [(t, [k for k in keys if k in curves]) for t, keys in _CURVE_PANELS]
-  panels = [(t, keys) for t, keys in panels if keys]
+  panels = [(t if len(keys) > 1 or len(all_keys) == 1 else f"{t} ({keys[0]})", keys)
+            for (t, all_keys), (_, keys) in zip(_CURVE_PANELS, panels) if keys]
   if not panels:
     raise ValueError(f"{metrics_path} has no train-split metrics to plot")
   cols = min(4, len(panels))
   rows = -(-len(panels) // cols)
-  fig, axes = _figure(rows, cols, 3.2, 2.4)
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(3.2 * cols, 2.4 * rows), dpi=100)
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.flat[len(panels):]:
     ax.set_axis_off()
   for ax, (title, keys) in zip(axes.flat, panels):
@@ -332,13 +336,35 @@ def training_curves(metrics_path: str, path: Optional[str] = None) -> np.ndarray
 
 
 # --- drawing and TensorBoard ----------------------------------------------------------------------
-def _figure(rows: int, cols: int, cell_w: float, cell_h: float, first_width: float = None):
-  """A matplotlib Figure (not pyplot: no global state) and its axes as a [rows, cols] array."""
+def _grid(rows: int, widths: Sequence[float], axes_h: float, title_h: float,
+          header_h: float = 0.0):
+  """A matplotlib Figure (not pyplot: no global state) of rows x len(widths) axes, sized in inches:
+  each row is title_h of title above axes_h of axes, under a header_h strip for a caption.
+  Returns (figure, axes [rows, cols])."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  widths = [first_width or cell_w] + [cell_w] * (cols - 1)
-  fig = Figure(figsize=(sum(widths), cell_h * rows), dpi=100)
-  axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"width_ratios": widths})
+  margin = 0.05
+  w, h = sum(widths) + 2 * margin, header_h + rows * (title_h + axes_h) + 2 * margin
+  fig = Figure(figsize=(w, h), dpi=100)
+  axes = fig.subplots(rows, len(widths), squeeze=False, gridspec_kw=dict(
+      width_ratios=widths, left=margin / w, right=1 - margin / w, bottom=margin / h,
+      top=1 - (margin + header_h + title_h) / h, hspace=title_h / axes_h, wspace=0.06))
   return fig, axes
+
+
+def _caption(ax, text: str, width: int, lines: int, footer: str = "") -> None:
+  """Wrapped text (at most `lines` lines, then the footer), left-aligned and vertically centred,
+  in place of an axes' picture."""
+  ax.set_axis_off()
+  text = "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder=" ..."))
+  ax.text(0.0, 0.5, text + (f"\n\n{footer}" if footer else ""), fontsize=7, va="center",
+          ha="left", transform=ax.transAxes)
+
+
+def _report(tokenizer, ids, mask) -> str:
+  """A tokenized text back as readable text (WordPiece decoding leaves ' : ', ' - ', '( ')."""
+  text = tokenizer.decode([int(i) for i, m in zip(ids, mask) if m], skip_special_tokens=True)
+  text = re.sub(r" ([.,:;!?)\]])", r"\1", text)
+  return re.sub(r"([(\[]) ", r"\1", text).replace(" - ", "-").replace(" / ", "/")
 
 
 def _render(fig, path: Optional[str]) -> np.ndarray:
