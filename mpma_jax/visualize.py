@@ -304,10 +304,11 @@ def read_curves(metrics_path: str, split: str = "train") -> dict[str, tuple[np.n
   return {k: (np.array(s, np.int64), np.array(v, np.float64)) for k, (s, v) in curves.items()}
 
 
-def training_curves(metrics_path: str, path: Optional[str] = None) -> np.ndarray:
+def training_curves(metrics_path: str, path: Optional[str] = None,
+                    mark_step: Optional[int] = None) -> np.ndarray:
   """One panel per loss component and for accuracy, temperatures, learning rate, gradient norm
-  and throughput (those the run logged), train split vs step. Writes a PNG to path (when given);
-  returns the picture uint8 [H, W, 3]."""
+  and throughput (those the run logged), train split vs step; mark_step (a checkpoint's) is drawn
+  as a dashed line. Writes a PNG to path (when given); returns the picture uint8 [H, W, 3]."""
   curves = read_curves(metrics_path)
   panels = [(t, [k for k in keys if k in curves]) for t, keys in _CURVE_PANELS]
   panels = [(t if len(keys) > 1 or len(all_keys) == 1 else f"{t} ({keys[0]})", keys)
@@ -325,6 +326,8 @@ def training_curves(metrics_path: str, path: Optional[str] = None) -> np.ndarray
     for key in keys:
       steps, values = curves[key]
       ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+    if mark_step is not None:
+      ax.axvline(mark_step, color="grey", linestyle="--", linewidth=1)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -410,8 +413,9 @@ def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] =
                   num: int = 6, gallery: int = 100) -> list[str]:
   """All four pictures for a checkpoint (default: the latest) of a pre-training run, on `num`
   held-out pairs of the run's first dataset (test split; retrieval ranks among `gallery` pairs).
-  Writes <out or workdir/pictures>/{mim,alignment,retrieval,curves}_step<N>.png (curves when the
-  run has metrics.jsonl) and the same images to <workdir>/tb; returns the PNG paths."""
+  Writes <out or workdir/pictures>/{mim,alignment,retrieval,curves}_step<N>.png (curves, of the
+  whole run with step N marked, when the run has metrics.jsonl) and the same images to
+  <workdir>/tb at step N; returns the PNG paths."""
   from mpma_jax import export  # pylint: disable=g-import-not-at-top
   from mpma_jax.data import pipeline, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
   config = export.run_config(workdir)
@@ -433,7 +437,7 @@ def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] =
   }
   metrics = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(metrics):
-    pictures["curves"] = training_curves(metrics, path("curves"))
+    pictures["curves"] = training_curves(metrics, path("curves"), mark_step=step)
   to_tensorboard(os.path.join(workdir, "tb"), pictures, step)
   return [path(name) for name in pictures]
 

@@ -251,7 +251,7 @@ def test_read_curves_keeps_the_last_line_of_a_repeated_step(tmp_path):
 def test_training_curves_png(tmp_path):
   metrics = str(tmp_path / "metrics.jsonl")
   _write_metrics(metrics)
-  rgb = visualize.training_curves(metrics, str(tmp_path / "curves.png"))
+  rgb = visualize.training_curves(metrics, str(tmp_path / "curves.png"), mark_step=20)
   assert rgb.shape == (240, 4 * 320, 3)  # panels: total loss, MLM, MIM, learning rate
   np.testing.assert_array_equal(_decode_png(str(tmp_path / "curves.png")), rgb)
   with open(metrics, "w") as f:
