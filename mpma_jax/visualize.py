@@ -132,8 +132,9 @@ def mim_panels(model_config, params, images, text_ids, text_mask, seed: int = 0,
           "prediction": prediction, "masked": masked, "mim_loss": mim_loss}
 
 
-def mim_reconstructions(model_config, params, images, text_ids, text_mask, path: Optional[str] = None,
-                        seed: int = 0, mask_ratio: float = 0.75) -> np.ndarray:
+def mim_reconstructions(model_config, params, images, text_ids, text_mask,
+                        path: Optional[str] = None, seed: int = 0,
+                        mask_ratio: float = 0.75) -> np.ndarray:
   """One row per image: original / masked input / reconstruction / prediction (see `mim_panels`).
   Writes a PNG to path (when given); returns the picture, uint8 [H, W, 3]."""
   panels = mim_panels(model_config, params, images, text_ids, text_mask, seed, mask_ratio)
@@ -210,7 +211,8 @@ def alignment_heatmaps(model_config, params, images, text_ids, text_mask, word_m
                        path: Optional[str] = None, words_per_image: int = 4) -> np.ndarray:
   """One row per image: its report, the image, then the words the image matches best (see
   `pick_words`), each word's patch similarity upsampled (bilinear) and overlaid in jet colours
-  (blue low, red high) on a scale shared along the row. Writes a PNG to path (when given); returns the picture uint8 [H, W, 3]."""
+  (blue low, red high) on a scale shared along the row. Writes a PNG to path (when given);
+  returns the picture uint8 [H, W, 3]."""
   images = _check_images(model_config, images)
   maps = word_similarity_maps(model_config, params, images, text_ids, text_mask)  # [B, L, g, g]
   size = model_config.image.size
@@ -281,7 +283,8 @@ def retrieval_examples(model_config, params, pairs: dict, tokenizer, path: Optio
 
 
 # --- training curves ------------------------------------------------------------------------------
-def read_curves(metrics_path: str, split: str = "train") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_curves(metrics_path: str,
+                split: str = "train") -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """metrics.jsonl -> {metric: (steps int [n], values float [n])}, steps ascending. A step logged
   twice (a run resumed from an earlier checkpoint) keeps its last line; unreadable lines (a write
   cut short) are skipped."""

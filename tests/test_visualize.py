@@ -84,7 +84,7 @@ def test_mim_panels_show_the_original_where_visible_and_the_prediction_where_mas
   original = _patches(images, p)
   rec, shown = _patches(panels["reconstruction"], p), _patches(panels["masked_input"], p)
   np.testing.assert_array_equal(rec[~masked], original[~masked])  # visible: exactly the original
-  np.testing.assert_allclose(rec[masked], want[masked], atol=1)  # masked: the prediction (+-rounding)
+  np.testing.assert_allclose(rec[masked], want[masked], atol=1)  # masked: predicted (+-rounding)
   np.testing.assert_allclose(_patches(panels["prediction"], p), want, atol=1)
   np.testing.assert_array_equal(shown[~masked], original[~masked])
   # masked patches blanked exactly
@@ -181,7 +181,8 @@ def test_word_heatmap_and_word_choice():
   np.testing.assert_array_equal(visualize.word_heatmap(maps, [1, 2]), (maps[1] + maps[2]) / 2)
   chosen = visualize.pick_words(maps, text_words, 3)
   assert [w for w, _ in chosen][0] == "mass"  # the highest peak first
-  assert sorted(w for w, _ in chosen) == ["mass", "nodule"]  # no function words, punctuation, repeats
+  # no function words, no punctuation, no repeats
+  assert sorted(w for w, _ in chosen) == ["mass", "nodule"]
   nodule = dict(chosen)["nodule"]
   first, second = (maps[1] + maps[2]) / 2, maps[5]
   np.testing.assert_array_equal(nodule, first if first.max() >= second.max() else second)
