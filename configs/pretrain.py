@@ -172,6 +172,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()  # zero-shot retrieval at the end of training
   c.eval.num_pairs = 1000  # held-out (image, report) pairs ranked all-against-all
   c.eval.batch_size = 256
+  c.eval.pictures = True  # PNGs + TensorBoard images at the end (mpma-visualize, README Pictures)
 
   if variant == "tiny":
     _tiny(c)

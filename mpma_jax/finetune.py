@@ -313,6 +313,28 @@ def itm_rerank(config, model: Downstream, params, rows: dict, mesh) -> dict:
   return {**out, "rsum": float(sum(out.values())), "rerank_k": k, "n": n}
 
 
+def pictures(config, model_cfg, params, test_rows: dict, tokenizer_dir: str, workdir: str,
+             step: int) -> list[str]:
+  """PNGs (and TensorBoard images) of a fine-tuning run: its loss curve, and for retrieval the
+  test queries' top-5 images. Returns the paths."""
+  from mpma_jax import visualize  # pylint: disable=g-import-not-at-top
+  out, paths, images = os.path.join(workdir, "pictures"), [], {}
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if config.train.epochs and os.path.exists(metrics_path):
+    paths.append(os.path.join(out, "curves.png"))
+    images["curves"] = visualize.training_curves(metrics_path, paths[-1])
+  if config.task == "retrieval" and "image" in test_rows:
+    tok = tokenizers.load_tokenizer(tokenizer_dir)
+    n = min(100, len(test_rows["image"]))
+    pairs = {k: test_rows[k][:n] for k in ("image", "text_ids", "text_mask")}
+    paths.append(os.path.join(out, "retrieval.png"))
+    images["retrieval"] = visualize.retrieval_examples(
+        model_cfg, jax.device_get(params["mpma"]), pairs, tok, paths[-1])
+  if images:
+    visualize.to_tensorboard(os.path.join(workdir, "tb"), images, step)
+  return paths
+
+
 def majority_baseline(builder, plan: downstream.Plan, test: dict) -> dict:
   """VQA accuracy of answering every question with the most frequent training answer of its type
   (closed / open), measured on the same test rows as the model."""
@@ -417,7 +439,8 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
     manager.close()
     rerank = config.task == "retrieval" and config.retrieval.rerank_k > 0
     test_rows = predict_split(config, predict, params, downstream.eval_batches(
-        config, source["test"], *plan.test, decode), mesh, keep_inputs=rerank)
+        config, source["test"], *plan.test, decode), mesh,
+                              keep_inputs=config.task == "retrieval")
     test = score(config.task, test_rows, scored)
     if rerank:
       test = {**test, **{f"itm_{k}": v for k, v in
@@ -432,6 +455,8 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
     result["num_answers"] = len(plan.vocab)
   log.scalars(step, {k: v for k, v in test.items() if isinstance(v, float)}, prefix="test")
   if jax.process_index() == 0:
+    result["pictures"] = pictures(config, model_cfg, params, test_rows, tokenizer_dir, workdir,
+                                  step)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=1)
   return result

@@ -225,11 +225,16 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
       metrics, grads = accumulated(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)  # a non-finite step changes nothing
-    params = jax.tree.map(keep, params, state.params)
-    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+
+    def apply(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    # A non-finite step changes nothing. A cond rather than jnp.where(finite, new, old) per leaf:
+    # with the state donated, the where made XLA copy every old leaf first (it is read after the
+    # new value overwrites its buffer): ~600 copies, the update ~2.5x slower on a CPU.
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state),
+                                     None)
     metrics["grad_norm"] = grad_norm
     metrics["lr"] = schedule(state.step)
     metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
@@ -497,6 +502,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
             f"{config.eval.num_pairs} held-out pairs:\n" + evaluate.format_table(
                 {k: v for k, v in rows.items() if v is not None}))
   if jax.process_index() == 0:
+    if config.eval.get("pictures", True):  # MIM, alignment, retrieval, curves (visualize.py)
+      from mpma_jax import visualize  # pylint: disable=g-import-not-at-top
+      result["pictures"] = visualize.visualize_run(workdir, step=steps)
+      log.print("pictures: " + ", ".join(result["pictures"]))
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
   return result

@@ -48,7 +48,7 @@ def tiny_config():
   c.data.update(max_len=24, num_train=256, num_eval=64, tokenizer_vocab=512, read_threads=2,
                 read_buffer=32)
   c.train.update(batch_size=8, steps=20, log_every=5, ckpt_every=10)
-  c.eval.update(num_pairs=32, batch_size=32)
+  c.eval.update(num_pairs=32, batch_size=32, pictures=False)  # tests/test_finetune.py: on
   return c
 
 
@@ -72,4 +72,35 @@ def tokenizer_dir(tmp_path_factory):
   from mpma_jax.data import synthetic, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
   out = str(tmp_path_factory.mktemp("tok"))
   tokenizers.train_wordpiece(synthetic.report_corpus(500), 512, out)
+  return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory, data_dir):
+  """A tiny pre-training run directory (config.json, tokenizer/, checkpoints/) after 100 steps
+  (after 20 the image [CLS] barely depends on the image, and fine-tuning starts from nothing)."""
+  from mpma_jax import main, train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  config = tiny_config()
+  config.train.update(steps=100, log_every=50, ckpt_every=100)
+  config.eval.pictures = True
+  tok, tok_dir = main.prepare_tokenizer(config, workdir, data_dir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)
+  # The end-of-run evaluation writes the pictures (visualize.py) for the last checkpoint.
+  assert sorted(os.path.basename(p) for p in result["pictures"]) == [
+      f"{n}_step100.png" for n in ("alignment", "curves", "mim", "retrieval")]
+  assert all(os.path.getsize(p) > 1000 for p in result["pictures"])
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def downstream_dir(tmp_path_factory):
+  """synthetic_vqa / synthetic_cls / synthetic_chest at 32 px."""
+  from mpma_jax.data.builders import synthetic_downstream as sd  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp("downstream"))
+  sd.make_vqa(out, 48, 32, num_eval=12).download_and_prepare()
+  sd.make_cls(out, 96, 32, num_eval=48).download_and_prepare()
+  sd.make_chest(out, 96, 32, num_eval=32).download_and_prepare()
   return out

@@ -8,44 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from mpma_jax import finetune, main
+from mpma_jax import evaluate, finetune
 from mpma_jax.data import builders, downstream
 from mpma_jax.data.builders import synthetic_downstream as sd
 from tests.conftest import tiny_config
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "finetune")
-
-
-@pytest.fixture(scope="session")
-def pretrained_run(tmp_path_factory, data_dir):
-  """A tiny pre-training run directory (config.json, tokenizer/, checkpoints/) after 100 steps
-  (after 20 the image [CLS] barely depends on the image, and fine-tuning starts from nothing)."""
-  from mpma_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("pretrained"))
-  config = tiny_config()
-  config.train.update(steps=100, log_every=50, ckpt_every=100)
-  tok, tok_dir = main.prepare_tokenizer(config, workdir, data_dir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
-  train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)
-  return workdir
-
-
-@pytest.fixture(scope="session")
-def downstream_dir(tmp_path_factory):
-  """synthetic_vqa / synthetic_cls / synthetic_chest at 32 px."""
-  out = str(tmp_path_factory.mktemp("downstream"))
-  sd.make_vqa(out, 48, 32, num_eval=12).download_and_prepare()
-  sd.make_cls(out, 96, 32, num_eval=48).download_and_prepare()
-  sd.make_chest(out, 96, 32, num_eval=32).download_and_prepare()
-  return out
-
-
 def ft_config(name: str, data_dir: str, variant: str = ""):
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  path = os.path.join(CONFIGS, f"{name}.py") + (f":{variant}" if variant else "")
-  config = config_flags.config_flags._LoadConfigModule("cfg", path.split(":")[0]).get_config(
-      *([variant] if variant else []))
+  """configs/finetune/<name>.py[:variant] for the 32 px test model on data_dir."""
+  config = evaluate.load_task_config(name, variant)
   config.data_dir = data_dir
   config.image_size = 0  # the pre-training size (32 px)
   config.data.update(read_threads=2, read_buffer=16, max_len=24)
