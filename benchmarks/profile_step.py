@@ -198,7 +198,7 @@ def main(argv=None) -> str:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override (--set model.gla.chunk=32), XLA option "
                       "(--set xla_cpu_enable_fast_math=True) or proposed model change "
-                      "(--set patch=topk_barrier, see train_step.PATCHES); repeatable")
+                      "(--set patch=topk_kth, see train_step.PATCHES); repeatable")
   p.add_argument("--trace_dir", default="", help="where the trace goes (default: a temp dir)")
   args = p.parse_args(argv)
   config = get_config(args.config)

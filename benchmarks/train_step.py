@@ -30,7 +30,7 @@ override whose key starts with 'xla_' is an XLA compiler option of that JAX step
 (Lowered.compile(compiler_options=...)), so XLA options too are compared within one process:
 --jax_variant noynn:xla_cpu_experimental_ynn_fusion_type= (empty: no YNNPACK fusions).
 'patch=NAME' (see PATCHES) traces that variant with a proposed change to the model code
-(patch=topk_barrier+erf_gelu), to measure it before it is made in mpma_jax.
+(patch=topk_kth), to measure it before it is made in mpma_jax.
 """
 import argparse
 import ast
@@ -59,49 +59,31 @@ from benchmarks import torch_reference
 from configs.pretrain import get_config
 from mpma_jax import flops, optim, sharding, train
 from mpma_jax.interop import torch_mpma
-from mpma_jax.models import layers
+from mpma_jax.models import memory
 
 TORCH_VARIANTS = ("eager", "compile", "amp", "compile_amp")
 
 
 # --- proposed model changes, measured without editing mpma_jax ----------------------------------
 @contextlib.contextmanager
-def _topk_barrier():
-  """lax.top_k's values pass an optimization barrier. The masked memory read uses only the k-th
-  value; XLA:CPU then fuses the slice into the top-k and lowers it to a full sort over all slots
-  instead of its TopK kernel. Proposed fix in models/memory.py: the same barrier, or
-  kth = top_scores.min(-1, keepdims=True). Same values."""
-  top_k = jax.lax.top_k
+def _topk_kth():
+  """The masked memory read's k-th largest score from lax.top_k (kept whole, then its minimum)
+  instead of memory.kth_largest's bitwise search. Same values. (Slicing top_k's last value instead
+  of taking the minimum made XLA:CPU lower it to a full sort over all slots.)"""
+  old = memory.kth_largest
 
-  def patched(x, k, **kw):
-    values, indices = top_k(x, k, **kw)
-    return jax.lax.optimization_barrier(values), indices
+  def kth(x, k):
+    return jax.lax.top_k(jax.lax.stop_gradient(x), k)[0].min(-1, keepdims=True)
 
-  jax.lax.top_k = patched
+  memory.kth_largest = kth
   try:
     yield
   finally:
-    jax.lax.top_k = top_k
-
-
-@contextlib.contextmanager
-def _erf_gelu():
-  """Exact GELU as 0.5 x (1 + erf(x / sqrt 2)); jax.nn.gelu(approximate=False) goes through erfc,
-  which XLA:CPU evaluates ~2.5x slower. Proposed fix in models/layers.gelu; max difference 5e-7."""
-  old = layers.gelu, layers.ACTIVATIONS["gelu"]
-
-  def gelu(x):
-    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype)))
-
-  layers.gelu = layers.ACTIVATIONS["gelu"] = gelu
-  try:
-    yield
-  finally:
-    layers.gelu, layers.ACTIVATIONS["gelu"] = old
+    memory.kth_largest = old
 
 
 # Applied only while a --jax_variant with patch=NAME (or patch=A+B) is traced and compiled.
-PATCHES = {"topk_barrier": _topk_barrier, "erf_gelu": _erf_gelu}
+PATCHES = {"topk_kth": _topk_kth}
 
 
 def patches(overrides: list[str]) -> contextlib.ExitStack:

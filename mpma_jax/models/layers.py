@@ -43,8 +43,9 @@ def quick_gelu(x):
 
 
 def gelu(x):
-  """BERT's exact (erf) GELU."""
-  return nn.gelu(x, approximate=False)
+  """BERT's exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)). (nn.gelu(approximate=False) is the same
+  function written with erfc, which XLA:CPU evaluates ~2.5x slower; they differ by <= 5e-7.)"""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}

@@ -6,15 +6,75 @@ Because image and report tokens read the same slots, they are written into one s
 
 Two equivalent implementations of the top-k read, chosen by `memory.impl`:
   masked  scores below the k-th largest are set to -inf, then one dense softmax and matmul over all
-          S slots (MXU-friendly; no gather);
-  gather  the k selected values are gathered per token, [B, H, L, k, Dh].
+          S slots (MXU-friendly; no gather). The k-th largest score comes from `kth_largest`, an
+          exact bitwise selection made of elementwise ops and row sums only;
+  gather  the k selected values are gathered per token, [B, H, L, k, Dh] (lax.top_k).
 Neither materialises a [B, heads, L, S, Dh] tensor.
 """
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mpma_jax.models import layers
+
+
+def _sortable(x):
+  """float32 -> uint32 whose unsigned order is the float order (-0.0 just below +0.0)."""
+  i = jax.lax.bitcast_convert_type(x, jnp.int32)
+  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)  # negative floats: reverse the magnitude
+  return jax.lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _unsortable(u):
+  """The inverse of _sortable."""
+  i = jax.lax.bitcast_convert_type(u ^ jnp.uint32(0x80000000), jnp.int32)
+  return jax.lax.bitcast_convert_type(jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i), jnp.float32)
+
+
+def _kth_largest_bits(u, k: int):
+  """k-th largest of sortable uint32 u along the last axis: [..., S] -> [..., 1] (uint32)."""
+
+  def round_(i, prefix):
+    candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))  # [..., 1]
+    count = jnp.sum(u >= candidate, axis=-1, keepdims=True, dtype=jnp.int32)
+    return jnp.where(count >= k, candidate, prefix)
+
+  return jax.lax.fori_loop(0, 32, round_, jnp.zeros(u.shape[:-1] + (1,), jnp.uint32))
+
+
+def kth_largest(x, k: int, chunk_bytes: Optional[int] = -1):
+  """The k-th largest value along the last axis of float32 x (NaN-free), exactly: [..., L, S] ->
+  [..., L, 1], equal to lax.top_k(x, k)[0][..., -1:]. No gradient flows through it.
+
+  A bitwise search from the most significant bit: the answer (as a sortable uint32) is the largest
+  t with count(x >= t) >= k, so 32 rounds of 'count(x >= prefix | bit) >= k' fix its bits. Each
+  round is a compare and a row sum, which XLA keeps split over the leading (batch) axes: lax.top_k
+  made the SPMD partitioner gather all of x onto every device. The rounds run over chunks of the
+  L axis of about chunk_bytes each, so that a chunk stays in cache for its 32 passes (on a CPU this
+  halved the time; it is then as fast as lax.top_k on the tiny and small configs' shapes).
+  chunk_bytes: -1 = 32 KiB on a CPU and no chunks elsewhere (a GPU would pay a kernel launch per
+  chunk and round); None = no chunks.
+  """
+  u = _sortable(jax.lax.stop_gradient(x).astype(jnp.float32))  # [..., L, S]
+  if chunk_bytes == -1:
+    chunk_bytes = 32 * 1024 if jax.default_backend() == "cpu" else None
+  if chunk_bytes is None:
+    return _unsortable(_kth_largest_bits(u, k))
+  length = u.shape[-2]
+  row_bytes = u.size // length * 4  # one position of the L axis
+  size = max(1, min(length, chunk_bytes // row_bytes))
+  full = length // size * size
+  parts = []
+  if full:
+    chunks = jax.lax.map(
+        lambda i: _kth_largest_bits(jax.lax.dynamic_slice_in_dim(u, i * size, size, -2), k),
+        jnp.arange(full // size))  # [n, ..., size, 1]
+    parts.append(jnp.moveaxis(chunks, 0, -3).reshape(u.shape[:-2] + (full, 1)))
+  if full < length:
+    parts.append(_kth_largest_bits(u[..., full:, :], k))
+  return _unsortable(jnp.concatenate(parts, axis=-2) if len(parts) > 1 else parts[0])
 
 
 class Memory(nn.Module):
@@ -44,12 +104,12 @@ class Memory(nn.Module):
     v = proj("value", memory)  # [S, H, Dh]
     scores = jnp.einsum("blhd,shd->bhls", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
     # scores: [B, H, L, S]
-    top_scores, top_idx = jax.lax.top_k(scores, self.topk)  # [B, H, L, k]
     if self.impl == "masked":
-      kth = top_scores[..., -1:]  # [B, H, L, 1]
+      kth = kth_largest(scores, self.topk)  # [B, H, L, 1]
       weights = jax.nn.softmax(jnp.where(scores >= kth, scores, -jnp.inf), axis=-1)
       out = jnp.einsum("bhls,shd->blhd", weights.astype(self.dtype), v)  # [B, L, H, Dh]
     elif self.impl == "gather":
+      top_scores, top_idx = jax.lax.top_k(scores, self.topk)  # [B, H, L, k]
       weights = jax.nn.softmax(top_scores, axis=-1).astype(self.dtype)  # [B, H, L, k]
       v_heads = jnp.moveaxis(v, 1, 0)  # [H, S, Dh]
       picked = jax.vmap(lambda vh, idx: vh[idx], in_axes=(0, 1), out_axes=1)(v_heads, top_idx)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpma_jax.models.memory import Memory
+from mpma_jax.models.memory import Memory, kth_largest
 
 WIDTH = 8
 
@@ -61,3 +61,40 @@ def test_slots_outside_the_topk_do_not_matter():
 def test_rejects_bad_topk():
   with pytest.raises(ValueError, match="topk"):
     Memory(4, 5, 1).init(jax.random.key(0), jnp.zeros((1, 2, WIDTH)))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 3000, -1])  # 3000: chunks of 2 rows, remainder 1
+@pytest.mark.parametrize("k", [1, 3, 16, 64])
+def test_kth_largest_is_exactly_top_k(k, chunk_bytes):
+  """Bit-for-bit lax.top_k's k-th value: signs, ties, +-0, infinities, tiny and huge magnitudes."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 7, 64)).astype(np.float32) * np.float32(10.0) ** rng.integers(
+      -30, 30, size=(5, 7, 64))
+  x[0, 0] = 0.0
+  x[0, 1, ::2] = -0.0
+  x[1, 0] = 1.5  # all tied
+  x[1, 1, :40] = -2.0  # ties across the k-th position
+  x[2, 0, :3] = [np.inf, -np.inf, np.finfo(np.float32).max]
+  x[2, 1] = -np.abs(x[2, 1])  # all negative
+  want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][..., -1:])
+  got = np.asarray(jax.jit(kth_largest, static_argnums=(1, 2))(jnp.asarray(x), k, chunk_bytes))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got >= 0, want >= 0)  # same value, same mask either way
+
+
+def test_kth_largest_has_no_gradient():
+  x = jax.random.normal(jax.random.key(4), (3, 16))
+  g = jax.grad(lambda x: jnp.sum(kth_largest(x, 4) * x))(x)  # d/dx only through `* x`
+  np.testing.assert_array_equal(g, np.broadcast_to(kth_largest(x, 4), x.shape))
+
+
+def test_masked_read_stays_split_over_the_batch():
+  """With the batch split over 8 devices, the masked top-k read compiles without any all-gather
+  (lax.top_k made XLA gather the whole [B, H, L, S] score tensor onto every device)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  module = Memory(slots=256, topk=8, heads=2, impl="masked")
+  x = jnp.ones((8, 16, 64))
+  params = module.init(jax.random.key(0), x)
+  fn = jax.jit(module.apply, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+  assert "all-gather" not in fn.lower(params, x).compile().as_text()
