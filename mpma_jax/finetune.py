@@ -426,6 +426,7 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       val = evaluate(params, *plan.select)
       history.append({"epoch": epoch, "step": step, "loss": float(np.mean(jax.device_get(running))),
                       **{k: v for k, v in val.items() if isinstance(v, float)}})
+      log.scalars(step, {"loss": history[-1]["loss"], "epoch": epoch})  # the epoch's mean
       log.scalars(step, {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
                   prefix="select")
       log_print(f"[{protocol}] epoch {epoch}/{config.train.epochs} loss {history[-1]['loss']:.4f} "
@@ -492,10 +493,10 @@ def finetune(config: ml_collections.ConfigDict, init: str, workdir: str, log_pri
 def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from mpma_jax import main as pretrain_main  # pylint: disable=g-import-not-at-top
+  from mpma_jax import distributed  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  pretrain_main.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  distributed.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   config = f.config
   if f.data_dir:
     config.data_dir = f.data_dir

@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mpma_jax.data import pipeline
+from mpma_jax.distributed import initialize_distributed
 from mpma_jax.interop import pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny",
@@ -25,43 +26,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (explicit mode)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit mode)")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def detected_cluster() -> str | None:
-  """'tpu_pod' or 'slurm' when this process is one of several started by a TPU pod or SLURM."""
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    return "tpu_pod"
-  if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return "slurm"
-  return None
-
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-  """jax.distributed.initialize for a multi-process job; nothing for a single process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  explicit = [coordinator, num_processes, process_id]
-  if any(v is not None for v in explicit) and any(v is None for v in explicit):
-    raise ValueError("--coordinator_address, --num_processes and --process_id go together; got "
-                     f"{coordinator!r}, {num_processes!r}, {process_id!r}")
-  # CPU devices exchange collectives through gloo (a no-op setting on GPU and TPU).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator is not None:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  elif detected_cluster():
-    jax.distributed.initialize()  # TPU pod / SLURM: addresses and ids from the environment
-
-
-def data_dir_for(config, workdir: str) -> str:
-  """config.data.data_dir, or <workdir>/data when only the generated synthetic set is used."""
-  if config.data.data_dir:
-    return config.data.data_dir
-  if all(name == "synthetic" for name, _ in pipeline.parse_mixture(config.data.name)):
-    return os.path.join(workdir, "data")
-  raise ValueError(f"data.name={config.data.name!r} needs --config.data.data_dir: the directory "
-                   "given to `mpma-data build NAME --manual_dir ... --data_dir DIR`")
 
 
 def prepare_tokenizer(config, workdir: str, data_dir: str):
@@ -112,7 +76,7 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   for change in pretrained.adapt_config(config):  # init.* checkpoints set the encoder sizes
     print(f"config: {change}")
-  data_dir = data_dir_for(config, workdir)
+  data_dir = pipeline.data_dir_for(config, workdir)
   pipeline.prepare(config, data_dir)  # a wrong dataset name or data_dir fails here, before any work
   tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)
   if jax.process_index() == 0:

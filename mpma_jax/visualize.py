@@ -401,17 +401,6 @@ def to_tensorboard(writer, pictures: dict[str, np.ndarray], step: int,
 
 
 # --- a run's checkpoint ---------------------------------------------------------------------------
-def _data_dir(config, workdir: str) -> str:
-  """As mpma_jax.main.data_dir_for (importing main here would define its flags twice)."""
-  from mpma_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  if config.data.data_dir:
-    return config.data.data_dir
-  if all(name == "synthetic" for name, _ in pipeline.parse_mixture(config.data.name)):
-    return os.path.join(workdir, "data")
-  raise ValueError(f"the run's data.name={config.data.name!r} needs data.data_dir, which its "
-                   "config.json leaves empty")
-
-
 def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] = None,
                   num: int = 6, gallery: int = 100) -> list[str]:
   """All four pictures for a checkpoint (default: the latest) of a pre-training run, on `num`
@@ -425,7 +414,7 @@ def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] =
   params, step = export.restore_params(workdir, step)
   tok = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
   gallery = max(num, min(gallery, config.eval.num_pairs))
-  pairs = pipeline.eval_pairs(config, tok, gallery, _data_dir(config, workdir))
+  pairs = pipeline.eval_pairs(config, tok, gallery, pipeline.data_dir_for(config, workdir))
   few = {k: v[:num] for k, v in pairs.items()}
   out = out or os.path.join(workdir, "pictures")
   path = lambda name: os.path.join(out, f"{name}_step{step}.png")

@@ -158,7 +158,7 @@ def test_main_job_runs_on_a_real_layout_dataset_by_a_config_change(tmp_path):
   config.data.update(name="mimic_cxr", data_dir=data_dir, text_choice="concat")
   config.train.update(steps=4, log_every=2, ckpt_every=4)
   config.eval.update(num_pairs=8, batch_size=8)
-  assert main.data_dir_for(config, workdir) == data_dir
+  assert pipeline.data_dir_for(config, workdir) == data_dir
   tok, tok_dir = main.prepare_tokenizer(config, workdir, data_dir)  # builtin: trained on MIMIC
   result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -168,4 +168,4 @@ def test_main_job_runs_on_a_real_layout_dataset_by_a_config_change(tmp_path):
   assert result["num_pairs"] == 8 and os.path.exists(os.path.join(workdir, "eval.json"))
   config.data.data_dir = ""
   with pytest.raises(ValueError, match="needs --config.data.data_dir"):
-    main.data_dir_for(config, workdir)
+    pipeline.data_dir_for(config, workdir)

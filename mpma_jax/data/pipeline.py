@@ -27,6 +27,7 @@ A batch is a dict of NumPy arrays (`BATCH_FIELDS`):
   truncated      int32 [B]            1 if the report was cut to data.max_len tokens
 """
 import functools
+import os
 import time
 from typing import Any, Optional
 
@@ -82,6 +83,16 @@ def _generate_synthetic(config, b, data_dir: str, timeout_s: float = 1800.0):
       return b
   raise TimeoutError(f"process {jax.process_index()}: the synthetic set did not appear in "
                      f"{data_dir!r} within {timeout_s:.0f}s (process 0 writes it)")
+
+
+def data_dir_for(config, workdir: str) -> str:
+  """config.data.data_dir, or <workdir>/data when only the generated synthetic set is used."""
+  if config.data.data_dir:
+    return config.data.data_dir
+  if all(name == "synthetic" for name, _ in parse_mixture(config.data.name)):
+    return os.path.join(workdir, "data")
+  raise ValueError(f"data.name={config.data.name!r} needs --config.data.data_dir: the directory "
+                   "given to `mpma-data build NAME --manual_dir ... --data_dir DIR`")
 
 
 def prepare(config: ml_collections.ConfigDict, data_dir: str) -> list:
