@@ -15,8 +15,10 @@ masks), on the same device.
 
 Timing: after --warmup steps of every variant, --rounds rounds each run every variant for
 steps / rounds steps in turn, so that a noisy, shared machine slows all of them alike; the figure
-is the median step time over all rounds. The minimum is reported too, and the machine's runnable
-threads during the steps (more than the cores: the step shared the CPU with other work).
+is the median step time over all rounds. The minimum is reported too, the median CPU time of the
+process per step (all threads; on a shared machine it moves less than the wall time, but spinning
+worker threads count in it), and the machine's runnable threads during the steps (more than the
+cores: the step shared the CPU with other work).
 
 Also printed: analytic FLOPs per step (flops.py, model FLOPs = 3 x forward) next to XLA's
 cost_analysis() of the compiled step, TFLOP/s and MFU. The peak for MFU is flops.peak_flops on a
@@ -113,8 +115,11 @@ def _parse(item: str) -> tuple[str, Any]:
 
 
 def compiler_options(overrides: list[str]) -> dict:
-  """The XLA options among overrides ('xla_cpu_enable_fast_math=True'), for Lowered.compile."""
-  return dict(_parse(o) for o in overrides if o.startswith("xla_"))
+  """The XLA options among overrides ('xla_cpu_enable_fast_math=True'), for Lowered.compile; '+'
+  in a value stands for ',' (which separates overrides): xla_cpu_experimental_ynn_fusion_type=
+  LIBRARY_FUSION_TYPE_DOT+LIBRARY_FUSION_TYPE_REDUCE."""
+  options = dict(_parse(o) for o in overrides if o.startswith("xla_"))
+  return {k: v.replace("+", ",") if isinstance(v, str) else v for k, v in options.items()}
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
@@ -249,11 +254,14 @@ def runnable_threads() -> Optional[int]:
 
 
 def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
-                  log: Callable[[str], None], load: Optional[dict] = None) -> dict:
+                  log: Callable[[str], None], load: Optional[dict] = None,
+                  cpu: Optional[dict] = None) -> dict:
   """{name: callable} -> {name: per-step seconds}; warm-up, then interleaved rounds. `load`, if
-  given, receives {name: [runnable threads sampled before each timed step]}."""
+  given, receives {name: [runnable threads sampled before each timed step]}, `cpu` {name: [CPU
+  seconds of this process (all its threads) per step]}."""
   times = {name: [] for name in variants}
   samples = {name: [] for name in variants}
+  cpu_times = {name: [] for name in variants}
   for name, fn in variants.items():
     t = time.perf_counter()
     for _ in range(warmup):
@@ -264,27 +272,30 @@ def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
     for name, fn in variants.items():
       for _ in range(per_round):
         samples[name].append(runnable_threads())
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn()
         times[name].append(time.perf_counter() - t)
+        cpu_times[name].append(time.process_time() - c)
     log(f"  round {r + 1}/{rounds}: " + ", ".join(
         f"{k} {statistics.median(v[-per_round:]):.3f}s" for k, v in times.items()))
   if load is not None:
     load.update(samples)
+  if cpu is not None:
+    cpu.update(cpu_times)
   return times
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| variant | features_from | median step s | min step s | examples/s | TFLOP/s | MFU | "
-           "time / JAX |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| variant | features_from | median step s | min step s | CPU s / step | examples/s | "
+           "TFLOP/s | MFU | time / JAX |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['variant']} | {r['features_from']} | {r['error']} | | | | | |")
+      lines.append(f"| {r['variant']} | {r['features_from']} | {r['error']} | | | | | | |")
       continue
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     lines.append(f"| {r['variant']} | {r['features_from']} | {r['median_s']:.4f} | "
-                 f"{r['min_s']:.4f} | {r['examples_per_s']:.1f} | {r['tflops']:.3f} | {mfu} | "
-                 f"{r['time_vs_jax']:.2f} |")
+                 f"{r['min_s']:.4f} | {r['median_cpu_s']:.3f} | {r['examples_per_s']:.1f} | "
+                 f"{r['tflops']:.3f} | {mfu} | {r['time_vs_jax']:.2f} |")
   return "\n".join(lines)
 
 
@@ -358,7 +369,8 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
                      "jax_name": name, "first_step_s": time.perf_counter() - t}
 
   load = {}
-  times = time_variants(variants, args.steps, args.warmup, args.rounds, log, load)
+  cpu = {}
+  times = time_variants(variants, args.steps, args.warmup, args.rounds, log, load, cpu)
   medians = {k: statistics.median(v) for k, v in times.items()}
   losses = {k: float(v.metrics["loss"]) for k, v in variants.items()}  # after equal step counts
   for name, t in medians.items():
@@ -368,6 +380,7 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
                  "examples_per_s": args.batch / t, "tflops": tput["tflops_per_device"],
                  "mfu": tput.get("mfu"), "time_vs_jax": t / medians[m["jax_name"]],
                  "min_s": min(times[name]), "steps": len(times[name]),
+                 "median_cpu_s": statistics.median(cpu[name]),
                  "final_loss": losses[name], "overrides": m.get("overrides", []),
                  "runnable_threads": _mean(load[name]),
                  **{k: m[k] for k in ("xla_flops", "compile_s", "first_step_s") if k in m}})
