@@ -156,7 +156,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   # logical axis -> mesh axes; parameters and activations carry the logical names.
   c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
+      ("batch", ("fsdp", "data")),  # fsdp-major: ("data", "fsdp") trips an XLA bug (sharding.py)
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),

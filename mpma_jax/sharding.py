@@ -13,7 +13,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+# The batch dimension is split over both, fsdp-major. Not ("data", "fsdp"): with that order XLA's
+# SPMD partitioner (jaxlib 0.10.2, Shardy and GSPMD alike) miscompiles a matmul on meshes with all
+# three axes > 1 — x [B, T, F] (batch, -, tensor) @ w [F, D] (tensor, fsdp) with the result's D on
+# tensor — by collective-permuting x's batch shards between devices without permuting them back,
+# so some examples get other examples' activations (tests/test_sharding.py reproduces it). It
+# happens only when the weight's split axis is the *minor* batch axis; weights are never split
+# over 'data', so fsdp-major avoids it. The config's 'batch' rule must say the same (`rules`).
+BATCH_AXES = ("fsdp", "data")
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -41,8 +48,15 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 def rules(mesh_config: ml_collections.ConfigDict) -> tuple:
   """The rule table as a tuple of (logical, mesh axes) pairs."""
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in mesh_config.rules)
+  table = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in mesh_config.rules)
+  batch = dict(table).get("batch")
+  if batch != BATCH_AXES:
+    raise ValueError(f"mesh.rules maps 'batch' to {batch!r}, expected {BATCH_AXES!r}: activations "
+                     "must be split like the input batch (sharding.batch_sharding), and the order "
+                     "('data', 'fsdp') makes XLA miscompile on data x fsdp x tensor meshes "
+                     "(see sharding.BATCH_AXES)")
+  return table
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rule_table) -> Any:

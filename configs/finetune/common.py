@@ -56,7 +56,7 @@ def base(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.rules = (
-      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+      ("batch", ("fsdp", "data")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
       ("vocab", "tensor"), ("slots", None), ("length", None), ("kv", None), ("patch", None),
       ("gla", None), ("classes", None))
   return c
