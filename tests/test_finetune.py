@@ -236,3 +236,18 @@ def test_suite_lists_tasks_without_data_and_prints_a_table(tmp_path):
   assert rows == [] and "(no task ran)" in table
   assert "vqa_rad, slake, vqa_med_2019, melinda, roco_retrieval:zero_shot" in table
   assert open(tmp_path / "out" / "suite.md").read().strip() == table.strip()
+
+
+def test_vqa_image_cache_returns_the_same_examples_and_stays_bounded(downstream_dir, tokenizer_dir):
+  b = builders.builder(VQA, downstream_dir)
+  source = b.as_data_source("train")
+  cached = downstream.Decode("vqa", tokenizer_dir, 32, 16, ["yes", "no"], cache_images=2)
+  plain = downstream.Decode("vqa", tokenizer_dir, 32, 16, ["yes", "no"], cache_images=0)
+  for i in list(range(40)) + [0, 1, 2]:  # several questions per image, then images seen before
+    a, c = plain.map({"record": source[i], "index": i}), cached.map({"record": source[i], "index": i})
+    for k in a:
+      np.testing.assert_array_equal(a[k], c[k])
+    assert len(cached._cache) <= 2
+  c["image"][:] = 0  # a batch row is a copy: the cached image is untouched
+  again = cached.map({"record": source[2], "index": 2})
+  np.testing.assert_array_equal(again["image"], plain.map({"record": source[2], "index": 2})["image"])

@@ -21,6 +21,7 @@ A decoded example (`Decode`), batched by `train_dataset` / `eval_batches`:
   classification: label int32 [] (class index, -1 for multi-label sets)
   image_classification: targets float32 [C], target_mask float32 [C] (0 = not scored / trained)
 """
+import collections
 import dataclasses
 from typing import Optional, Sequence
 
@@ -192,18 +193,45 @@ class Decode(grain.transforms.Map):
 
   def __init__(self, task: str, tokenizer_dir: str, size: int, max_len: int,
                vocab: Sequence[str] = (), class_names: Sequence[str] = (),
-               labels: Sequence[str] = (), uncertain: str = "ones", blank: str = "zeros"):
+               labels: Sequence[str] = (), uncertain: str = "ones", blank: str = "zeros",
+               cache_images: int = 2048):
     self.task, self.tokenizer_dir, self.size, self.max_len = task, tokenizer_dir, size, max_len
     self.vocab = {a: i for i, a in enumerate(vocab)}
     self.columns = [list(class_names).index(n) for n in labels]  # image_classification targets
     self.uncertain, self.blank = uncertain, blank
+    # VQA questions share images (VQA-RAD: 3,515 questions on 315 images): decoded + resized images
+    # are kept by image_id, the most recently used `cache_images` of them (0 = no cache).
+    self.cache_images = cache_images if task == "vqa" else 0
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+
+  def __getstate__(self):  # worker processes start with an empty cache
+    return {**self.__dict__, "_cache": collections.OrderedDict()}
+
+  def _image(self, record: dict) -> tuple[np.ndarray, int]:
+    key = record.get("image_id") if self.cache_images else None
+    if key is not None:
+      try:  # (Grain's reader threads share the cache: an entry may go between two calls)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+      except KeyError:
+        pass
+    try:
+      out = images.load(record["image"], self.size), 1
+    except images.ImageError:
+      out = np.zeros((self.size, self.size, 3), np.uint8), 0
+    if key is not None:
+      self._cache[key] = out
+      while len(self._cache) > self.cache_images:
+        try:
+          self._cache.popitem(last=False)
+        except KeyError:
+          break
+    return out
 
   def map(self, item: dict) -> dict:
     record = item["record"]
-    try:
-      image, valid = images.load(record["image"], self.size), 1
-    except images.ImageError:
-      image, valid = np.zeros((self.size, self.size, 3), np.uint8), 0
+    image, valid = self._image(record)
+    image = image.copy()  # batches must not alias the cached array
     if self.task == "vqa":
       text = record["question"]
     elif self.task in ("classification", "image_classification"):
