@@ -2,7 +2,12 @@
 task file in this directory starts from `base(task, dataset)` and sets what differs; select it with
 `mpma-finetune --config configs/finetune/<task>.py --init RUN --workdir DIR`.
 """
+import pathlib
+import runpy
+
 import ml_collections
+
+_PRETRAIN = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "pretrain.py"))
 
 
 def base(task: str, dataset: str) -> ml_collections.ConfigDict:
@@ -51,12 +56,6 @@ def base(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64  # validation / test batch (must split over the devices)
 
-  c.mesh = ml_collections.ConfigDict()  # as in configs/pretrain.py
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.rules = (
-      ("batch", ("fsdp", "data")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-      ("vocab", "tensor"), ("slots", None), ("length", None), ("kv", None), ("patch", None),
-      ("gla", None), ("classes", None))
+  # Device mesh and logical -> mesh axis rules: the same fields as pre-training's.
+  c.mesh = ml_collections.ConfigDict(_PRETRAIN["get_config"]("base").mesh.to_dict())
   return c
