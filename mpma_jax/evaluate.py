@@ -149,11 +149,36 @@ def table_rows(name: str, results: dict) -> list[dict]:
   return rows
 
 
+def apply_overrides(config, label: str, overrides=None) -> None:
+  """Sets the flattened config keys of `overrides` ({"train.epochs": 1, ...}) on a task config;
+  a value that is a dict, keyed by a task label of the table ("rsna_pneumonia:finetune_100"),
+  applies to that task only, after the shared ones. A zero-shot task (train.epochs == 0) stays
+  zero-shot: a shared train.epochs is not applied to it."""
+  shared = {k: v for k, v in (overrides or {}).items() if not isinstance(v, dict)}
+  if config.train.epochs == 0:
+    shared.pop("train.epochs", None)
+  for key, value in {**shared, **(overrides or {}).get(label, {})}.items():
+    config.update_from_flattened_dict({key: value})
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """'key=value' -> (key, value): the value as a Python literal (1, 0.5, ('a', 'b'), True) when it
+  is one, else the string."""
+  import ast  # pylint: disable=g-import-not-at-top
+  key, sep, value = text.partition("=")
+  if not sep or not key.strip():
+    raise ValueError(f"--override {text!r}: expected key=value, e.g. train.epochs=1")
+  try:
+    return key.strip(), ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    return key.strip(), value.strip()
+
+
 def suite(init: str, data_dir: str, workdir: str, tasks=SUITE, overrides=None,
           log_print=print) -> tuple[str, list]:
   """Fine-tunes and tests every task of `tasks` whose dataset is built in data_dir; returns the
   Markdown table and the rows (also <workdir>/suite.md and suite.json). Tasks without data are
-  listed under the table."""
+  listed under the table. overrides: config keys set on every task (`apply_overrides`)."""
   from mpma_jax import finetune, metrics  # pylint: disable=g-import-not-at-top
   from mpma_jax.data import builders  # pylint: disable=g-import-not-at-top
   rows, missing = [], []
@@ -161,8 +186,7 @@ def suite(init: str, data_dir: str, workdir: str, tasks=SUITE, overrides=None,
     config = load_task_config(name, variant) if isinstance(name, str) else name
     label = f"{config.dataset}" + (f":{variant}" if variant else "")
     config.data_dir = data_dir
-    for key, value in (overrides or {}).items():
-      config.update_from_flattened_dict({key: value})
+    apply_overrides(config, label, overrides)
     needed = [config.dataset] + ([config.data.train_dataset]
                                  if config.task == "retrieval" and config.train.epochs else [])
     if not all(builders.builder(n, data_dir).is_prepared() for n in needed):
@@ -194,7 +218,8 @@ def main(argv):
     if not (f.init and f.data_dir and f.workdir):
       raise app_usage("--suite needs --init (a pre-training run), --data_dir and --workdir")
     tasks = SUITE if not f.tasks else tuple(t for t in SUITE if t[0] in f.tasks.split(","))
-    table, _ = suite(f.init, f.data_dir, f.workdir, tasks)
+    overrides = dict(parse_override(o) for o in f.override)
+    table, _ = suite(f.init, f.data_dir, f.workdir, tasks, overrides)
     print(table)
     return
   if not f.run:
@@ -216,8 +241,8 @@ def app_usage(message: str):
 def run():
   """`mpma-eval --run FINETUNE_RUN [--protocol P] [--split test|select] [--out F]` writes the
   metrics of a fine-tuning run's selected checkpoint as JSON; `mpma-eval --suite --init RUN
-  --data_dir D --workdir OUT [--tasks vqa_rad,slake]` fine-tunes and tests every task with data
-  and prints the Markdown table (also OUT/suite.md)."""
+  --data_dir D --workdir OUT [--tasks vqa_rad,slake] [--override key=value ...]` fine-tunes and
+  tests every task with data and prints the Markdown table (also OUT/suite.md)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("run", None, "A fine-tuning run directory (mpma-finetune --workdir)")
   flags.DEFINE_string("protocol", None, "prior | clean (default: every protocol of the run)")
@@ -228,6 +253,8 @@ def run():
   flags.DEFINE_string("data_dir", None, "--suite: where `mpma-data build` wrote the datasets")
   flags.DEFINE_string("workdir", None, "--suite: output directory (one fine-tuning run per task)")
   flags.DEFINE_string("tasks", None, "--suite: comma-separated task configs to run (default all)")
+  flags.DEFINE_multi_string("override", [], "--suite: key=value set on every task's config "
+                            "(repeatable), e.g. --override train.epochs=1 --override image_size=0")
   app.run(main)
 
 

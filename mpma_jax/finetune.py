@@ -211,8 +211,14 @@ def init_state(config, model: Downstream, model_cfg, num_outputs, pretrained, tx
   init = lambda: model.init(jax.random.key(config.seed), batch, method=Downstream.init_all)["params"]
   boxed = jax.eval_shape(init)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
-  fresh = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=param_sh)()
-  host, notes = transfer(jax.device_get(fresh), pretrained, model_cfg)
+  # Only the head keeps fresh values (`transfer` replaces every other leaf), so only the head is
+  # computed: compiling the initialisation of the whole model cost as much as the train step.
+  fresh = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                       is_leaf=lambda x: isinstance(x, nn.Partitioned))  # shapes
+  if "head" in fresh:
+    fresh["head"] = jax.device_get(jax.jit(lambda: nn.meta.unbox(init()["head"]),
+                                           out_shardings=param_sh["head"])())
+  host, notes = transfer(fresh, pretrained, model_cfg)
 
   def place(x, s):
     x = np.asarray(x)

@@ -40,7 +40,7 @@ def _write(root, name, rows, label_columns):
                       + [labels.get(n, "") for n in label_columns])
       file = root / path
       file.parent.mkdir(parents=True, exist_ok=True)
-      data = images.encode_jpeg(np.full((12, 10), 20 * i, np.uint8))  # grey JPEG, as distributed
+      data = images.encode_jpeg(np.full((12, 10), 20 * i % 256, np.uint8))  # grey, as distributed
       if image == "ok" and not file.exists():
         file.write_bytes(data)
       elif image == "corrupt":

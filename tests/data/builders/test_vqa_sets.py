@@ -12,16 +12,19 @@ def _jpeg(i: int) -> bytes:
 
 
 # --- SLAKE ------------------------------------------------------------------------------------------
+def _slake_question(qid, img, question, answer, lang="en", atype="OPEN") -> dict:
+  """One record of SLAKE's {train,validate,test}.json."""
+  return {"img_id": 1, "img_name": img, "question": question, "answer": answer, "q_lang": lang,
+          "location": "Lung", "modality": "X-Ray", "answer_type": atype, "base_type": "vqa",
+          "content_type": "Position", "triple": ["vhead", "_", "_"], "qid": qid}
+
+
 def _slake(root):
   (root / "imgs" / "xmlab1").mkdir(parents=True)
   (root / "imgs" / "xmlab2").mkdir(parents=True)
   (root / "imgs" / "xmlab1" / "source.jpg").write_bytes(_jpeg(1))
   (root / "imgs" / "xmlab2" / "source.jpg").write_bytes(_jpeg(2)[:25])  # corrupt
-
-  def q(qid, img, question, answer, lang="en", atype="OPEN"):
-    return {"img_id": 1, "img_name": img, "question": question, "answer": answer, "q_lang": lang,
-            "location": "Lung", "modality": "X-Ray", "answer_type": atype, "base_type": "vqa",
-            "content_type": "Position", "triple": ["vhead", "_", "_"], "qid": qid}
+  q = _slake_question
   json.dump([q(1, "xmlab1/source.jpg", "How many lungs are there?", 2),
              q(2, "xmlab1/source.jpg", "Is this a CT?", "No", atype="CLOSED "),
              q(3, "xmlab1/source.jpg", "这是什么?", "肺", lang="zh"),
