@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,17 +40,53 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
-def wait_all(procs: list, timeout: float) -> list[str]:
-  """Outputs of the processes; on a timeout all are killed and the failure shows their output."""
-  outputs = []
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a live process (Linux /proc), 0 when it cannot be read."""
   try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=timeout)[0])
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    tails = [p.communicate()[0][-2000:] for p in procs]
-    raise AssertionError("workers timed out:\n" + "\n-----\n".join(tails)) from None
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  except (OSError, IndexError, ValueError):
+    return 0.0
+
+
+def wait_all(procs: list, timeout: float, idle: float = 90.0) -> list[str]:
+  """Outputs of the processes. Fails, killing all of them, after `timeout` seconds, or as soon as
+  the ones still running have used no CPU for `idle` seconds (a deadlock: blocked in collectives;
+  a slow but working run, e.g. compiling on a loaded machine, keeps using CPU). The failure shows
+  every thread's Python stack (main() registers SIGUSR1) and the end of each output."""
+  chunks = [[] for _ in procs]
+  readers = [threading.Thread(target=lambda p=p, c=c: c.extend(iter(p.stdout.readline, "")),
+                              daemon=True) for p, c in zip(procs, chunks)]
+  for r in readers:
+    r.start()
+  start = last_progress = time.monotonic()
+  cpu = None
+  problem = None
+  while any(p.poll() is None for p in procs):
+    time.sleep(1.0)
+    now_cpu = sum(_cpu_seconds(p.pid) for p in procs if p.poll() is None)
+    if cpu is None or now_cpu > cpu + 0.5 or now_cpu < cpu:  # (a process ended: new baseline)
+      cpu, last_progress = now_cpu, time.monotonic()
+    if time.monotonic() - last_progress > idle:
+      problem = f"used no CPU for {idle:.0f}s (deadlocked)"
+    elif time.monotonic() - start > timeout:
+      problem = f"timed out after {timeout:.0f}s"
+    if problem:
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signal.SIGUSR1)
+      time.sleep(2)
+      for p in procs:
+        p.kill()
+      break
+  for p, r in zip(procs, readers):
+    p.wait()
+    r.join()
+  outputs = ["".join(c) for c in chunks]
+  if problem:
+    raise AssertionError(f"workers {problem}, after {time.monotonic() - start:.0f}s:\n" +
+                         "\n-----\n".join(out[-4000:] for out in outputs))
   return outputs
 
 
@@ -72,6 +110,8 @@ def main():
   p.add_argument("--num_processes", type=int)
   p.add_argument("--process_id", type=int)
   args = p.parse_args()
+  import faulthandler  # pylint: disable=g-import-not-at-top
+  faulthandler.register(signal.SIGUSR1, all_threads=True)  # wait_all's timeout asks for stacks
   if os.environ.get("MPMA_WORKER_TRACEBACK_AFTER"):  # debugging a hang: dump every thread's stack
     import faulthandler  # pylint: disable=g-import-not-at-top
     faulthandler.dump_traceback_later(float(os.environ["MPMA_WORKER_TRACEBACK_AFTER"]), exit=True)
