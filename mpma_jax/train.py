@@ -502,7 +502,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
             f"{config.eval.num_pairs} held-out pairs:\n" + evaluate.format_table(
                 {k: v for k, v in rows.items() if v is not None}))
   if jax.process_index() == 0:
-    if config.eval.get("pictures", True):  # MIM, alignment, retrieval, curves (visualize.py)
+    # MIM, alignment, retrieval, curves (visualize.py). One process only: restoring the checkpoint
+    # there would wait for the other processes, which have finished (run mpma-visualize after).
+    if config.eval.get("pictures", True) and jax.process_count() == 1:
       from mpma_jax import visualize  # pylint: disable=g-import-not-at-top
       result["pictures"] = visualize.visualize_run(workdir, step=steps)
       log.print("pictures: " + ", ".join(result["pictures"]))
