@@ -29,12 +29,6 @@ class Synthetic(base.Builder):
   BUILDER_CONFIGS = [config_for(20_000, 1_000, 64, 0)]
   LAYOUT = "  (none: the set is generated; --manual_dir is ignored)"
 
-  def _split_generators(self, dl_manager):  # generated: no manual_dir to check
-    cfg = self.builder_config
-    return {split: self._checked(split, self._examples(split, n))
-            for split, n in (("train", cfg.num_train), ("validation", cfg.num_eval),
-                             ("test", cfg.num_eval))}
-
   def _examples(self, split, num):
     cfg = self.builder_config
     for i in range(num):

@@ -44,12 +44,6 @@ class _Generated(base.Builder):
   BUILDER_CONFIGS = [config_for(1_000, 200, 64, 0)]
   LAYOUT = "  (none: the set is generated; --manual_dir is ignored)"
 
-  def _split_generators(self, dl_manager):  # generated: no manual_dir to check
-    cfg = self.builder_config
-    return {split: self._checked(split, self._examples(split, n))
-            for split, n in (("train", cfg.num_train), ("validation", cfg.num_eval),
-                             ("test", cfg.num_eval))}
-
   def _examples(self, split, num):
     for i in range(num):
       yield from self._case_examples(split, i, synthetic.sample_case(self.builder_config.seed,
