@@ -63,23 +63,34 @@ def test_rejects_bad_topk():
     Memory(4, 5, 1).init(jax.random.key(0), jnp.zeros((1, 2, WIDTH)))
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 3000, -1])  # 3000: chunks of 2 rows, remainder 1
-@pytest.mark.parametrize("k", [1, 3, 16, 64])
-def test_kth_largest_is_exactly_top_k(k, chunk_bytes):
+@pytest.mark.parametrize("slots", [64, 60, 37])  # counted in groups of 32, 30 and 1 slots
+@pytest.mark.parametrize("k", [1, 3, 16, 37])
+def test_kth_largest_is_exactly_top_k(k, slots):
   """Bit-for-bit lax.top_k's k-th value: signs, ties, +-0, infinities, tiny and huge magnitudes."""
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(5, 7, 64)).astype(np.float32) * np.float32(10.0) ** rng.integers(
-      -30, 30, size=(5, 7, 64))
+  x = rng.normal(size=(5, 7, slots)).astype(np.float32) * np.float32(10.0) ** rng.integers(
+      -30, 30, size=(5, 7, slots))
   x[0, 0] = 0.0
   x[0, 1, ::2] = -0.0
   x[1, 0] = 1.5  # all tied
-  x[1, 1, :40] = -2.0  # ties across the k-th position
+  x[1, 1, :30] = -2.0  # ties across the k-th position
   x[2, 0, :3] = [np.inf, -np.inf, np.finfo(np.float32).max]
   x[2, 1] = -np.abs(x[2, 1])  # all negative
   want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][..., -1:])
-  got = np.asarray(jax.jit(kth_largest, static_argnums=(1, 2))(jnp.asarray(x), k, chunk_bytes))
+  got = np.asarray(jax.jit(kth_largest, static_argnums=1)(jnp.asarray(x), k))
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(got >= 0, want >= 0)  # same value, same mask either way
+
+
+def test_kth_largest_counts_in_one_pass_per_round():
+  """Each round's compare is fused into its row sum: no reduce-window (XLA:CPU's rewrite of a sum
+  over more than 32 elements, which cannot fuse the compare and so materialised an int32 copy of
+  the scores in every round)."""
+  hlo = jax.jit(kth_largest, static_argnums=1).lower(jnp.zeros((4, 3, 10, 512)), 32).compile()
+  assert "reduce-window" not in hlo.as_text()
+  assert "reduce-window" in jax.jit(  # the check can fail: a plain sum over 512 slots has one
+      lambda x: jnp.sum(x >= 0.5, axis=-1, dtype=jnp.int32)).lower(
+          jnp.zeros((4, 3, 10, 512))).compile().as_text()
 
 
 def test_kth_largest_has_no_gradient():
