@@ -32,7 +32,8 @@ override whose key starts with 'xla_' is an XLA compiler option of that JAX step
 (Lowered.compile(compiler_options=...)), so XLA options too are compared within one process:
 --jax_variant noynn:xla_cpu_experimental_ynn_fusion_type= (empty: no YNNPACK fusions).
 'patch=NAME' (see PATCHES) traces that variant with a proposed change to the model code
-(patch=topk_kth), to measure it before it is made in mpma_jax.
+(patch=topk_kth), to measure it before it is made in mpma_jax, or with an earlier form of the code
+to measure a change that was made (patch=kth_plain_sum).
 """
 import argparse
 import ast
@@ -84,8 +85,33 @@ def _topk_kth():
     memory.kth_largest = old
 
 
+@contextlib.contextmanager
+def _kth_plain_sum():
+  """memory.kth_largest as it was before 2026-12-06 (without its cache-sized chunks): each round's
+  count a single sum over all S slots, which XLA:CPU turns into a reduce-window that does not fuse
+  the compare. Same values; kept to measure the grouped count against."""
+  old = memory.kth_largest
+
+  def kth(x, k):
+    u = memory._sortable(jax.lax.stop_gradient(x).astype(jnp.float32))  # pylint: disable=protected-access
+
+    def round_(i, prefix):
+      candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+      count = jnp.sum(u >= candidate, axis=-1, keepdims=True, dtype=jnp.int32)
+      return jnp.where(count >= k, candidate, prefix)
+
+    bits = jax.lax.fori_loop(0, 32, round_, jnp.zeros(u.shape[:-1] + (1,), jnp.uint32))
+    return memory._unsortable(bits)  # pylint: disable=protected-access
+
+  memory.kth_largest = kth
+  try:
+    yield
+  finally:
+    memory.kth_largest = old
+
+
 # Applied only while a --jax_variant with patch=NAME (or patch=A+B) is traced and compiled.
-PATCHES = {"topk_kth": _topk_kth}
+PATCHES = {"topk_kth": _topk_kth, "kth_plain_sum": _kth_plain_sum}
 
 
 def patches(overrides: list[str]) -> contextlib.ExitStack:

@@ -134,3 +134,16 @@ def test_benchmark_runs_end_to_end():
   assert rows["jax"]["xla_flops"] > 0 and summary["peak_tflops"] > 0
   # Same parameters, batch and number of steps: the same loss at the end.
   assert rows["torch eager"]["final_loss"] == pytest.approx(rows["jax"]["final_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["topk_kth", "kth_plain_sum"])
+def test_memory_patches_compute_the_same_kth(name):
+  """The benchmark's memory patches only change how the k-th largest score is computed."""
+  from mpma_jax.models import memory  # pylint: disable=g-import-not-at-top
+  x = np.array(jax.random.normal(jax.random.key(1), (3, 2, 5, 96)))
+  x[0, 0, 0, :40] = 0.5  # ties across the k-th position
+  want = memory.kth_largest(jnp.asarray(x), 16)
+  with train_step.patches([f"patch={name}"]):
+    got = memory.kth_largest(jnp.asarray(x), 16)
+  np.testing.assert_array_equal(got, want)
+  assert memory.kth_largest.__name__ == "kth_largest"  # restored on exit
