@@ -45,11 +45,17 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.
 _KIND = re.compile(r"kind=(k\w+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _IN_MODULE = re.compile(r"\(MPMA\)+/")
+_OPERAND = re.compile(r"%([\w.\-]+)")
 
 
 def hlo_ops(hlo_text: str) -> dict:
-  """Instruction name -> (opcode or fusion kind, metadata op_name) from a compiled HLO module."""
-  out = {}
+  """Instruction name -> (opcode or fusion kind, metadata op_name) from a compiled HLO module.
+
+  XLA leaves some instructions it creates without metadata (the `wrapped_reduce-window` ops that
+  split a long reduction); those borrow the op_name of an operand that has one, else of an
+  instruction that uses them, so that they count under the model part they belong to rather than
+  under "update" (which, before, hid the memory's top-k search there)."""
+  out, operands, users = {}, {}, {}
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
     if not m:
@@ -59,6 +65,13 @@ def hlo_ops(hlo_text: str) -> dict:
     op_name = _OP_NAME.search(rest)
     out[name] = (f"{opcode}:{kind.group(1)[1:].lower()}" if opcode == "fusion" and kind
                  else opcode, op_name.group(1) if op_name else "")
+    operands[name] = _OPERAND.findall(rest.split(")", 1)[0])
+    for operand in operands[name]:
+      users.setdefault(operand, []).append(name)
+  for name, (kind, op_name) in list(out.items()):
+    if not op_name:
+      near = [out[n][1] for n in operands[name] + users.get(name, []) if n in out and out[n][1]]
+      out[name] = (kind, near[0] if near else "")
   return out
 
 
