@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -68,29 +69,21 @@ TORCH_VARIANTS = ("eager", "compile", "amp", "compile_amp")
 
 
 # --- proposed model changes, measured without editing mpma_jax ----------------------------------
-@contextlib.contextmanager
 def _topk_kth():
   """The masked memory read's k-th largest score from lax.top_k (kept whole, then its minimum)
   instead of memory.kth_largest's bitwise search. Same values. (Slicing top_k's last value instead
   of taking the minimum made XLA:CPU lower it to a full sort over all slots.)"""
-  old = memory.kth_largest
 
   def kth(x, k):
     return jax.lax.top_k(jax.lax.stop_gradient(x), k)[0].min(-1, keepdims=True)
 
-  memory.kth_largest = kth
-  try:
-    yield
-  finally:
-    memory.kth_largest = old
+  return mock.patch.object(memory, "kth_largest", kth)
 
 
-@contextlib.contextmanager
 def _kth_plain_sum():
   """memory.kth_largest as it was before 2026-12-06 (without its cache-sized chunks): each round's
   count a single sum over all S slots, which XLA:CPU turns into a reduce-window that does not fuse
   the compare. Same values; kept to measure the grouped count against."""
-  old = memory.kth_largest
 
   def kth(x, k):
     u = memory._sortable(jax.lax.stop_gradient(x).astype(jnp.float32))  # pylint: disable=protected-access
@@ -103,14 +96,11 @@ def _kth_plain_sum():
     bits = jax.lax.fori_loop(0, 32, round_, jnp.zeros(u.shape[:-1] + (1,), jnp.uint32))
     return memory._unsortable(bits)  # pylint: disable=protected-access
 
-  memory.kth_largest = kth
-  try:
-    yield
-  finally:
-    memory.kth_largest = old
+  return mock.patch.object(memory, "kth_largest", kth)
 
 
-# Applied only while a --jax_variant with patch=NAME (or patch=A+B) is traced and compiled.
+# Applied only while a --jax_variant with patch=NAME (or patch=A+B) is traced and compiled;
+# each returns a context manager.
 PATCHES = {"topk_kth": _topk_kth, "kth_plain_sum": _kth_plain_sum}
 
 

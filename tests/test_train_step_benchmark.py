@@ -12,7 +12,7 @@ from benchmarks import torch_reference, train_step
 from mpma_jax import optim
 from mpma_jax.interop import torch_mpma
 from mpma_jax.interop.common import flatten
-from mpma_jax.models import gla
+from mpma_jax.models import gla, memory
 from tests.conftest import tiny_config
 
 BATCH = 8
@@ -139,7 +139,6 @@ def test_benchmark_runs_end_to_end():
 @pytest.mark.parametrize("name", ["topk_kth", "kth_plain_sum"])
 def test_memory_patches_compute_the_same_kth(name):
   """The benchmark's memory patches only change how the k-th largest score is computed."""
-  from mpma_jax.models import memory  # pylint: disable=g-import-not-at-top
   x = np.array(jax.random.normal(jax.random.key(1), (3, 2, 5, 96)))
   x[0, 0, 0, :40] = 0.5  # ties across the k-th position
   want = memory.kth_largest(jnp.asarray(x), 16)
