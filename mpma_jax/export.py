@@ -53,6 +53,8 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
   from mpma_jax.interop import hf_clip, hf_text, torch_mpma  # pylint: disable=g-import-not-at-top
   config = run_config(workdir)
   params, step = restore_params(workdir, step)
+  from mpma_jax.models import mpma  # pylint: disable=g-import-not-at-top
+  params = mpma.unrolled_params(params, config.model)  # the converters' layout (model.scan)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
   dirs = {name: os.path.join(out, name) for name in ("image_encoder", "text_encoder", "mpma")}
   hf_clip.export_clip_vision(params, config.model.image, dirs["image_encoder"])

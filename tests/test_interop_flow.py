@@ -16,6 +16,7 @@ from mpma_jax import export, optim, sharding, train
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.interop import common, hf_clip, hf_text, pretrained
 from mpma_jax.interop.torch_mpma import MPMATorch
+from mpma_jax.models import mpma
 from mpma_jax.models.vit import normalize_images
 from tests.conftest import tiny_config
 
@@ -67,16 +68,18 @@ def test_adapt_config_takes_sizes_and_tokenizer_from_the_checkpoints(tmp_path):
   assert pretrained.adapt_config(config) == [] and config.model.text.width == 32
 
 
-def test_load_pretrained_writes_the_checkpoints_into_the_sharded_state(tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_load_pretrained_writes_the_checkpoints_into_the_sharded_state(tmp_path, scan):
   dirs = _hf_dirs(str(tmp_path))
   config = _config(dirs)
+  config.model.scan = scan  # stacked blocks: imported through the unrolled layout
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   model, tx = train.make_model(config), optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fresh, shardings = train.create_train_state(config, model, tx, mesh, rules)
-    fresh_params = jax.device_get(fresh.params)
+    fresh_params = mpma.unrolled_params(jax.device_get(fresh.params), config.model)
     state = train.load_pretrained(config, fresh, shardings, tx, str(tmp_path))
-  got = common.flatten(jax.device_get(state.params))
+  got = common.flatten(mpma.unrolled_params(jax.device_get(state.params), config.model))
   # what the converters give on host arrays
   want, report_image = hf_clip.import_clip_vision(dirs["clip"], fresh_params, config.model.image)
   want, report_text = hf_text.import_hf_text(dirs["bert"], want, config.model.text)
@@ -100,12 +103,14 @@ def test_load_pretrained_writes_the_checkpoints_into_the_sharded_state(tmp_path)
   assert "imported     text_encoder/word_embeddings <- bert.embeddings.word_embeddings.weight" in report
 
 
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory, tokenizer_dir, data_dir):
-  """2 steps of pre-training from the HF checkpoints, written as mpma-pretrain does, exported."""
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
+def exported_run(request, tmp_path_factory, tokenizer_dir, data_dir):
+  """2 steps of pre-training from the HF checkpoints, written as mpma-pretrain does, exported
+  (with the blocks unrolled, and stacked by model.scan)."""
   root = str(tmp_path_factory.mktemp("flow"))
   dirs = _hf_dirs(root)
   config = _config(dirs)
+  config.model.scan = request.param
   workdir = os.path.join(root, "run")
   os.makedirs(workdir)
   shutil.copytree(tokenizer_dir, os.path.join(workdir, "tokenizer"))

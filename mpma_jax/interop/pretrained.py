@@ -66,7 +66,13 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
 
 def initialise(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, list[ImportReport]]:
   """params (the whole model's tree) with the `init.*` checkpoints written in, and one report per
-  checkpoint. Leaves that no checkpoint covers are returned as they came (e.g. sharded arrays)."""
+  checkpoint. Leaves that no checkpoint covers are returned as they came (e.g. sharded arrays).
+  The converters read and write the unrolled layout; with model.scan the stacks are taken apart
+  for them and stacked again (models.mpma.scanned_params)."""
+  from mpma_jax.models import mpma  # pylint: disable=g-import-not-at-top
+  scan = config.model.get("scan", False)
+  if scan:
+    params = mpma.unrolled_params(params, config.model)
   reports = []
   if config.init.m3ae:
     from mpma_jax.interop import m3ae  # pylint: disable=g-import-not-at-top
@@ -80,4 +86,6 @@ def initialise(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, lis
     from mpma_jax.interop import hf_text  # pylint: disable=g-import-not-at-top
     params, report = hf_text.import_hf_text(config.init.text, params, config.model.text)
     reports.append(report)
+  if scan:
+    params = mpma.scanned_params(params, config.model)
   return params, reports

@@ -37,6 +37,7 @@ class MIMDecoder(nn.Module):
   eps: float = 1e-6  # LayerNorm epsilon
   dtype: layers.Dtype = jnp.float32
   remat: str = "none"  # rematerialisation policy of each block (layers.REMAT_POLICIES)
+  scan: bool = False  # run the blocks with nn.scan (layers.stack)
 
   @nn.compact
   def __call__(self, x, restore, deterministic: bool = True):
@@ -50,10 +51,11 @@ class MIMDecoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)  # [B, 1+N, W]
     grid = int(round(np.sqrt(self.num_patches)))
     x = x + jnp.asarray(sincos_2d(grid, self.width), self.dtype)
-    block = layers.remat(layers.PreLNBlock, self.remat, deterministic_argnum=3)
-    for i in range(self.depth):
-      x = block(self.heads, int(self.width * self.mlp_ratio), self.activation, eps=self.eps,
-                dtype=self.dtype, name=f"block_{i}")(x, None, deterministic)
+    blocks = layers.stack(layers.PreLNBlock, self.depth, scan=self.scan, remat_policy=self.remat,
+                          deterministic_argnum=3, prefix="block_", num_heads=self.heads,
+                          mlp_dim=int(self.width * self.mlp_ratio), activation=self.activation,
+                          eps=self.eps, dtype=self.dtype)
+    x = blocks(x, None, deterministic)
     x = layers.LayerNorm(self.eps, self.dtype, name="ln")(x)
     return layers.Dense(self.patch_pixels, ("embed", "patch"), self.dtype, name="pred")(x[:, 1:])
 

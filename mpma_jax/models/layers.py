@@ -149,6 +149,7 @@ class PreLNBlock(nn.Module):
   activation: str = "quick_gelu"
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  scan_carry: bool = False  # return (x, None), the body shape nn.scan wants (`stack`)
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -156,7 +157,8 @@ class PreLNBlock(nn.Module):
     x = x + Attention(self.num_heads, self.dtype, name="attn")(h, h, mask, deterministic)
     h = LayerNorm(self.eps, self.dtype, name="ln_2")(x)
     x = x + Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(h)
-    return constrain(x)
+    x = constrain(x)
+    return (x, None) if self.scan_carry else x
 
 
 class PostLNBlock(nn.Module):
@@ -171,6 +173,7 @@ class PostLNBlock(nn.Module):
   attn_dropout: float = 0.0
   eps: float = 1e-12
   dtype: Dtype = jnp.float32
+  scan_carry: bool = False  # return (x, None), the body shape nn.scan wants (`stack`)
 
   @nn.compact
   def __call__(self, x, mask=None, y=None, y_mask=None, deterministic: bool = True):
@@ -184,7 +187,8 @@ class PostLNBlock(nn.Module):
       x = LayerNorm(self.eps, self.dtype, name="cross_ln")(x + drop(h))
     h = Mlp(self.mlp_dim, "gelu", self.dtype, name="mlp")(x)
     x = LayerNorm(self.eps, self.dtype, name="mlp_ln")(x + drop(h))
-    return constrain(x)
+    x = constrain(x)
+    return (x, None) if self.scan_carry else x
 
 
 # Rematerialisation policies (config `model.remat`): what a transformer block keeps for the backward
@@ -197,7 +201,7 @@ REMAT_POLICIES = {
 }
 
 
-def remat(block: type, policy: str, deterministic_argnum: int) -> type:
+def remat(block: type, policy: str, deterministic_argnum: int, prevent_cse: bool = True) -> type:
   """`block` (a Module class), or the same class wrapped in nn.remat with the named policy.
 
   deterministic_argnum: position of the `deterministic` argument of __call__ (self = 0), which is a
@@ -207,7 +211,41 @@ def remat(block: type, policy: str, deterministic_argnum: int) -> type:
     raise ValueError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
   if policy == "none":
     return block
-  return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=(deterministic_argnum,))
+  return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=(deterministic_argnum,),
+                  prevent_cse=prevent_cse)
+
+
+def scanned_name(prefix: str) -> str:
+  """The submodule that holds a scanned stack: 'block_' -> 'blocks', 'layer_' -> 'layers'."""
+  return prefix.rstrip("_") + "s"
+
+
+def stack(block: type, num: int, *, scan: bool, remat_policy: str, deterministic_argnum: int,
+          prefix: str, **kwargs):
+  """`num` blocks of one class, applied in sequence: returns f(x, *args) -> x.
+
+  Call it inside a compact method. Unrolled (scan=False) the blocks are submodules
+  `{prefix}{i}`; scanned (model.scan) they are one submodule `scanned_name(prefix)` run by nn.scan, its
+  parameters stacked on a leading 'layers' axis of size `num` ([num, ...] per leaf). The scanned
+  form is compiled once instead of `num` times (compile time on large models); both compute the
+  same function, and `models.mpma.scanned_params` / `unrolled_params` convert between the layouts.
+  """
+  if not scan:
+    cls = remat(block, remat_policy, deterministic_argnum)
+    blocks = [cls(**kwargs, name=f"{prefix}{i}") for i in range(num)]
+
+    def unrolled(x, *args):
+      for b in blocks:
+        x = b(x, *args)
+      return x
+    return unrolled
+  # Inside a scan the loop already keeps each step's inputs apart: CSE prevention is not needed.
+  cls = remat(block, remat_policy, deterministic_argnum, prevent_cse=False)
+  scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast, length=num,
+                    metadata_params={nn.PARTITION_NAME: "layers"})(
+                        **kwargs, scan_carry=True, name=scanned_name(prefix))
+  return lambda x, *args: scanned(x, *args)[0]
 
 
 def key_mask(valid):

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mpma_jax.models import layers
 from mpma_jax.models.decoders import ITMHead, MIMDecoder, MLMHead
@@ -20,6 +21,54 @@ from mpma_jax.models.vit import VisionTransformer, normalize_images
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT, IMAGE = 0, 1  # modality-type ids [M3AE]
+
+
+def stacked_blocks(model_config) -> list[tuple[str, str, int, tuple[str, ...]]]:
+  """(module, unrolled block prefix, count, path of the stacked block) of every block stack that
+  `model.scan` runs with nn.scan: `{prefix}{i}` unrolled <-> the path, each leaf [count, ...]."""
+  c = model_config
+  out = [("image_encoder", "block_", c.image.layers, ("blocks",)),
+         ("text_encoder", "layer_", c.text.layers, ("layers",)),
+         ("mim_decoder", "block_", c.mim.depth, ("blocks",))]
+  if c.memory.placement != "every_text_layer":  # (that placement keeps the fusion unrolled)
+    out += [("fusion", "text_layer_", c.fusion.layers, ("layers", "text_layer")),
+            ("fusion", "image_layer_", c.fusion.layers, ("layers", "image_layer"))]
+  return out
+
+
+def scanned_params(params: dict, model_config) -> dict:
+  """Parameters in the unrolled layout ({module: {block_0: .., block_1: ..}}) -> the scanned one
+  that MPMA builds with model.scan = True (stacked_blocks). Plain arrays (host or device)."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+  for module, prefix, num, path in stacked_blocks(model_config):
+    sub = out.get(module)
+    if sub is None or f"{prefix}0" not in sub:
+      continue
+    per_block = [sub.pop(f"{prefix}{i}") for i in range(num)]
+    stack = np.stack if isinstance(jax.tree.leaves(per_block)[0], np.ndarray) else jnp.stack
+    for key in path[:-1]:
+      sub = sub.setdefault(key, {})
+    sub[path[-1]] = jax.tree.map(lambda *xs: stack(xs), *per_block)
+  return out
+
+
+def unrolled_params(params: dict, model_config) -> dict:
+  """The inverse of `scanned_params`; parameters already unrolled are returned as they are."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+  for module, prefix, num, path in stacked_blocks(model_config):
+    sub = out.get(module)
+    if sub is None or path[0] not in sub:
+      continue
+    parent = sub
+    for key in path[:-1]:
+      parent[key] = dict(parent[key])
+      parent = parent[key]
+    stacked = parent.pop(path[-1])
+    if not parent and len(path) > 1:
+      del sub[path[0]]
+    for i in range(num):
+      sub[f"{prefix}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
 
 
 def compute_dtype(name: str):
@@ -36,12 +85,13 @@ class MPMA(nn.Module):
     c = self.config
     dt = compute_dtype(c.dtype)
     i, t = c.image, c.text
+    scan = c.get("scan", False)  # (.get: configs saved before the field existed)
     self.image_encoder = VisionTransformer(i.size, i.patch, i.width, i.layers, i.heads,
-                                           i.mlp_ratio, dtype=dt, remat=c.remat)
+                                           i.mlp_ratio, dtype=dt, remat=c.remat, scan=scan)
     self.text_encoder = TextEncoder(t.vocab_size, t.width, t.layers, t.heads, t.mlp_dim,
                                     t.max_positions, t.type_vocab_size, t.pad_id,
                                     t.position_style, t.eps, t.dropout, t.attn_dropout, dtype=dt,
-                                    remat=c.remat)
+                                    remat=c.remat, scan=scan)
     self.image_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.text_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.modality_type = nn.Embed(2, c.hidden, dtype=dt,
@@ -53,7 +103,8 @@ class MPMA(nn.Module):
     self.memory = Memory(m.slots, m.topk, m.heads, m.impl, dtype=dt) if m.enabled else None
     f = c.fusion
     self.fusion = CoAttentionFusion(f.layers, f.heads, f.mlp_dim, f.dropout, f.attn_dropout,
-                                    c.mim.layer, dtype=dt, remat=c.remat)
+                                    c.mim.layer, dtype=dt, remat=c.remat,
+                                    scan=scan and m.placement != "every_text_layer")
     self.text_pooler = Pooler(dt)
     self.image_pooler = Pooler(dt)
     g = c.gla
@@ -62,7 +113,7 @@ class MPMA(nn.Module):
     # (.get: configs saved before these fields existed)
     self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
                                   c.mim.heads, activation=c.mim.get("activation", "gelu"),
-                                  eps=c.mim.get("eps", 1e-6), dtype=dt, remat=c.remat)
+                                  eps=c.mim.get("eps", 1e-6), dtype=dt, remat=c.remat, scan=scan)
     self.mlm_head = MLMHead(t.vocab_size, t.eps, dtype=dt)
     self.itm_head = ITMHead(dt)
 

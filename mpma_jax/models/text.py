@@ -37,6 +37,7 @@ class TextEncoder(nn.Module):
   attn_dropout: float = 0.1
   dtype: layers.Dtype = jnp.float32
   remat: str = "none"  # rematerialisation policy of each layer (layers.REMAT_POLICIES)
+  scan: bool = False  # run the layers with nn.scan (layers.stack)
 
   @nn.compact
   def __call__(self, ids, attention_mask, deterministic: bool = True):
@@ -58,9 +59,9 @@ class TextEncoder(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = layers.constrain(x)
     mask = layers.key_mask(attention_mask)  # [B, 1, 1, L]
-    block = layers.remat(layers.PostLNBlock, self.remat, deterministic_argnum=5)
-    for i in range(self.layers):
-      x = block(self.heads, self.mlp_dim, dropout=self.dropout, attn_dropout=self.attn_dropout,
-                eps=self.eps, dtype=self.dtype, name=f"layer_{i}")(x, mask, None, None,
-                                                                    deterministic)
+    blocks = layers.stack(layers.PostLNBlock, self.layers, scan=self.scan, remat_policy=self.remat,
+                          deterministic_argnum=5, prefix="layer_", num_heads=self.heads,
+                          mlp_dim=self.mlp_dim, dropout=self.dropout,
+                          attn_dropout=self.attn_dropout, eps=self.eps, dtype=self.dtype)
+    x = blocks(x, mask, None, None, deterministic)
     return x  # [B, L, D]

@@ -45,6 +45,7 @@ class VisionTransformer(nn.Module):
   mlp_ratio: float = 4.0
   dtype: layers.Dtype = jnp.float32
   remat: str = "none"  # rematerialisation policy of each block (layers.REMAT_POLICIES)
+  scan: bool = False  # run the blocks with nn.scan (layers.stack)
 
   @property
   def num_patches(self) -> int:
@@ -69,8 +70,9 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to((cls + pos[0]).astype(self.dtype), (b, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + n, D]
     x = layers.LayerNorm(1e-5, self.dtype, name="ln_pre")(x)
-    block = layers.remat(layers.PreLNBlock, self.remat, deterministic_argnum=3)
-    for i in range(self.layers):
-      x = block(self.heads, int(self.width * self.mlp_ratio), "quick_gelu", dtype=self.dtype,
-                name=f"block_{i}")(x, None, deterministic)
+    blocks = layers.stack(layers.PreLNBlock, self.layers, scan=self.scan, remat_policy=self.remat,
+                          deterministic_argnum=3, prefix="block_", num_heads=self.heads,
+                          mlp_dim=int(self.width * self.mlp_ratio), activation="quick_gelu",
+                          dtype=self.dtype)
+    x = blocks(x, None, deterministic)
     return layers.LayerNorm(1e-5, self.dtype, name="ln_post")(x)  # [B, 1 + n, D]

@@ -1,0 +1,684 @@
+"""Ahead-of-time compilation of the real train step for accelerators this machine does not have.
+
+`compile_step` builds the same mesh, abstract state and `train.make_train_step` that training uses,
+over *compile-only* devices (a TPU topology described by libtpu, e.g. 'v5e:4x4', or the local CPU
+devices), lowers the step with ShapeDtypeStructs and lets XLA compile it for that target. From the
+executable it reads XLA's own figures:
+
+  memory      per-device arguments, outputs, temporaries, generated code (`memory_analysis`);
+  cost        FLOPs and bytes accessed per device (`cost_analysis`);
+  collectives every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute in
+              the compiled HLO, with bytes per step (loops multiplied by their trip counts).
+
+`estimate` turns them into a step time with the roofline stated in `CHIPS` (compute at the chip's
+peak, HBM traffic at its bandwidth, collectives at the interconnect bandwidth), and MFU against the
+analytic model FLOPs (flops.py). Nothing runs on the target; nothing is allocated but host memory
+for the compiler.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from mpma_jax import flops, optim, sharding, train
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip (= one JAX device) as the roofline sees it."""
+  name: str
+  hbm_bytes: float  # memory per device
+  peak_tflops: float  # dense bf16 matmul peak per device (f32 matmuls run at it on TPUs, see flops.py)
+  hbm_gbps: float  # HBM bandwidth, GB/s
+  link_gbps: float  # one-way bandwidth of one interconnect link, GB/s
+  ring_links: int  # links a ring collective over one mesh axis drives at once (one-way)
+  source: str
+
+
+# Where each figure comes from. ICI: a ring along one torus axis sends in both directions, so it
+# drives 2 links one-way; TPUs with more ports may do better for collectives over several axes,
+# which this model ignores (conservative). NVLink 4: 18 links x 25 GB/s one-way through NVSwitch.
+CHIPS = {
+    "v5e": Chip("TPU v5e", 16 * GiB, 197.0, 819.0, 50.0, 2,
+                "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM at 819 GB/s, "
+                "400 GB/s bidirectional ICI per chip over 4 ports"),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459.0, 2765.0, 100.0, 2,
+                "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM at 2,765 GB/s, "
+                "1,200 GB/s bidirectional ICI per chip over 6 ports"),
+    "v4": Chip("TPU v4", 32 * GiB, 275.0, 1200.0, 45.0, 2,
+               "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM at 1,200 GB/s; ICI "
+               "45 GB/s one-way per link, 6 links (jax-ml scaling book, 'How to think about TPUs')"),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918.0, 1640.0, 100.0, 2,
+                "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1,640 GB/s, "
+                "800 GB/s bidirectional ICI per chip over 4 ports"),
+    "h100": Chip("NVIDIA H100 SXM", 80e9, 989.4, 3350.0, 25.0, 18,
+                 "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense, 80 GB HBM3 at 3.35 TB/s, "
+                 "NVLink 900 GB/s bidirectional (18 links)"),
+    "cpu": Chip("CPU (host)", 0.0, 0.0, 0.0, 0.0, 0, "no roofline: compile check only"),
+}
+# Fixed cost per collective (launch and synchronisation): an assumption, not a measurement; it
+# matters only for the many small collectives of small models.
+COLLECTIVE_LATENCY_S = 5e-6
+
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                    "collective-permute")
+
+
+# --- targets --------------------------------------------------------------------------------------
+def parse_topology(topology: str) -> tuple[str, str]:
+  """'v5e:4x4' -> ('v5e', '4x4'); 'cpu:8' -> ('cpu', '8'). Raises ValueError naming the value."""
+  kind, _, shape = topology.partition(":")
+  if (kind not in CHIPS and kind != "local") or not re.fullmatch(r"\d+(x\d+)*", shape):
+    raise ValueError(f"--topology {topology!r}: expected <chip>:<shape> with chip one of "
+                     f"{sorted(CHIPS)} or local, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x4, cpu:8, h100:8, "
+                     "local:1 (this machine's first device)")
+  return kind, shape
+
+
+# jax.Device.device_kind -> CHIPS key, for 'local:N' targets (the devices this process has).
+DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+                "TPU v4": "v4", "TPU v6 lite": "v6e", "TPU v6e": "v6e",
+                "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100": "h100", "NVIDIA H200": "h100"}
+
+
+def chip_for(topology: str, devices) -> "Chip":
+  """The roofline's chip for a target; 'local' targets by their device kind (a GPU or TPU missing
+  from DEVICE_KINDS and the CPU get no roofline)."""
+  kind, _ = parse_topology(topology)
+  if kind != "local":
+    return CHIPS[kind]
+  device_kind = devices[0].device_kind
+  if device_kind in DEVICE_KINDS:
+    return CHIPS[DEVICE_KINDS[device_kind]]
+  return dataclasses.replace(CHIPS["cpu"], name=device_kind)
+
+
+def target_devices(topology: str) -> list:
+  """Compile-only devices for `topology` (TPU via libtpu's topology description; 'cpu:N' = the
+  first N local CPU devices; 'h100:N' via the CUDA plugin, docs/scaling.md says how far it goes)."""
+  kind, shape = parse_topology(topology)
+  if kind == "local":
+    n, have = int(shape), jax.devices()
+    if n > len(have):
+      raise ValueError(f"--topology {topology}: this process has {len(have)} devices")
+    return have[:n]
+  if kind == "cpu":
+    n, have = int(shape), jax.devices("cpu")
+    if n > len(have):
+      raise ValueError(f"--topology {topology}: only {len(have)} CPU devices (set XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={n} before JAX starts)")
+    return have[:n]
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if kind == "h100":
+    return _gpu_devices(int(shape))
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ValueError(f"--topology {topology}: TPU topologies need libtpu "
+                     "(pip install 'mpma-jax[aot]')") from e
+  # Compile-only use: no chips to lock, so several processes (a pod job, tests) may load libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    with _quiet_stderr():  # libtpu warns that this host is not a TPU VM: true and expected
+      desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{kind}:{shape}")
+  except Exception as e:  # libtpu rejects the shape with its own message
+    raise ValueError(f"--topology {topology}: libtpu has no such topology "
+                     f"({str(e).splitlines()[0]})") from e
+  return list(desc.devices)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Silences file descriptor 2 (C++ logging of libraries) inside the block."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(devnull)
+    os.close(saved)
+
+
+def _gpu_devices(n: int) -> list:
+  """Compile-only H100 devices: `n` GPUs per host, one host (n <= 8) or n / 8 hosts of 8.
+
+  Needs jax's CUDA plugin and ptxas (`pip install 'mpma-jax[gpu-aot]'`, ~1 GB) and JAX_PLATFORMS=cpu
+  (set before JAX starts; without it the plugin looks for a CUDA driver at import and is not
+  registered). XLA:GPU gives no cost analysis for such executables (the estimate then uses the
+  analytic FLOPs and no HBM term)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  per_host = min(n, 8)
+  if n % per_host:
+    raise ValueError(f"--topology h100:{n}: more than 8 GPUs must be whole hosts of 8")
+  try:
+    desc = topologies.get_topology_desc(platform="cuda", topology=f"1x{n // per_host}x{per_host}",
+                                        target_config=H100_TARGET_CONFIG)
+  except Exception as e:
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise ValueError(f"--topology h100:{n}: deviceless GPU compilation is not available here "
+                     f"({type(e).__name__}: {first}); it needs pip install 'mpma-jax[gpu-aot]' and "
+                     "JAX_PLATFORMS=cpu, docs/scaling.md") from e
+  return list(desc.devices)
+
+
+# XLA:GPU's description of the target (a GpuTargetConfigProto): NVIDIA H100 SXM5 80 GB, sm_90,
+# 132 SMs, HBM3 at 3.35 TB/s, 50 MB L2, 228 KiB shared memory per SM (227 KiB per block opt-in).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  cuda_compute_capability { major: 9 minor: 0 }
+  core_count: 132
+  fpus_per_core: 128
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  threads_per_core_limit: 2048
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3350000000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84978434048
+}
+platform_name: "CUDA"
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+# --- compile --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Compiled:
+  topology: str
+  devices: list
+  mesh: dict
+  executable: Any
+  lower_seconds: float
+  compile_seconds: float
+
+
+def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None) -> Compiled:
+  """Lowers and compiles `train.make_train_step` for `topology` (config.mesh decides the mesh,
+  config.train.batch_size the global batch), with abstract state and batch."""
+  devices = target_devices(topology) if devices is None else devices
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rule_table = sharding.rules(config.mesh)
+  model = train.make_model(config)
+  tx = optim.make_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+    t0 = time.perf_counter()
+    abstract, shardings = train.abstract_state(config, model, tx, mesh, rule_table)
+    step = train.make_train_step(config, model, tx, shardings, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in train.dummy_batch(config, config.train.batch_size).items()}
+    lowered = step.lower(abstract, batch)
+    t1 = time.perf_counter()
+    executable = lowered.compile()
+    t2 = time.perf_counter()
+  return Compiled(topology, list(devices), dict(mesh.shape), executable, t1 - t0, t2 - t1)
+
+
+
+# --- what XLA says --------------------------------------------------------------------------------
+def memory(executable) -> dict[str, float]:
+  """Per-device bytes from XLA's buffer assignment. 'peak' = arguments + outputs - aliased
+  (donated state written in place) + temporaries + generated code: what the step needs resident."""
+  m = executable.memory_analysis()
+  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+         "generated_code": m.generated_code_size_in_bytes}
+  out["peak"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+                 + out["generated_code"])
+  return {k: float(v) for k, v in out.items()}
+
+
+def cost(executable) -> dict[str, float]:
+  """XLA's FLOPs and bytes accessed per device per step (0 where XLA gives none: XLA:GPU).
+
+  XLA counts the body of a while loop once, whatever its trip count: with model.scan (and
+  train.grad_accum > 1) these are a fraction of what runs; `estimate` corrects for it."""
+  c = executable.cost_analysis()
+  c = c[0] if isinstance(c, (list, tuple)) else c
+  c = c or {}
+  return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*(->.*)?\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_CALLEES = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)="
+                      r"%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of an HLO result type: 'bf16[4,16]{1,0}' or a tuple '(f32[2], s32[])' (summed)."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+  """Participants per group from replica_groups: {{0,1},{2,3}}, [2,4]<=[8] (iota), or the
+  named-mesh form mesh['x'=4, 'y'=2] {'x'}; num_devices when absent."""
+  m = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
+  if m:
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  if m:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", m.group(2)))
+  return num_devices
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str  # one of COLLECTIVE_KINDS
+  bytes: float  # per execution per device: gathered output / scattered input / reduced buffer
+  group: int  # participating devices
+  count: int  # executions per step (loop trip counts applied)
+
+
+@dataclasses.dataclass
+class Hlo:
+  """A compiled HLO module's text, split into computations of (opcode, result type, line), with
+  how often each computation runs per step and which ones run as instruction sequences (ENTRY,
+  loop bodies, branches) rather than as the inside of a fusion or a reducer."""
+  computations: dict
+  runs: dict
+  sequences: set
+
+
+def parse_hlo(hlo_text: str) -> Hlo:
+  computations: dict[str, list[tuple[str, str, str]]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    if current is None:
+      m = _COMPUTATION.match(line)
+      if m and not line.lstrip().startswith(("HloModule", "//")):
+        current = m.group(2)
+        computations[current] = []
+        if m.group(1):
+          entry = current
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    m = _INSTRUCTION.match(line)
+    if m:
+      computations[current].append((m.group(4), m.group(3), line))
+  if entry is None:
+    raise ValueError("HLO text has no ENTRY computation")
+
+  runs: dict[str, int] = {}
+  sequences = {entry}
+
+  def visit(name: str, times: int):
+    runs[name] = runs.get(name, 0) + times
+    for op, _, line in computations.get(name, []):
+      if op in ("async-done", "async-update"):
+        continue  # the same computation as its async-start
+      trip = 1
+      if op == "while":
+        t = _TRIP_COUNT.search(line)
+        trip = int(t.group(1)) if t else 1
+      for role, callee in _CALLEES.findall(line):
+        if callee in computations:
+          if op in ("while", "call", "conditional"):
+            sequences.add(callee)
+          visit(callee, times * (trip if role == "body" else 1))
+      for group in _BRANCHES.findall(line):
+        for callee in re.findall(r"%?([\w.\-]+)", group):
+          if callee in computations:
+            sequences.add(callee)
+            visit(callee, times)
+  visit(entry, 1)
+  return Hlo(computations, runs, sequences)
+
+
+# Instructions that move no data through HBM themselves (views, control flow, bookkeeping).
+_NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
+               "copy-start", "copy-done", "add-dependency"}
+
+
+def step_hbm_bytes(hlo: Hlo) -> float:
+  """Bytes read and written per step by the instructions that run one after another (a fusion
+  reads its operands from and writes its result to memory once), loops times their trip counts.
+  XLA's own 'bytes accessed' counts a loop body once; this is what the roofline uses."""
+  total = 0.0
+  for name in hlo.sequences:
+    shapes = {}
+    for op, shape, line in hlo.computations[name]:
+      m = _INSTRUCTION.match(line)
+      shapes[m.group(2)] = shape
+    for op, shape, line in hlo.computations[name]:
+      if op in _NO_TRAFFIC or op.endswith("-start"):
+        continue
+      args = _INSTRUCTION.match(line).group(5)
+      args = args[:args.find(")")] if ")" in args else args
+      operands = re.findall(r"%([\w.\-]+)", args)
+      nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+      total += nbytes * hlo.runs.get(name, 0)
+  return total
+
+
+def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
+  """Every collective of a compiled HLO module with its executions per step.
+
+  Counts asynchronous pairs once (at '-done', whose result is the output), treats an all-reduce
+  inside a computation named all-reduce-scatter* (XLA:TPU's fused reduce-scatter) as a
+  reduce-scatter, and multiplies ops inside while loops by the loop's known trip count (loops
+  without one count once)."""
+  hlo = parse_hlo(hlo_text) if isinstance(hlo_text, str) else hlo_text
+  computations, runs = hlo.computations, hlo.runs
+
+  found: dict[tuple[str, float, int], int] = {}
+  for name, times in runs.items():
+    for op, shape, line in computations[name]:
+      base = op[:-5] if op.endswith("-done") else op
+      if base not in COLLECTIVE_KINDS or op.endswith("-start"):
+        continue
+      kind = base
+      if base == "all-reduce" and name.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"
+      nbytes = shape_bytes(shape)
+      if op.endswith("-done"):  # attributes (replica groups) are on the matching -start
+        group = num_devices
+        start = _start_of(computations[name], line)
+        if start is not None:
+          group = _group_size(start, num_devices)
+      else:
+        group = _group_size(line, num_devices)
+      key = (kind, nbytes, group)
+      found[key] = found.get(key, 0) + times
+  return [Collective(k, b, g, c) for (k, b, g), c in sorted(found.items())]
+
+
+def _start_of(instructions, done_line: str) -> Optional[str]:
+  """The -start instruction whose result a -done consumes."""
+  m = re.search(r"-done\(\s*%?([\w.\-]+)", done_line)
+  if not m:
+    return None
+  for _, _, line in instructions:
+    if re.match(rf"^\s*(ROOT\s+)?%?{re.escape(m.group(1))}\s*=", line):
+      return line
+  return None
+
+
+def collective_summary(found: list[Collective]) -> dict[str, dict[str, float]]:
+  """Per kind: ops per step and bytes per step (per device)."""
+  out = {k: {"ops": 0, "bytes": 0.0} for k in COLLECTIVE_KINDS}
+  for c in found:
+    out[c.kind]["ops"] += c.count
+    out[c.kind]["bytes"] += c.bytes * c.count
+  return out
+
+
+# --- roofline -------------------------------------------------------------------------------------
+def collective_seconds(c: Collective, chip: Chip) -> float:
+  """Ring algorithms over `group` devices at chip.ring_links x link bandwidth (one-way): an
+  all-gather or reduce-scatter moves (g-1)/g of the buffer through each device, an all-reduce
+  twice that, an all-to-all (g-1)/g, a permute the buffer once."""
+  if c.group <= 1:
+    return 0.0
+  bw = chip.link_gbps * 1e9 * chip.ring_links
+  share = {"all-reduce": 2 * (c.group - 1) / c.group, "collective-permute": 1.0}.get(
+      c.kind, (c.group - 1) / c.group)
+  return c.count * (c.bytes * share / bw + COLLECTIVE_LATENCY_S)
+
+
+# Executed / model FLOPs of a rematerialisation policy: 'full' recomputes each block's forward
+# pass (forward + backward = 1 + 2 -> 1 + 1 + 2); the 'dots' policies keep the matmul outputs.
+REMAT_FLOPS = {"none": 1.0, "full": 4.0 / 3.0, "dots": 1.0, "dots_no_batch": 1.0}
+
+
+def estimate(config, compiled_cost: dict, step_bytes: float, found: list[Collective], chip: Chip,
+             num_devices: int) -> dict[str, float]:
+  """Roofline step time: max(compute at peak, HBM traffic at bandwidth) + collectives (assumed not
+  overlapped: an upper bound; 'overlapped' is the lower bound when they hide completely).
+
+  Compute: the larger of XLA's FLOPs and the analytic count of what runs (model FLOPs x
+  REMAT_FLOPS), because XLA's cost analysis counts a loop body once (model.scan, grad_accum) and
+  XLA:GPU gives none. HBM: `step_bytes` (step_hbm_bytes of the compiled HLO, loops counted in full).
+  MFU and examples/s use the model FLOPs (flops.py), as the training loop reports them."""
+  if chip.peak_tflops <= 0:
+    return {}
+  model_flops = flops.train_step_flops(config, config.train.batch_size)
+  executed = max(model_flops / num_devices * REMAT_FLOPS[config.model.remat],
+                 compiled_cost["flops"])
+  compute = executed / (chip.peak_tflops * 1e12)
+  hbm = step_bytes / (chip.hbm_gbps * 1e9)
+  comm = sum(collective_seconds(c, chip) for c in found)
+  step = max(compute, hbm) + comm
+  return {"compute_s": compute, "hbm_s": hbm, "collectives_s": comm, "step_s": step,
+          "overlapped_step_s": max(compute, hbm, comm),
+          "mfu": model_flops / num_devices / (chip.peak_tflops * 1e12) / step,
+          "examples_per_s": config.train.batch_size / step,
+          "model_flops_per_device": model_flops / num_devices}
+
+
+def report(config, compiled: Compiled, hbm_bytes: float = 0.0) -> dict:
+  """Everything `mpma-compile` prints for one compiled step, as a JSON-ready dict. hbm_bytes > 0
+  replaces the chip's memory in the fit check."""
+  chip = chip_for(compiled.topology, compiled.devices)
+  if hbm_bytes:
+    chip = dataclasses.replace(chip, hbm_bytes=hbm_bytes)
+  mem = memory(compiled.executable)
+  cst = cost(compiled.executable)
+  hlo = parse_hlo(compiled.executable.as_text())
+  found = collectives(hlo, len(compiled.devices))
+  step_bytes = step_hbm_bytes(hlo)
+  out = {
+      "topology": compiled.topology, "chip": chip.name, "devices": len(compiled.devices),
+      "mesh": compiled.mesh, "dtype": config.model.dtype, "remat": config.model.remat,
+      "scan": bool(config.model.get("scan", False)), "global_batch": config.train.batch_size,
+      "grad_accum": config.train.grad_accum,
+      "micro_batch_per_device": config.train.batch_size // config.train.grad_accum
+                                // (compiled.mesh["data"] * compiled.mesh["fsdp"]),
+      "lower_seconds": compiled.lower_seconds, "compile_seconds": compiled.compile_seconds,
+      "memory": mem, "hbm_bytes": chip.hbm_bytes,
+      "fits": bool(chip.hbm_bytes == 0 or mem["peak"] <= chip.hbm_bytes),
+      "headroom_bytes": chip.hbm_bytes - mem["peak"] if chip.hbm_bytes else None,
+      "xla_cost": cst, "hbm_bytes_per_step": step_bytes,
+      "analytic_flops_per_device": flops.train_step_flops(config, config.train.batch_size)
+                                   / len(compiled.devices),
+      "collectives": collective_summary(found),
+      "estimate": estimate(config, cst, step_bytes, found, chip, len(compiled.devices)),
+  }
+  return out
+
+
+# --- printing -------------------------------------------------------------------------------------
+def _gib(x: float) -> str:
+  return f"{x / GiB:.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+  """The human-readable summary of `report`."""
+  m, est = r["memory"], r["estimate"]
+  mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [
+      f"{r['chip']} x {r['devices']} ({r['topology']}), mesh ({mesh}), {r['dtype']}, "
+      f"remat={r['remat']}, scan={r['scan']}, global batch {r['global_batch']} "
+      f"(grad_accum {r['grad_accum']}, micro-batch {r['micro_batch_per_device']}/device)",
+      f"compile: lower {r['lower_seconds']:.1f} s, XLA compile {r['compile_seconds']:.1f} s",
+      "memory per device (XLA): " + ", ".join(
+          f"{k} {_gib(m[k])}" for k in ("arguments", "outputs", "aliased", "temporaries",
+                                        "generated_code")),
+  ]
+  if r["hbm_bytes"]:
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    lines.append(f"peak {_gib(m['peak'])} of {_gib(r['hbm_bytes'])} HBM: {verdict} "
+                 f"(headroom {_gib(r['headroom_bytes'])})")
+  else:
+    lines.append(f"peak {_gib(m['peak'])} (no HBM limit for this target)")
+  c = r["xla_cost"]
+  if c["flops"]:
+    lines.append(f"per device per step: XLA {c['flops'] / 1e12:.3f} TFLOP (analytic model FLOPs "
+                 f"{r['analytic_flops_per_device'] / 1e12:.3f}; XLA counts loop bodies once), "
+                 f"{c['bytes_accessed'] / 1e9:.2f} GB accessed (XLA), "
+                 f"{r['hbm_bytes_per_step'] / 1e9:.2f} GB (HLO, loops in full)")
+  else:
+    lines.append(f"per device per step: analytic model FLOPs "
+                 f"{r['analytic_flops_per_device'] / 1e12:.3f} TFLOP (no XLA cost analysis), "
+                 f"{r['hbm_bytes_per_step'] / 1e9:.2f} GB (HLO, loops in full)")
+  lines.append("collectives per step: " + ", ".join(
+      f"{k} {v['ops']} ops {v['bytes'] / 1e6:.1f} MB" for k, v in r["collectives"].items()
+      if v["ops"]) or "none")
+  if est:
+    lines.append(f"estimate: step {est['step_s'] * 1e3:.1f} ms (compute {est['compute_s'] * 1e3:.1f}"
+                 f", HBM {est['hbm_s'] * 1e3:.1f}, collectives {est['collectives_s'] * 1e3:.1f} ms;"
+                 f" {est['overlapped_step_s'] * 1e3:.1f} ms if they overlap), "
+                 f"MFU {100 * est['mfu']:.1f}%, {est['examples_per_s']:,.0f} examples/s")
+  return "\n".join(lines)
+
+
+# --- executables ----------------------------------------------------------------------------------
+def save_executable(executable, path: str) -> None:
+  """The compiled step, serialized (with its argument trees) for `load_executable`."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
+  payload, in_tree, out_tree = serialize_executable.serialize(executable)
+  with open(path, "wb") as f:
+    pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
+
+
+def load_executable(path: str, backend=None):
+  """A step saved by `save_executable`, loaded onto this process's devices (which must be the
+  topology it was compiled for): call it as train_step(state, batch)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    saved = pickle.load(f)
+  return serialize_executable.deserialize_and_load(saved["payload"], saved["in_tree"],
+                                                   saved["out_tree"], backend=backend)
+
+
+# --- --suggest ------------------------------------------------------------------------------------
+# Memory settings tried per mesh, cheapest in time first: each step trades speed for memory.
+MEMORY_LADDER = (("none", 1), ("full", 1), ("full", 2), ("full", 4), ("full", 8))
+
+
+def mesh_candidates(config, num_devices: int) -> list[tuple[int, int, int]]:
+  """(data, fsdp, tensor) splits of the devices worth trying, most FSDP first (least memory).
+  tensor > 1 only where every attention module's heads divide; powers of two only."""
+  m = config.model
+  heads = (m.image.heads, m.text.heads, m.fusion.heads, m.mim.heads, m.memory.heads)
+  out = []
+  for tensor in (1, 2, 4):
+    if num_devices % tensor or any(h % tensor for h in heads):
+      continue
+    fsdp = num_devices // tensor
+    while fsdp >= 1:
+      if (num_devices // tensor) % fsdp == 0:
+        out.append((num_devices // tensor // fsdp, fsdp, tensor))
+      fsdp //= 2
+  return out
+
+
+def state_bytes_per_device(config, fsdp: int, tensor: int) -> float:
+  """Parameters + AdamW moments + gradients (4 x float32 per parameter) split over fsdp x tensor:
+  a lower bound on what a device holds, used to skip meshes that cannot fit without compiling."""
+  from mpma_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  model = train_lib.make_model(config)
+  shapes = jax.eval_shape(lambda: train_lib.init_params(config, model, jax.random.key(0)))
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+  return 16.0 * n / (fsdp * tensor)
+
+
+def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_bytes: float = 0.0,
+            log=None) -> dict:
+  """Compiles settings for `topology` at config.train.batch_size and returns {'tried': [...],
+  'fits': [...]} (rows of `report`, plus 'setting'); 'fits' holds only settings whose compiled
+  peak memory fits the chip (hbm_bytes overrides the chip's), fastest first by the estimate."""
+  devices = target_devices(topology) if devices is None else devices
+  limit = hbm_bytes or chip_for(topology, devices).hbm_bytes
+  batch = config.train.batch_size
+  tried, compiles = [], 0
+  say = log or (lambda line: None)
+  for data, fsdp, tensor in mesh_candidates(config, len(devices)):
+    state = state_bytes_per_device(config, fsdp, tensor)
+    if limit and state > limit:
+      tried.append({"setting": _setting(data, fsdp, tensor, "-", 0), "fits": False,
+                    "skipped": f"state alone {_gib(state)} > {_gib(limit)}"})
+      continue
+    for remat, accum in MEMORY_LADDER:
+      if batch % accum or (batch // accum) % (data * fsdp):
+        continue
+      if compiles >= max_compiles:
+        break
+      c = config.copy_and_resolve_references()
+      c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+      c.model.remat = remat
+      c.train.grad_accum = accum
+      setting = _setting(data, fsdp, tensor, remat, accum)
+      say(f"compiling {setting} ...")
+      compiles += 1
+      row = report(c, compile_step(c, topology, devices), hbm_bytes)
+      row["setting"] = setting
+      tried.append(row)
+      say(f"  peak {_gib(row['memory']['peak'])}: {'fits' if row['fits'] else 'does not fit'}"
+          f"{'' if not row['estimate'] else ', est. %.1f ms' % (1e3 * row['estimate']['step_s'])}"
+          f" (compile {row['compile_seconds']:.0f} s)")
+      if row["fits"]:
+        break  # more remat or accumulation would only be slower
+  fits = sorted((r for r in tried if r.get("fits") and "memory" in r),
+                key=lambda r: r["estimate"].get("step_s", 0.0) if r["estimate"] else 0.0)
+  return {"topology": topology, "global_batch": batch, "hbm_bytes": limit,
+          "compiles": compiles, "tried": tried, "fits": fits}
+
+
+def _setting(data, fsdp, tensor, remat, accum) -> dict:
+  return {"mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "remat": remat,
+          "grad_accum": accum}
+
+
+def format_suggestions(result: dict) -> str:
+  """Settings that fit, fastest first, then what was tried and did not fit."""
+  head = ("| rank | mesh (data, fsdp, tensor) | remat | grad_accum | micro-batch/device | "
+          "peak / HBM | est. step ms | MFU | examples/s |\n|---:|:---|:---|---:|---:|---:|---:|---:|---:|")
+  rows = []
+  for i, r in enumerate(result["fits"], 1):
+    s, est = r["setting"], r["estimate"]
+    mesh = (s["mesh"]["data"], s["mesh"]["fsdp"], s["mesh"]["tensor"])
+    rows.append(f"| {i} | {mesh} | {s['remat']} | {s['grad_accum']} | "
+                f"{r['micro_batch_per_device']} | {_gib(r['memory']['peak'])} / "
+                f"{_gib(result['hbm_bytes'])} | {1e3 * est.get('step_s', 0):.1f} | "
+                f"{100 * est.get('mfu', 0):.1f}% | {est.get('examples_per_s', 0):,.0f} |")
+  out = [f"{result['topology']}, global batch {result['global_batch']}: "
+         f"{len(result['fits'])} fitting setting(s) from {result['compiles']} compile(s)"]
+  out += [head, *rows] if rows else ["nothing fits: raise the device count or lower the batch"]
+  misses = [r for r in result["tried"] if not r.get("fits")]
+  for r in misses:
+    s = r["setting"]
+    why = r.get("skipped") or f"peak {_gib(r['memory']['peak'])} > {_gib(result['hbm_bytes'])}"
+    out.append(f"  not fitting: mesh {tuple(s['mesh'].values())}, remat {s['remat']}, "
+               f"grad_accum {s['grad_accum']}: {why}")
+  return "\n".join(out)

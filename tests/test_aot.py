@@ -1,0 +1,192 @@
+"""mpma-compile (aot.py): the HLO collective parser, the real step compiled for a TPU topology with
+sane memory and cost figures, --suggest's promise, and saved executables that run."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mpma_jax import aot, optim, sharding, train
+from tests.conftest import tiny_config
+
+HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter.1 (input_0: f32[64,32]) -> f32[16,32] {
+  %input_0 = f32[64,32]{1,0} parameter(0)
+  %all-reduce.7 = f32[64,32]{1,0:T(8,128)} all-reduce(%input_0), channel_id=3, replica_groups=[1,4]<=[4], to_apply=%add
+  ROOT %ds = f32[16,32]{1,0} dynamic-slice(%all-reduce.7, %c, %c), dynamic_slice_sizes={16,32}
+}
+
+%body (p: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
+  %p = (s32[], bf16[8,128]) parameter(0)
+  %w = bf16[2,128]{1,0} get-tuple-element(%p), index=1
+  %all-gather.3 = bf16[8,128]{1,0:T(8,128)(2,1)} all-gather(%w), channel_id=1, replica_groups=mesh['data'=2, 'fsdp'=4] {'fsdp'}, dimensions={0}
+  ROOT %t = (s32[], bf16[8,128]) tuple(%i, %all-gather.3)
+}
+
+%cond (p: (s32[], bf16[8,128])) -> pred[] {
+  %p = (s32[], bf16[8,128]) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[4,4]) -> f32[] {
+  %x = f32[4,4]{1,0} parameter(0)
+  %while.1 = (s32[], bf16[8,128]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %ags = (f32[1,256], f32[4,256]) all-gather-start(%y), channel_id=5, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %agd = f32[4,256]{1,0} all-gather-done(%ags)
+  %fusion.9 = f32[16,32]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+  %ar = (f32[10], s32[3]) all-reduce(%u, %v), channel_id=6, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %cp = f32[100]{0} collective-permute(%q), channel_id=7, source_target_pairs={{0,1},{1,0}}
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collective_parser_counts_loops_async_pairs_and_fused_reduce_scatter():
+  found = aot.collectives(HLO, num_devices=8)
+  by_kind = {}
+  for c in found:
+    by_kind.setdefault(c.kind, []).append(c)
+  ag = sorted(by_kind["all-gather"], key=lambda c: c.bytes)
+  # In the loop body: bf16[8,128] = 2 KiB, 12 trips, group = the 'fsdp' axis (4).
+  assert (ag[0].bytes, ag[0].count, ag[0].group) == (8 * 128 * 2, 12, 4)
+  # The async pair counts once, at -done (f32[4,256]); its groups come from the -start.
+  assert (ag[1].bytes, ag[1].count, ag[1].group) == (4 * 256 * 4, 1, 4)
+  [rs] = by_kind["reduce-scatter"]  # the all-reduce inside all-reduce-scatter.*: the full input
+  assert (rs.bytes, rs.count, rs.group) == (64 * 32 * 4, 1, 4)
+  [ar] = by_kind["all-reduce"]  # a tuple: both buffers
+  assert (ar.bytes, ar.group) == (10 * 4 + 3 * 4, 8)
+  [cp] = by_kind["collective-permute"]
+  assert cp.bytes == 400
+  summary = aot.collective_summary(found)
+  assert summary["all-gather"] == {"ops": 13, "bytes": 12 * 2048 + 4096}
+  assert summary["all-to-all"] == {"ops": 0, "bytes": 0.0}
+
+
+def test_collective_time_follows_ring_algorithms():
+  chip = aot.CHIPS["v5e"]
+  bw = chip.link_gbps * 1e9 * chip.ring_links
+  gather = aot.Collective("all-gather", 1e9, 4, 1)
+  reduce = aot.Collective("all-reduce", 1e9, 4, 1)
+  lat = aot.COLLECTIVE_LATENCY_S
+  assert aot.collective_seconds(gather, chip) == pytest.approx(0.75e9 / bw + lat)
+  assert aot.collective_seconds(reduce, chip) == pytest.approx(1.5e9 / bw + lat)
+  assert aot.collective_seconds(aot.Collective("all-gather", 1e9, 1, 3), chip) == 0.0
+
+
+def test_bad_topologies_name_the_value():
+  for bad in ("v9:2x2", "v5e", "v5e:2y2", "cpu:"):
+    with pytest.raises(ValueError, match="--topology"):
+      aot.parse_topology(bad)
+  with pytest.raises(ValueError, match="only 8 CPU devices"):
+    aot.target_devices("cpu:64")
+
+
+def _scanned_tiny(data, fsdp):
+  config = tiny_config()
+  config.model.scan = True
+  config.mesh.update(data=data, fsdp=fsdp, tensor=1)
+  return config
+
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="TPU topologies need libtpu (pip install '.[aot]')")
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_a_tpu_topology_with_sane_figures():
+  # The training code's own step, for 4 v5e chips this machine does not have: nothing may run
+  # eagerly on them (it would fail), so this also proves the state creation is AOT-safe.
+  devices = aot.target_devices("v5e:2x2")
+  assert len(devices) == 4 and devices[0].platform == "tpu"
+  fsdp = aot.report(_scanned_tiny(1, 4), aot.compile_step(_scanned_tiny(1, 4), "v5e:2x2", devices))
+  dp = aot.report(_scanned_tiny(4, 1), aot.compile_step(_scanned_tiny(4, 1), "v5e:2x2", devices))
+  for r in (fsdp, dp):
+    assert r["fits"] and r["memory"]["peak"] > 0 and r["memory"]["temporaries"] > 0
+    assert all(v >= 0 for v in r["memory"].values())
+    # XLA's FLOPs (which also count elementwise work) near the analytic matmul count.
+    assert 0.9 < r["xla_cost"]["flops"] / r["analytic_flops_per_device"] < 1.6
+    assert r["estimate"]["step_s"] > 0 and 0 < r["estimate"]["mfu"] < 1
+  # The state dominates the arguments: FSDP over 4 holds about a quarter of what DP replicates.
+  ratio = fsdp["memory"]["arguments"] / dp["memory"]["arguments"]
+  assert 0.2 < ratio < 0.35, ratio
+  # FSDP gathers parameters and scatters gradients; DP all-reduces gradients and gathers nothing.
+  assert fsdp["collectives"]["all-gather"]["bytes"] > 0
+  assert dp["collectives"]["all-gather"]["bytes"] < 0.1 * fsdp["collectives"]["all-gather"]["bytes"]
+  assert dp["collectives"]["all-reduce"]["bytes"] > 0
+
+
+def test_suggest_only_proposes_settings_whose_compile_fits():
+  config = tiny_config()
+  config.model.scan = True
+  devices = aot.target_devices("cpu:4")
+  probe = aot.report(config, aot.compile_step(_scanned_tiny(4, 1), "cpu:4", devices))
+  # A limit below DP's compiled peak: some settings must fail, and none of them may be proposed.
+  limit = 0.8 * probe["memory"]["peak"]
+  result = aot.suggest(config, "cpu:4", devices, max_compiles=6, hbm_bytes=limit)
+  assert result["compiles"] >= 2
+  assert any(not r["fits"] for r in result["tried"])
+  for r in result["fits"]:
+    assert r["memory"]["peak"] <= limit
+  # Whatever fits is what a compile of exactly that setting says fits.
+  if result["fits"]:
+    best = result["fits"][0]["setting"]
+    again = _scanned_tiny(best["mesh"]["data"], best["mesh"]["fsdp"])
+    again.model.remat, again.train.grad_accum = best["remat"], best["grad_accum"]
+    r = aot.report(again, aot.compile_step(again, "cpu:4", devices), limit)
+    assert r["fits"]
+  text = aot.format_suggestions(result)
+  assert "not fitting" in text
+
+
+def test_saved_executable_runs_the_same_step(tmp_path):
+  config = _scanned_tiny(-1, 1)
+  compiled = aot.compile_step(config, "cpu:8")
+  path = str(tmp_path / "step.exe")
+  aot.save_executable(compiled.executable, path)
+  loaded = aot.load_executable(path)
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.mesh)
+  model, tx = train.make_model(config), optim.make_optimizer(config)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = train.create_train_state(config, model, tx, mesh, rules)
+    step = train.make_train_step(config, model, tx, shardings, mesh)
+    batch = sharding.global_batch(train.dummy_batch(config, config.train.batch_size), mesh)
+    want_state, want = step(jax.tree.map(lambda x: x.copy(), state), batch)
+    got_state, got = loaded(state, batch)
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               got_state.params, want_state.params)
+
+
+def test_cli_prints_fit_and_writes_json(tmp_path):
+  out = tmp_path / "r.json"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run(
+      [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
+       "--topology", "cpu:4", "--config.model.scan=True", "--config.train.batch_size=8",
+       "--hbm_gib=16", f"--json={out}"],
+      capture_output=True, text=True, env=env, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "FITS" in proc.stdout and "collectives per step" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["devices"] == 4 and report["fits"] and report["memory"]["peak"] > 0
+  bad = subprocess.run(
+      [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
+       "--topology", "v9:2x2"], capture_output=True, text=True, env=env, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("mpma-compile: --topology 'v9:2x2'")
