@@ -180,10 +180,11 @@ def _cost_flops(compiled) -> Optional[float]:
 
 class JaxStep:
   """The compiled JAX train step on one device, its state and one batch on that device;
-  xla_options: XLA compiler options for this compilation only."""
+  xla_options: XLA compiler options for this compilation only; compiled: the step's executable
+  compiled elsewhere for this device (aot.compile_step(config, 'local:1')), run instead."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict, device,
-               xla_options: Optional[dict] = None):
+               xla_options: Optional[dict] = None, compiled: Any = None):
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, [device])
     rules = sharding.rules(config.mesh)
@@ -193,10 +194,12 @@ class JaxStep:
       self.state, shardings = train.create_train_state(config, model, tx, self.mesh, rules)
       self.initial_params = jax.device_get(self.state.params)  # before donation
       self.batch = sharding.global_batch(batch, self.mesh)
-      step = train.make_train_step(config, model, tx, shardings, self.mesh)
-      t = time.perf_counter()
-      self.compiled = step.lower(self.state, self.batch).compile(xla_options or None)
-      self.compile_s = time.perf_counter() - t
+      self.compiled, self.compile_s = compiled, 0.0
+      if compiled is None:
+        step = train.make_train_step(config, model, tx, shardings, self.mesh)
+        t = time.perf_counter()
+        self.compiled = step.lower(self.state, self.batch).compile(xla_options or None)
+        self.compile_s = time.perf_counter() - t
     self.xla_flops = _cost_flops(self.compiled)
     self.metrics = None
 
