@@ -142,9 +142,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.ckpt_every = 5000  # Orbax checkpoint interval (one is always written at the end)
   c.train.keep_checkpoints = 3
   c.train.ckpt_async = True  # write checkpoints in the background while training goes on
-  # A step whose loss or gradient is not finite never changes the state; then: skip (count it and
-  # go on) | stop (raise, keeping the last good checkpoint).
+  # A step whose loss, gradient, new parameters or new optimizer state is not finite never changes
+  # the state (and no checkpoint is ever written from a non-finite one); then: skip (count it and
+  # go on, up to the limits below) | stop (raise, keeping the last good checkpoint).
   c.train.nonfinite = "skip"
+  c.train.max_nonfinite_consecutive = 20  # skip: stop after more in a row; 0 = no limit
+  c.train.max_nonfinite_total = 1000  # skip: stop after more since the process started; 0 = none
   c.train.run_steps = 0  # stop (with a checkpoint) after this many steps in one invocation; 0 = off
   c.train.peak_tflops = 0.0  # peak TFLOP/s per device for MFU; 0 = from flops.PEAK_TFLOPS
 

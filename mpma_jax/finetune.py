@@ -14,6 +14,7 @@ plus tb/ and metrics.jsonl.
 """
 import functools
 import json
+import math
 import os
 import sys
 from typing import Any, Optional
@@ -229,7 +230,11 @@ def init_state(config, model: Downstream, model_cfg, num_outputs, pretrained, tx
 
 
 def make_train_step(config, model: Downstream, tx, param_sh, mesh):
-  """jit (params, opt_state, batch, step) -> (params, opt_state, loss)."""
+  """jit (params, opt_state, batch, step) -> (params, opt_state, loss, nonfinite). A step whose
+  loss, gradient, new parameters or new optimizer state is not finite changes nothing
+  (nonfinite = 1), as in pre-training (train.make_train_step)."""
+  from mpma_jax import train  # pylint: disable=g-import-not-at-top
+
   def step_fn(params, opt_state, batch, step):
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
 
@@ -237,11 +242,19 @@ def make_train_step(config, model: Downstream, tx, param_sh, mesh):
       out = model.apply({"params": p}, batch, deterministic=False, rngs={"dropout": rng})
       return task_loss(config.task, out, batch)
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+
+    def apply(_):
+      updates, new_opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_opt_state
+
+    # The check runs on its own copy of the update, the kept one in place inside the cond (see
+    # train.make_train_step).
+    finite = jnp.isfinite(loss) & train.all_finite(apply(None))
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (params, opt_state), None)
+    return params, opt_state, loss, 1 - finite.astype(jnp.int32)
 
   return jax.jit(step_fn, in_shardings=(param_sh, None, sharding.batch_sharding(mesh), None),
-                 out_shardings=(param_sh, None, None), donate_argnums=(0, 1))
+                 out_shardings=(param_sh, None, None, None), donate_argnums=(0, 1))
 
 
 def make_predict(model: Downstream, mesh):
@@ -279,11 +292,12 @@ def predict_split(config, predict, params, batches, mesh, keep_inputs: bool = Fa
 
 
 def score(task: str, p: dict, class_names=()) -> dict:
-  """The task's metrics from `predict_split`'s output (fractions in [0, 1])."""
+  """The task's metrics from `predict_split`'s output (fractions in [0, 1]; NaN where the model's
+  outputs are not finite). The metrics take the scores, not their argmax, to see that."""
   if task == "vqa":
-    return metrics.vqa_accuracy(p["out"].argmax(-1), p["accepted"], p["closed"].astype(bool))
+    return metrics.vqa_accuracy(p["out"], p["accepted"], p["closed"].astype(bool))
   if task == "classification":
-    return {"accuracy": metrics.accuracy(p["out"].argmax(-1), p["label"]), "n": len(p["label"])}
+    return {"accuracy": metrics.accuracy(p["out"], p["label"]), "n": len(p["label"])}
   if task == "image_classification":
     labels = np.where(p["target_mask"] > 0, p["targets"], np.nan)
     return {**metrics.mean_auc(p["out"], labels, list(class_names)), "n": len(labels)}
@@ -420,21 +434,37 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
                                      jax.process_index(), jax.process_count())
             if config.train.epochs else None)
     step = 0
+    nonfinite = train.NonFiniteSteps(config.train, 0)
+
+    def mean_loss(pairs):  # (loss, nonfinite) per step -> the mean loss of the applied steps
+      good = [value for value, bad in pairs if not bad]
+      return float(np.mean(good)) if good else math.nan
+
     for epoch in range(1, config.train.epochs + 1):
       running = []
       for _ in range(steps_per_epoch):
         batch = sharding.global_batch(next(data), mesh)
-        params, opt_state, loss = train_step(params, opt_state, batch, step)
-        running.append(loss)
+        params, opt_state, loss, bad = train_step(params, opt_state, batch, step)
+        running.append((loss, bad))
         step += 1
         if step % config.train.log_every == 0:
-          log.scalars(step, {"loss": float(np.mean(jax.device_get(running[-config.train.log_every:])))})
+          log.scalars(step, {"loss": mean_loss(jax.device_get(running[-config.train.log_every:]))})
+      running = jax.device_get(running)
+      why = nonfinite.update([int(bad) for _, bad in running], step - len(running) + 1)
+      if why:
+        raise train.NonFiniteLossError(f"[{protocol}] stopped: {why}. The last good step is "
+                                       f"{nonfinite.last_good}")
+      skipped = sum(int(bad) for _, bad in running)
       val = evaluate(params, *plan.select)
-      history.append({"epoch": epoch, "step": step, "loss": float(np.mean(jax.device_get(running))),
+      history.append({"epoch": epoch, "step": step, "loss": mean_loss(running),
                       **{k: v for k, v in val.items() if isinstance(v, float)}})
-      log.scalars(step, {"loss": history[-1]["loss"], "epoch": epoch})  # the epoch's mean
+      log.scalars(step, {"loss": history[-1]["loss"], "epoch": epoch,  # the epoch's mean
+                         "nonfinite_steps": skipped})
       log.scalars(step, {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
                   prefix="select")
+      if skipped:
+        history[-1]["nonfinite_steps"] = skipped
+        log_print(f"[{protocol}] epoch {epoch}: {skipped} non-finite steps left out")
       log_print(f"[{protocol}] epoch {epoch}/{config.train.epochs} loss {history[-1]['loss']:.4f} "
                 f"{select_metric} on {plan.select[0]} {val[select_metric]:.4f}")
       manager.save(epoch, args=ocp.args.StandardSave(params), metrics={select_metric: val[select_metric]})

@@ -5,7 +5,8 @@
   retrieval        recall_at_k (image->text and text->image R@k, one or several captions per image)
   reporting        markdown_table (the table `mpma-eval --suite` prints)
 
-JAX arrays are accepted anywhere an array is (they are converted with np.asarray).
+JAX arrays are accepted anywhere an array is (they are converted with np.asarray). Scores that are
+not finite (a diverged model) make the metric NaN, never a perfect or chance figure.
 """
 import math
 from typing import Iterable, Optional, Sequence
@@ -13,11 +14,27 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 
+def _predicted_index(pred) -> tuple[np.ndarray, bool]:
+  """(int [N], finite) from predicted indices [N] or float scores [N, C] (their argmax). finite is
+  False (and the indices 0) when a float entry is not finite: the argmax of a NaN row is an
+  arbitrary index, which would score as a prediction."""
+  pred = np.asarray(pred)
+  if not np.issubdtype(pred.dtype, np.integer):  # float, and bfloat16 (not a NumPy floating type)
+    pred = pred.astype(np.float64)
+    n = pred.shape[0] if pred.ndim == 2 else pred.size
+    if not np.isfinite(pred).all():
+      return np.zeros(n, np.int64), False
+    if pred.ndim == 2:
+      pred = pred.argmax(-1)
+  return pred.astype(np.int64).reshape(-1), True
+
+
 # --- Med-VQA -------------------------------------------------------------------------------------
 def vqa_accuracy(pred, accepted, closed) -> dict:
   """Accuracy over all questions and per answer type.
 
-  pred: int [N], the predicted answer index (a negative index = no prediction, counted wrong).
+  pred: int [N], the predicted answer index (a negative index = no prediction, counted wrong), or
+    float answer scores [N, A] (the argmax is the prediction; any non-finite score: NaN accuracies).
   accepted: bool or float [N, A]; accepted[i, a] true (> 0) when answer a is correct for question
     i. Several alternatives may be accepted; a row of zeros (the true answer is not in the
     vocabulary, e.g. unseen in train under the clean protocol) makes the question count as wrong.
@@ -25,7 +42,7 @@ def vqa_accuracy(pred, accepted, closed) -> dict:
   Returns {"open", "closed", "overall"}: fractions in [0, 1] (NaN for a group with no questions),
   and the counts {"n_open", "n_closed", "n"}.
   """
-  pred = np.asarray(pred).astype(np.int64).reshape(-1)  # [N]
+  pred, finite = _predicted_index(pred)  # [N]
   accepted = np.asarray(accepted)
   closed = np.asarray(closed).astype(bool).reshape(-1)  # [N]
   n = pred.shape[0]
@@ -40,7 +57,7 @@ def vqa_accuracy(pred, accepted, closed) -> dict:
   correct[known] = accepted[np.nonzero(known)[0], pred[known]] > 0
 
   def mean(mask):
-    return float(correct[mask].mean()) if mask.any() else math.nan
+    return float(correct[mask].mean()) if mask.any() and finite else math.nan
 
   return {"open": mean(~closed), "closed": mean(closed), "overall": mean(np.ones(n, bool)),
           "n_open": int((~closed).sum()), "n_closed": int(closed.sum()), "n": int(n)}
@@ -76,12 +93,14 @@ def majority_answers(train_answer, train_closed, closed) -> np.ndarray:
 
 # --- classification ------------------------------------------------------------------------------
 def accuracy(pred, label) -> float:
-  """Fraction of pred [N] equal to label [N] (class indices); NaN when N == 0."""
-  pred, label = np.asarray(pred).reshape(-1), np.asarray(label).reshape(-1)
-  if pred.shape != label.shape:
-    raise ValueError(f"accuracy needs pred and label of one shape [N]; got {pred.shape}, "
-                     f"{label.shape}")
-  return float(np.mean(pred == label)) if pred.size else math.nan
+  """Fraction of pred [N] equal to label [N] (class indices); pred may be float class scores
+  [N, C] (argmax). NaN when N == 0 or a float pred entry is not finite."""
+  index, finite = _predicted_index(pred)  # [N]
+  label = np.asarray(label).reshape(-1)
+  if index.shape != label.shape:
+    raise ValueError(f"accuracy needs pred [N] (or scores [N, C]) and label [N]; got "
+                     f"{np.shape(pred)}, {label.shape}")
+  return float(np.mean(index == label)) if index.size and finite else math.nan
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -101,7 +120,8 @@ def roc_auc(scores, labels) -> float:
   """Area under the ROC curve: P(a random positive scores above a random negative), ties 1/2.
 
   scores [N] (higher = more positive); labels [N] in {0, 1} (booleans too). Computed from average
-  ranks (Mann-Whitney U / (n_pos * n_neg)). NaN when the positives or the negatives are absent.
+  ranks (Mann-Whitney U / (n_pos * n_neg)). NaN when the positives or the negatives are absent,
+  or when a score is not finite.
   """
   scores = np.asarray(scores, np.float64).reshape(-1)
   labels = np.asarray(labels, np.float64).reshape(-1)
@@ -111,8 +131,8 @@ def roc_auc(scores, labels) -> float:
   if not np.isin(labels, (0.0, 1.0)).all():
     raise ValueError(f"roc_auc labels must be 0 or 1, got {np.unique(labels)} (mean_auc ignores "
                      f"NaN / -1 entries)")
-  if np.isnan(scores).any():
-    raise ValueError("roc_auc scores contain NaN")
+  if not np.isfinite(scores).all():
+    return math.nan
   pos = labels == 1.0
   n_pos, n_neg = int(pos.sum()), int((~pos).sum())
   if n_pos == 0 or n_neg == 0:
@@ -127,7 +147,7 @@ def mean_auc(scores, labels, names: Optional[Sequence[str]] = None) -> dict:
   Label entries other than 1 / 0 (NaN = not mentioned, -1 = uncertain) are left out of their
   class's AUC. Returns {name: auc} for every class (names[c], or "class_{c}" without names; NaN
   where a class lacks positives or negatives) plus "mean" over the classes whose AUC is defined
-  (NaN if none is).
+  (NaN if none is, or if any scored entry is not finite).
   """
   scores = np.asarray(scores, np.float64)
   labels = np.asarray(labels, np.float64)
@@ -138,12 +158,13 @@ def mean_auc(scores, labels, names: Optional[Sequence[str]] = None) -> dict:
   names = [f"class_{i}" for i in range(c)] if names is None else list(names)
   if len(names) != c or "mean" in names or len(set(names)) != c:
     raise ValueError(f"mean_auc needs {c} distinct class names other than 'mean', got {names}")
-  out = {}
+  out, finite = {}, True
   for i, name in enumerate(names):
     keep = np.isin(labels[:, i], (0.0, 1.0))  # drops NaN and -1
+    finite &= bool(np.isfinite(scores[keep, i]).all())
     out[name] = roc_auc(scores[keep, i], labels[keep, i])
   defined = [v for v in out.values() if not math.isnan(v)]
-  out["mean"] = float(np.mean(defined)) if defined else math.nan
+  out["mean"] = float(np.mean(defined)) if defined and finite else math.nan
   return out
 
 
@@ -156,6 +177,8 @@ def recall_at_k(sim, ks: Iterable[int] = (1, 5, 10), positives=None) -> dict:
   image a query is a hit at k when ANY of its positives is among its top k. The rank of a query's
   best positive counts every non-positive candidate scoring at least as high (ties pessimistic:
   a constant matrix scores as badly as possible). Every image and every text needs a positive.
+  Every recall is NaN when a similarity is not finite (NaN compares false, so a NaN query would
+  otherwise rank its positive first).
   """
   sim = np.asarray(sim, np.float64)
   if sim.ndim != 2:
@@ -174,6 +197,9 @@ def recall_at_k(sim, ks: Iterable[int] = (1, 5, 10), positives=None) -> dict:
     if not p.any(axis=1).all():
       raise ValueError(f"recall_at_k ({name}): {int((~p.any(axis=1)).sum())} queries have no "
                        f"positive")
+    if not np.isfinite(s).all():
+      out.update({f"{name}_r{k}": math.nan for k in ks})
+      continue
     best = np.where(p, s, -np.inf).max(axis=1)  # [Q], score of the best positive
     rank = ((s >= best[:, None]) & ~p).sum(axis=1)  # [Q], 0 = a positive comes first
     for k in ks:
@@ -196,7 +222,8 @@ def markdown_table(rows: list, columns: list, percent: Optional[Iterable[str]] =
   A fraction metric (a column whose numbers are all floats in [0, 1], or the columns named in
   `percent` when given) prints as a percentage with one decimal without the sign (0.7705 -> 77.0);
   integers print as they are, other floats with 4 significant digits, strings as they are ('|'
-  escaped). A missing key, None or NaN prints as '–'. Columns holding numbers are right-aligned.
+  escaped). A missing key or None prints as '–', NaN as 'nan' (undefined, or a diverged model:
+  never hidden as missing). Columns holding numbers are right-aligned.
   """
   def missing(v):
     return v is None or (_is_number(v) and math.isnan(v))
@@ -210,8 +237,10 @@ def markdown_table(rows: list, columns: list, percent: Optional[Iterable[str]] =
     fraction = set(percent)
 
   def fmt(c, v):
-    if missing(v):
+    if v is None:
       return "–"
+    if missing(v):
+      return "nan"
     if _is_number(v) and c in fraction:
       return f"{100.0 * float(v):.1f}"
     if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):

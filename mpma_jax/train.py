@@ -165,14 +165,21 @@ def load_pretrained(config, state: TrainState, shardings: TrainState, tx, workdi
 
 
 # --- train step -----------------------------------------------------------------------------------
+def all_finite(tree) -> jax.Array:
+  """bool []: every floating-point leaf of `tree` is finite (one reduction per leaf)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all() if leaves else jnp.array(True)
+
+
 def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
   """jit-compiled (state, batch) -> (state, metrics).
 
   * train.grad_accum > 1 splits the global batch into that many micro-batches (each still spread
     over every device) and averages their gradients; the contrastive losses then see the global
     micro-batch as negatives.
-  * A step whose loss or gradient is not finite leaves parameters and optimizer state unchanged
-    (metrics['nonfinite'] = 1); the loop then skips it or stops (train.nonfinite).
+  * A step whose loss, gradient norm, new parameters or new optimizer state is not finite leaves
+    parameters and optimizer state unchanged (metrics['nonfinite'] = 1); the loop then skips it
+    or stops (train.nonfinite, train.max_nonfinite_*).
   * Per-example data counters in the batch (pipeline.COUNTER_FIELDS) come back summed over the
     global batch as metrics['data_<name>'].
   """
@@ -224,15 +231,20 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     else:
       metrics, grads = accumulated(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
     def apply(_):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       return optax.apply_updates(state.params, updates), opt_state
 
-    # A non-finite step changes nothing. A cond rather than jnp.where(finite, new, old) per leaf:
-    # with the state donated, the where made XLA copy every old leaf first (it is read after the
-    # new value overwrites its buffer): ~600 copies, the update ~2.5x slower on a CPU.
+    # A finite gradient can still give a non-finite update (Adam with eps=0 on a zero gradient, a
+    # learning rate that overflows), so what the step would write is checked too: on its own copy
+    # of the update, which XLA fuses into per-leaf reductions (no state-sized buffer is written),
+    # while the update that is kept runs inside the cond, in place on the donated state. A cond
+    # rather than jnp.where(finite, new, old) per leaf: with the state donated, the where made XLA
+    # copy every old leaf first (it is read after the new value overwrites its buffer): ~600
+    # copies, the update ~2.5x slower on a CPU.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+              & all_finite(apply(None)))
     params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state),
                                      None)
     metrics["grad_norm"] = grad_norm
@@ -256,6 +268,9 @@ class Checkpointer:
   previous checkpoint as the latest one; the temporary directory is removed on the next start. The
   iterator state is the same on every host (a batch counter, see pipeline.HostShare), so one JSON
   copy restores any number of hosts.
+
+  `save` refuses a state that is not finite, so every checkpoint here is a good one and Orbax's
+  rotation (train.keep_checkpoints) can only ever replace good checkpoints by newer good ones.
   """
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict):
@@ -269,6 +284,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, data_iterator) -> None:
+    if not jax.jit(all_finite)(state):
+      latest = self.latest_step()
+      raise NonFiniteLossError(
+          f"refusing to checkpoint step {step}: the train state is not finite; "
+          + (f"the last good checkpoint is step {latest}" if latest is not None else
+             "there is no checkpoint yet"))
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_iterator.get_state())))
@@ -327,7 +348,43 @@ class Preemption:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """train.nonfinite = 'stop' and a step's loss or gradient was not finite."""
+  """Non-finite steps stopped the run (train.nonfinite, train.max_nonfinite_*), or a state that
+  is not finite was about to be checkpointed."""
+
+
+class NonFiniteSteps:
+  """Host-side count of the steps the train step's guard left out; says when the run must stop:
+  train.nonfinite='stop' at the first one, 'skip' once more than train.max_nonfinite_consecutive
+  of them in a row or more than train.max_nonfinite_total in all (since this process started;
+  0 = no limit) were left out. `start`: the step the run starts from (its state is good)."""
+
+  def __init__(self, train_config: ml_collections.ConfigDict, start: int):
+    self.policy = train_config.nonfinite
+    if self.policy not in ("skip", "stop"):
+      raise ValueError(f"train.nonfinite must be 'skip' or 'stop', got {self.policy!r}")
+    self.max_consecutive = train_config.max_nonfinite_consecutive
+    self.max_total = train_config.max_nonfinite_total
+    self.consecutive = self.total = 0
+    self.last_good = start  # the last step whose update was applied (or the starting step)
+
+  def update(self, flags, first: int) -> Optional[str]:
+    """flags: 1 for each step left out, 0 for each applied one, from step `first` on. Returns None,
+    or why the run must stop (one line, naming the config field)."""
+    for step, flag in enumerate(flags, start=first):
+      if not flag:
+        self.consecutive, self.last_good = 0, step
+        continue
+      self.consecutive += 1
+      self.total += 1
+      if self.policy == "stop":
+        return f"non-finite step {step} (train.nonfinite='stop')"
+      if self.max_consecutive and self.consecutive > self.max_consecutive:
+        return (f"{self.consecutive} consecutive non-finite steps at step {step} > "
+                f"train.max_nonfinite_consecutive={self.max_consecutive}")
+      if self.max_total and self.total > self.max_total:
+        return (f"{self.total} non-finite steps by step {step} > "
+                f"train.max_nonfinite_total={self.max_total}")
+    return None
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -407,8 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
   if latest is not None and not resume:  # refuse before any work is done
     raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest}); pass "
                           "--resume to continue, or use a new workdir")
-  if config.train.nonfinite not in ("skip", "stop"):
-    raise ValueError(f"train.nonfinite must be 'skip' or 'stop', got {config.train.nonfinite!r}")
+  NonFiniteSteps(config.train, 0)  # a bad train.nonfinite fails before any work is done
   log = Logger(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
     abstract, state_shardings = abstract_state(config, model, tx, mesh, rule_table)
@@ -445,15 +501,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     stop_at = min(steps, start + config.train.run_steps) if config.train.run_steps else steps
     t0, pending, unchecked, saved, reason = time.perf_counter(), [], [], start, None
     data_counts = {"bad_image": 0, "truncated": 0}  # since this process started, global batch
+    nonfinite = NonFiniteSteps(config.train, start)
 
     def check_finite(done):
-      """train.nonfinite = 'stop': raise before a non-finite step could be checkpointed."""
-      if config.train.nonfinite == "stop" and unchecked and sum(jax.device_get(unchecked)):
-        ckpt.close()  # the saves already made (all of finite states) complete
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient before step {done}; stopped (train.nonfinite='stop'). "
-            f"The last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints")
+      """Counts the steps the guard left out since the last check; raises, before anything more
+      is checkpointed, when train.nonfinite or a train.max_nonfinite_* limit says stop."""
+      flags = [int(f) for f in jax.device_get(unchecked)]
+      why = nonfinite.update(flags, first=done - len(flags) + 1)
       unchecked.clear()
+      if why:
+        ckpt.close()  # the saves already made (all of finite states) complete
+        latest = ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"stopped: {why}. The last good step is {nonfinite.last_good}; " +
+            (f"the last good checkpoint is step {latest} in {workdir}/checkpoints" if latest
+             is not None else f"there is no checkpoint yet in {workdir}/checkpoints"))
 
     with Preemption() as preemption:
       for step in range(start, stop_at):

@@ -4,7 +4,8 @@
 (b) a checkpoint restores onto a different mesh shape;
 (c) SIGTERM makes the run save and exit cleanly, and a restart continues;
 (d) SIGKILL in the middle of a save leaves the previous checkpoint, which the restart uses;
-and the non-finite-loss policies (skip / stop keeping the last good checkpoint).
+and the non-finite policies (skip up to its limits / stop, keeping the last good checkpoint; a
+non-finite state is never checkpointed).
 """
 import json
 import os
@@ -14,6 +15,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -184,3 +186,92 @@ def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data
     train.train_and_evaluate(run_config(**{"train.nonfinite": "stop"}),
                              stop_dir, tok, tokenizer_dir, data_dir)
   assert sorted(os.listdir(os.path.join(stop_dir, "checkpoints"))) == ["2"]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e39 -> inf
+def test_nonfinite_updates_are_skipped_and_never_checkpointed(tmp_path, tokenizer_dir, data_dir):
+  """optim.lr=1e39 overflows float32: every update is NaN although loss and gradient are finite.
+  'skip' (no limits): every step is counted, and the checkpoints (rotated, keep 2) hold the finite
+  initial parameters. 'stop': the run raises at step 1, saying that there is no checkpoint yet."""
+  tok = tokenizers.load_tokenizer(tokenizer_dir)
+  overrides = {"optim.lr": 1e39, "train.keep_checkpoints": 2,
+               "train.max_nonfinite_consecutive": 0, "train.max_nonfinite_total": 0}
+  skip_dir = str(tmp_path / "skip")
+  train.train_and_evaluate(run_config(**overrides), skip_dir, tok, tokenizer_dir, data_dir)
+  rows = train_rows(skip_dir)
+  assert [r["nonfinite_steps"] for r in rows] == [1] * 6
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert sorted(os.listdir(os.path.join(skip_dir, "checkpoints")), key=int) == ["4", "6"]
+  four, six = (restore_state(run_config(**overrides), skip_dir, s) for s in (4, 6))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((six.params, six.opt_state)))
+  assert_same(four.params, six.params)  # nothing was applied
+
+  stop_dir = str(tmp_path / "stop")
+  with pytest.raises(train.NonFiniteLossError) as error:
+    train.train_and_evaluate(run_config(**overrides, **{"train.nonfinite": "stop"}), stop_dir,
+                             tok, tokenizer_dir, data_dir)
+  message = str(error.value)
+  assert "non-finite step 1" in message and "last good step is 0" in message
+  assert "there is no checkpoint yet" in message and "None" not in message
+  assert not os.listdir(os.path.join(stop_dir, "checkpoints"))  # nothing, not even a NaN step 1
+
+
+def _nan_learning_rate_from(monkeypatch, count):
+  """From the optimizer's `count`-th update on, the learning rate is NaN: loss and gradient stay
+  finite, the update does not. A skipped step does not advance the count, so every later step is
+  non-finite too."""
+  schedule = optim.schedule
+  monkeypatch.setattr(optim, "schedule", lambda config, peak: (
+      lambda n: jnp.where(n >= count, jnp.nan, schedule(config, peak)(n))))
+
+
+def test_skip_limit_stops_naming_the_last_good_step_and_keeps_a_good_checkpoint(
+    monkeypatch, tmp_path, tokenizer_dir, data_dir):
+  """Steps 1-2 are applied, every later one is non-finite. With at most 2 in a row, step 5 stops
+  the run with one line naming the config field, the last good step (2) and the last good
+  checkpoint (4, saved after two skipped steps; keep_checkpoints=1 rotated 2 away): it holds
+  finite parameters, those of step 2."""
+  tok = tokenizers.load_tokenizer(tokenizer_dir)
+  _nan_learning_rate_from(monkeypatch, 2)
+  config = run_config(**{"train.keep_checkpoints": 1, "train.max_nonfinite_consecutive": 2})
+  with pytest.raises(train.NonFiniteLossError) as error:
+    train.train_and_evaluate(config, str(tmp_path), tok, tokenizer_dir, data_dir)
+  message = str(error.value)
+  assert "\n" not in message
+  assert "3 consecutive non-finite steps at step 5 > train.max_nonfinite_consecutive=2" in message
+  assert "last good step is 2" in message and "last good checkpoint is step 4" in message
+  assert [r["nonfinite_steps"] for r in train_rows(str(tmp_path))] == [0, 0, 1, 1]
+  assert os.listdir(os.path.join(str(tmp_path), "checkpoints")) == ["4"]
+  state = restore_state(config, str(tmp_path), 4)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.opt_state)))
+
+
+def test_nonfinite_steps_limits():
+  """The host-side count: consecutive and total limits (0 = none), 'stop' at the first one."""
+  def config(policy="skip", consecutive=0, total=0):
+    return ml_collections.ConfigDict({"nonfinite": policy, "max_nonfinite_consecutive":
+                                      consecutive, "max_nonfinite_total": total})
+  count = train.NonFiniteSteps(config(consecutive=2), start=10)
+  assert count.update([0, 1, 1, 0, 1, 1], first=11) is None and count.last_good == 14
+  assert "at step 17 > train.max_nonfinite_consecutive=2" in count.update([1], first=17)
+  count = train.NonFiniteSteps(config(total=3), start=0)
+  assert count.update([1, 0, 1, 0], first=1) is None
+  assert count.update([0, 1, 0, 1], first=5) == (
+      "4 non-finite steps by step 8 > train.max_nonfinite_total=3")
+  assert count.last_good == 7
+  assert train.NonFiniteSteps(config(), 0).update([1] * 1000, first=1) is None
+  assert "train.nonfinite='stop'" in train.NonFiniteSteps(config("stop"), 0).update([0, 1], 1)
+  with pytest.raises(ValueError, match="train.nonfinite"):
+    train.NonFiniteSteps(config("ignore"), 0)
+
+
+def test_checkpointer_refuses_a_non_finite_state(tmp_path, small_config):
+  """Every checkpoint is a good one, so the rotation never drops the last good checkpoint."""
+  ckpt = train.Checkpointer(str(tmp_path), small_config)
+  state = train.TrainState(step=jnp.array(1), params={"w": jnp.array([1.0, jnp.inf])},
+                           opt_state=(), rng=jnp.zeros(2, jnp.uint32))
+  with pytest.raises(train.NonFiniteLossError, match="step 1: the train state is not finite; "
+                     "there is no checkpoint yet"):
+    ckpt.save(1, state, data_iterator=None)
+  ckpt.close()
+  assert ckpt.latest_step() is None

@@ -1,10 +1,11 @@
 """Downstream metrics against hand-computed values."""
+import json
 import math
 
 import numpy as np
 import pytest
 
-from mpma_jax import losses, metrics
+from mpma_jax import evaluate, finetune, losses, metrics
 
 
 # --- Med-VQA ---------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_markdown_table_exact():
       "| task | open | closed | n | note |\n"
       "| --- | ---: | ---: | ---: | --- |\n"
       "| VQA-RAD | 67.2 | 83.5 | 451 | – |\n"
-      "| SLAKE \\| en | – | – | 1061 | – |")
+      "| SLAKE \\| en | nan | – | 1061 | – |")
 
 
 def test_markdown_table_non_fraction_floats_and_override():
@@ -161,3 +162,50 @@ def test_markdown_table_non_fraction_floats_and_override():
       "| loss | auc |\n| ---: | ---: |\n| 2.346 | 50.0 |\n| 0.5 | 100.0 |")
   assert metrics.markdown_table(rows[1:], ["loss", "auc"], percent=["auc"]).endswith(
       "| 0.5 | 100.0 |")
+
+
+# --- a diverged model ------------------------------------------------------------------------------
+def test_metrics_of_non_finite_scores_are_nan_never_perfect():
+  """NaN compares false: a NaN similarity once ranked every positive first (100 % recall), and
+  the argmax of NaN logits picked an arbitrary class. Every metric is NaN instead."""
+  emb = np.full((6, 4), np.nan)  # the embeddings of a model whose parameters are NaN
+  for sim in (emb @ emb.T, np.where(np.eye(6), np.inf, 0.0)):
+    r = metrics.recall_at_k(sim)
+    assert set(r) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert all(math.isnan(v) for v in r.values()), r
+    assert all(math.isnan(v) for v in losses.retrieval_recall(sim).values())
+  pos = np.array([[1, 1, 0], [0, 0, 1]], bool)
+  assert math.isnan(metrics.recall_at_k(np.full((2, 3), np.nan), ks=(1,), positives=pos)["t2i_r1"])
+
+  logits = np.array([[np.nan, 0.0], [1.0, 0.0], [0.0, 1.0]])  # [N, C]; one row diverged
+  assert metrics.accuracy(np.nan_to_num(logits), [0, 0, 1]) == 1.0  # scores: their argmax
+  assert math.isnan(metrics.accuracy(logits, [0, 0, 1]))
+  assert math.isnan(metrics.accuracy(np.array([0.0, np.inf]), [0, 1]))
+  vqa = metrics.vqa_accuracy(logits, np.eye(3, 2, dtype=bool), [True, True, False])
+  assert all(math.isnan(vqa[k]) for k in ("open", "closed", "overall")) and vqa["n"] == 3
+  assert math.isnan(metrics.roc_auc([0.1, np.nan, 0.3], [0, 1, 1]))
+  assert math.isnan(metrics.roc_auc([np.inf, np.inf, np.inf], [0, 1, 1]))  # once 0.5
+  got = metrics.mean_auc(np.array([[0.1, np.nan], [0.9, 0.5]]), np.array([[0, 1], [1, 0]]))
+  assert got["class_0"] == 1.0 and math.isnan(got["class_1"]) and math.isnan(got["mean"])
+
+  # Fine-tuning's scores and mpma-eval's rows (finetune.score) carry the NaN.
+  nan_out = np.full((3, 2), np.nan, np.float32)
+  assert math.isnan(finetune.score("classification", {"out": nan_out, "label": [0, 1, 1]})[
+      "accuracy"])
+  roco = finetune.score("retrieval", {"emb_image": emb, "emb_text": emb})
+  assert math.isnan(roco["i2t_r1"]) and math.isnan(roco["rsum"])
+
+
+def test_nan_retrieval_shows_as_nan_in_eval_json_and_the_tables():
+  """Pre-training's end-of-run retrieval of a NaN model: NaN in eval.json (as the JSON NaN that
+  Python reads back), 'nan' in the summary table and the suite's Markdown table."""
+  nan_embed = lambda params, image, ids, mask: (np.full((len(image), 4), np.nan),) * 2
+  pairs = {"image": np.zeros((8, 1)), "text_ids": np.zeros((8, 1)), "text_mask": np.zeros((8, 1))}
+  trained = evaluate.retrieval(nan_embed, None, pairs, batch_size=4)
+  written = json.loads(json.dumps({"trained": trained}))["trained"]  # eval.json's "trained"
+  assert all(math.isnan(v) for v in written.values())
+  table = evaluate.format_table({"trained": trained, "chance": evaluate.chance(8)})
+  assert table.splitlines()[1].split() == ["trained"] + ["nan"] * 6
+  assert "100.00" not in table.splitlines()[1]
+  md = metrics.markdown_table([{"task": "roco", **trained}], ["task", "i2t_r1"])
+  assert md.splitlines()[-1] == "| roco | nan |"

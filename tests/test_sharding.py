@@ -209,3 +209,27 @@ def test_a_non_finite_step_changes_nothing(host_batches):
     assert int(m["nonfinite"]) == 0
     assert any(not np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(before.params), jax.tree.leaves(jax.device_get(state.params))))
+
+
+@pytest.mark.parametrize("optim_override", [{"lr": 1e39}, {"eps": 0.0}])
+def test_a_non_finite_update_changes_nothing(host_batches, optim_override):
+  """A finite loss and gradient can still give non-finite new parameters: a learning rate that
+  overflows float32, or Adam with eps=0 on the parameters whose gradient is 0 (0 / 0). The step
+  is counted and skipped like a NaN loss."""
+  config = mesh_config()
+  config.optim.update(optim_override)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.mesh)
+  model, tx = train.make_model(config), optim.make_optimizer(config)
+  batch = {k: v for k, v in host_batches[0].items() if k != "source"}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = train.create_train_state(config, model, tx, mesh, rules)
+    before = jax.device_get(state)
+    step = train.make_train_step(config, model, tx, shardings, mesh)
+    state, m = step(state, sharding.global_batch(batch, mesh))
+    after = jax.device_get(state)
+  assert int(m["nonfinite"]) == 1
+  assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(a, b)

@@ -52,6 +52,11 @@ def base(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.train.epochs = 10
   c.train.batch_size = 32  # global batch
   c.train.log_every = 20  # steps between loss lines in metrics.jsonl / TensorBoard
+  # A step whose loss, new parameters or optimizer state is not finite changes nothing; then: skip
+  # (count it, up to the limits below, checked after each epoch) | stop (raise after the epoch).
+  c.train.nonfinite = "skip"
+  c.train.max_nonfinite_consecutive = 20  # skip: stop after more in a row; 0 = no limit
+  c.train.max_nonfinite_total = 100  # skip: stop after more in the protocol's run; 0 = no limit
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64  # validation / test batch (must split over the devices)
