@@ -1,11 +1,11 @@
 """Scaling on paper: the base config's pre-training step at 8 -> 256 -> 2048 devices.
 
   python benchmarks/scaling.py [--config base] [--batches 2,8] [--remat none[,full]]
-                               [--no_measure] [--no_hlo] [--mfu 0.45] [--write docs/scaling.md]
+                               [--no_measure] [--no_hlo] [--mfu 0.45] [--write docs/scaling_model.md]
 
-docs/scaling.md was written with `--batches 2,4,8 --write docs/scaling.md`.
+docs/scaling_model.md was written with `--batches 2,4,8 --write docs/scaling_model.md`.
 
-Prints (or with --write, writes) docs/scaling.md: a model of one train step per device, for data
+Prints (or with --write, writes) docs/scaling_model.md: a model of one train step per device, for data
 parallelism (DP), FSDP and DP x FSDP hybrids on TPU v5e and on 8xH100 nodes, built from
 
   measured on this machine (CPU)
@@ -189,7 +189,7 @@ class Hardware:
   torus_side: int = 0  # > 0: the fast domain is a 2-D torus of this side (ring steps per axis)
 
 
-# Assumptions (see docs/scaling.md): v5e ICI 1,600 Gbps per chip (4 links, both directions) =
+# Assumptions (see docs/scaling_model.md): v5e ICI 1,600 Gbps per chip (4 links, both directions) =
 # 100 GB/s each way; DCN between v5e-256 slices 50 Gbps per chip; H100 SXM NVLink 4 900 GB/s
 # bidirectional = 450 GB/s each way; between nodes 8 x 400 Gb/s NICs (one per GPU) = 50 GB/s.
 HARDWARE = {
@@ -269,7 +269,7 @@ def gla_gather_bytes(config: ml_collections.ConfigDict, batch: int) -> int:
 
 def topk_gather_bytes(config: ml_collections.ConfigDict, batch: int) -> int:
   """The memory's top-k scores [B, heads, tokens, slots] (float32) that XLA all-gathers over the
-  batch axes as the step is compiled today (lax.top_k is not partitioned; see docs/scaling.md)."""
+  batch axes as the step is compiled today (lax.top_k is not partitioned; see docs/scaling_model.md)."""
   m = config.model
   if not m.memory.enabled:
     return 0
@@ -667,7 +667,7 @@ def _find(rows, hw, data, fsdp, batch):
 
 def render(inputs: Inputs, measured: dict, recorded: set, hlo: Optional[dict], rows: list[dict],
            command: str) -> str:
-  """docs/scaling.md."""
+  """docs/scaling_model.md."""
   config = inputs.config
   m = config.model
   fits = {k: linear_fit(v) for k, v in measured.items()}

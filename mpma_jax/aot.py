@@ -43,6 +43,11 @@ class Chip:
   link_gbps: float  # one-way bandwidth of one interconnect link, GB/s
   ring_links: int  # links a ring collective over one mesh axis drives at once (one-way)
   source: str
+  f32_tflops: float = 0.0  # float32 matmul peak when lower than peak_tflops (NVIDIA: TF32)
+
+  def peak(self, dtype: str) -> float:
+    """FLOP/s of the model's matmuls in the compute dtype."""
+    return 1e12 * (self.f32_tflops if dtype == "float32" and self.f32_tflops else self.peak_tflops)
 
 
 # Where each figure comes from. ICI: a ring along one torus axis sends in both directions, so it
@@ -61,9 +66,9 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 32 * GiB, 918.0, 1640.0, 100.0, 2,
                 "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1,640 GB/s, "
                 "800 GB/s bidirectional ICI per chip over 4 ports"),
-    "h100": Chip("NVIDIA H100 SXM", 80e9, 989.4, 3350.0, 25.0, 18,
-                 "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense, 80 GB HBM3 at 3.35 TB/s, "
-                 "NVLink 900 GB/s bidirectional (18 links)"),
+    "h100": Chip("NVIDIA H100 SXM", 84978434048.0, 989.4, 3350.0, 25.0, 18,
+                 "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense (495 TF32), 80 GB HBM3 at "
+                 "3.35 TB/s, NVLink 900 GB/s bidirectional (18 links)", f32_tflops=494.7),
     "cpu": Chip("CPU (host)", 0.0, 0.0, 0.0, 0.0, 0, "no roofline: compile check only"),
 }
 # Fixed cost per collective (launch and synchronisation): an assumption, not a measurement; it
@@ -203,6 +208,13 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 
 
 # --- compile --------------------------------------------------------------------------------------
+def compiler_options(topology: str) -> dict:
+  """XLA options a target needs. Deviceless GPU compiles cannot autotune, and XLA:GPU's Triton GEMM
+  emitter then finds no tile sizes for some of the step's small matmuls ("Couldn't find output
+  tile sizes", jaxlib 0.10.2): those targets use cuBLAS GEMMs instead."""
+  return {"xla_gpu_enable_triton_gemm": False} if parse_topology(topology)[0] == "h100" else {}
+
+
 @dataclasses.dataclass
 class Compiled:
   topology: str
@@ -210,7 +222,9 @@ class Compiled:
   mesh: dict
   executable: Any
   lower_seconds: float
-  compile_seconds: float
+  compile_seconds: float  # wall time of XLA's compile
+  compile_cpu_seconds: float  # CPU time of this process during it (all threads; moves less than
+                              # the wall time when other work shares the machine)
 
 
 def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None) -> Compiled:
@@ -229,10 +243,10 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in train.dummy_batch(config, config.train.batch_size).items()}
     lowered = step.lower(abstract, batch)
-    t1 = time.perf_counter()
-    executable = lowered.compile()
-    t2 = time.perf_counter()
-  return Compiled(topology, list(devices), dict(mesh.shape), executable, t1 - t0, t2 - t1)
+    t1, c1 = time.perf_counter(), time.process_time()
+    executable = lowered.compile(compiler_options=compiler_options(topology))
+    t2, c2 = time.perf_counter(), time.process_time()
+  return Compiled(topology, list(devices), dict(mesh.shape), executable, t1 - t0, t2 - t1, c2 - c1)
 
 
 
@@ -313,6 +327,7 @@ class Hlo:
   computations: dict
   runs: dict
   sequences: set
+  sliced: dict = dataclasses.field(default_factory=dict)  # memo of _sliced_reads
 
 
 def parse_hlo(hlo_text: str) -> Hlo:
@@ -368,23 +383,53 @@ _NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant",
                "copy-start", "copy-done", "add-dependency"}
 
 
+def _operands(line: str) -> list[str]:
+  args = _INSTRUCTION.match(line).group(5)
+  return re.findall(r"%([\w.\-]+)", args[:args.find(")")] if ")" in args else args)
+
+
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _sliced_reads(hlo: Hlo, fused: str) -> dict[int, float]:
+  """Fused-computation parameters that are only sliced inside (a scanned layer's weights taken
+  from the [layers, ...] stack): parameter index -> bytes actually read (the slices)."""
+  if fused in hlo.sliced:
+    return hlo.sliced[fused]
+  out = hlo.sliced[fused] = {}
+  instructions = hlo.computations.get(fused, [])
+  for op, _, line in instructions:
+    if op != "parameter":
+      continue
+    name = _INSTRUCTION.match(line).group(2)
+    index = int(re.search(r"parameter\((\d+)\)", line).group(1))
+    users = [(u_op, u_shape) for u_op, u_shape, u_line in instructions
+             if u_op != "parameter" and name in _operands(u_line)]
+    if users and all(u_op in _SLICES for u_op, _ in users):
+      out[index] = sum(shape_bytes(u_shape) for _, u_shape in users)
+  return out
+
+
 def step_hbm_bytes(hlo: Hlo) -> float:
   """Bytes read and written per step by the instructions that run one after another (a fusion
-  reads its operands from and writes its result to memory once), loops times their trip counts.
-  XLA's own 'bytes accessed' counts a loop body once; this is what the roofline uses."""
+  reads its operands from and writes its result to memory once; an operand it only slices, just
+  the slices), loops times their trip counts. XLA's own 'bytes accessed' counts a loop body once;
+  this is what the roofline uses."""
   total = 0.0
   for name in hlo.sequences:
     shapes = {}
     for op, shape, line in hlo.computations[name]:
-      m = _INSTRUCTION.match(line)
-      shapes[m.group(2)] = shape
+      shapes[_INSTRUCTION.match(line).group(2)] = shape
     for op, shape, line in hlo.computations[name]:
       if op in _NO_TRAFFIC or op.endswith("-start"):
         continue
-      args = _INSTRUCTION.match(line).group(5)
-      args = args[:args.find(")")] if ")" in args else args
-      operands = re.findall(r"%([\w.\-]+)", args)
-      nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+      sliced = {}
+      if op == "fusion":
+        callee = re.search(r"calls=%?([\w.\-]+)", line)
+        sliced = _sliced_reads(hlo, callee.group(1)) if callee else {}
+      operands = _operands(line)
+      nbytes = shape_bytes(shape) + sum(
+          sliced.get(i, shape_bytes(shapes.get(o, ""))) for i, o in enumerate(operands))
       total += nbytes * hlo.runs.get(name, 0)
   return total
 
@@ -473,13 +518,14 @@ def estimate(config, compiled_cost: dict, step_bytes: float, found: list[Collect
   model_flops = flops.train_step_flops(config, config.train.batch_size)
   executed = max(model_flops / num_devices * REMAT_FLOPS[config.model.remat],
                  compiled_cost["flops"])
-  compute = executed / (chip.peak_tflops * 1e12)
+  peak = chip.peak(config.model.dtype)
+  compute = executed / peak
   hbm = step_bytes / (chip.hbm_gbps * 1e9)
   comm = sum(collective_seconds(c, chip) for c in found)
   step = max(compute, hbm) + comm
   return {"compute_s": compute, "hbm_s": hbm, "collectives_s": comm, "step_s": step,
           "overlapped_step_s": max(compute, hbm, comm),
-          "mfu": model_flops / num_devices / (chip.peak_tflops * 1e12) / step,
+          "mfu": model_flops / num_devices / peak / step,
           "examples_per_s": config.train.batch_size / step,
           "model_flops_per_device": model_flops / num_devices}
 
@@ -503,6 +549,7 @@ def report(config, compiled: Compiled, hbm_bytes: float = 0.0) -> dict:
       "micro_batch_per_device": config.train.batch_size // config.train.grad_accum
                                 // (compiled.mesh["data"] * compiled.mesh["fsdp"]),
       "lower_seconds": compiled.lower_seconds, "compile_seconds": compiled.compile_seconds,
+      "compile_cpu_seconds": compiled.compile_cpu_seconds,
       "memory": mem, "hbm_bytes": chip.hbm_bytes,
       "fits": bool(chip.hbm_bytes == 0 or mem["peak"] <= chip.hbm_bytes),
       "headroom_bytes": chip.hbm_bytes - mem["peak"] if chip.hbm_bytes else None,
@@ -528,7 +575,8 @@ def format_report(r: dict) -> str:
       f"{r['chip']} x {r['devices']} ({r['topology']}), mesh ({mesh}), {r['dtype']}, "
       f"remat={r['remat']}, scan={r['scan']}, global batch {r['global_batch']} "
       f"(grad_accum {r['grad_accum']}, micro-batch {r['micro_batch_per_device']}/device)",
-      f"compile: lower {r['lower_seconds']:.1f} s, XLA compile {r['compile_seconds']:.1f} s",
+      f"compile: lower {r['lower_seconds']:.1f} s, XLA compile {r['compile_seconds']:.1f} s "
+      f"({r['compile_cpu_seconds']:.1f} s CPU)",
       "memory per device (XLA): " + ", ".join(
           f"{k} {_gib(m[k])}" for k in ("arguments", "outputs", "aliased", "temporaries",
                                         "generated_code")),
@@ -614,10 +662,11 @@ def state_bytes_per_device(config, fsdp: int, tensor: int) -> float:
 
 
 def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_bytes: float = 0.0,
-            log=None) -> dict:
+            max_fits: int = 0, log=None) -> dict:
   """Compiles settings for `topology` at config.train.batch_size and returns {'tried': [...],
   'fits': [...]} (rows of `report`, plus 'setting'); 'fits' holds only settings whose compiled
-  peak memory fits the chip (hbm_bytes overrides the chip's), fastest first by the estimate."""
+  peak memory fits the chip (hbm_bytes overrides the chip's), fastest first by the estimate.
+  Stops after max_compiles compiles, or once max_fits (> 0) settings fit."""
   devices = target_devices(topology) if devices is None else devices
   limit = hbm_bytes or chip_for(topology, devices).hbm_bytes
   batch = config.train.batch_size
@@ -649,6 +698,8 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
           f" (compile {row['compile_seconds']:.0f} s)")
       if row["fits"]:
         break  # more remat or accumulation would only be slower
+    if max_fits and sum(1 for r in tried if r.get("fits")) >= max_fits:
+      break
   fits = sorted((r for r in tried if r.get("fits") and "memory" in r),
                 key=lambda r: r["estimate"].get("step_s", 0.0) if r["estimate"] else 0.0)
   return {"topology": topology, "global_batch": batch, "hbm_bytes": limit,

@@ -24,6 +24,9 @@ _TOPOLOGY = flags.DEFINE_string(
 _SUGGEST = flags.DEFINE_bool("suggest", False, "Search mesh / remat / grad_accum for settings "
                              "that fit the topology, and rank them by the estimated step time")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "--suggest: most settings compiled")
+_MAX_FITS = flags.DEFINE_integer("max_fits", 0, "--suggest: stop once this many settings fit "
+                                 "(0: search until --max_compiles)")
+_HLO = flags.DEFINE_string("hlo", "", "Also write the compiled HLO text here")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device to fit in, GiB (default: the "
                               "chip's HBM; lower it to keep headroom)")
 _JSON = flags.DEFINE_string("json", "", "Where to write the JSON report (default: "
@@ -47,7 +50,7 @@ def main(argv):
     sys.exit(2)
   if _SUGGEST.value:
     result = aot.suggest(config, topology, devices, max_compiles=_MAX_COMPILES.value,
-                         hbm_bytes=_HBM_GIB.value * aot.GiB,
+                         hbm_bytes=_HBM_GIB.value * aot.GiB, max_fits=_MAX_FITS.value,
                          log=lambda line: print(line, flush=True))
     print(aot.format_suggestions(result))
   else:
@@ -58,6 +61,9 @@ def main(argv):
       sys.exit(2)
     result = aot.report(config, compiled, _HBM_GIB.value * aot.GiB)
     print(aot.format_report(result))
+    if _HLO.value:
+      with open(_HLO.value, "w") as f:
+        f.write(compiled.executable.as_text())
     if _SAVE.value:
       aot.save_executable(compiled.executable, _SAVE.value)
       print(f"executable: {_SAVE.value}")
