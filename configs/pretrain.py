@@ -17,6 +17,12 @@ def model_config() -> ml_collections.ConfigDict:
   # Rematerialisation of every transformer block: none | full (recompute all) | dots (keep matmul
   # outputs) | dots_no_batch (keep weight matmuls only). Trades backward-pass compute for memory.
   m.remat = "none"
+  # Run the encoders', the fusion's and the MIM decoder's layers with nn.scan: one compiled layer
+  # per stack instead of one per layer, so compile time no longer grows with depth (docs/scaling.md).
+  # Same function (tested); parameters stacked [layers, ...] (models.mpma.scanned_params converts;
+  # import/export go through the unrolled layout). Off by default: the unrolled step runs a little
+  # faster on CPU and drops the fusion's unused last image layer.
+  m.scan = False
   m.hidden = 768  # fusion width d (projections, memory, co-attention, poolers)
 
   m.image = ml_collections.ConfigDict()
@@ -170,6 +176,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       ("patch", None),
       ("gla", None),
       ("classes", None),
+      ("layers", None),  # the stacked-blocks axis of model.scan
   )
 
   c.eval = ml_collections.ConfigDict()  # zero-shot retrieval at the end of training

@@ -113,10 +113,11 @@ def init_params(config: ml_collections.ConfigDict, model: MPMA, rng) -> Any:
 
 
 def _init_boxed(config, model, tx):
-  rng = jax.random.key(config.seed)
+  """() -> boxed TrainState. Keys are made inside, so that the function only ever runs traced (jit,
+  eval_shape): nothing executes on the target devices, which need not exist (aot.py)."""
 
   def init():
-    params = init_params(config, model, rng)
+    params = init_params(config, model, jax.random.key(config.seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(config.seed + 1)))
   return init
@@ -148,8 +149,8 @@ def load_pretrained(config, state: TrainState, shardings: TrainState, tx, workdi
   params, reports = pretrained.initialise(config, state.params)
 
   def place(x, s):  # imported leaves are host arrays; untouched ones are still sharded arrays
-    if isinstance(x, jax.Array):
-      return x
+    if isinstance(x, jax.Array):  # (re-stacked model.scan blocks may have lost their sharding)
+      return x if x.sharding == s else jax.jit(lambda y: y, out_shardings=s)(x)
     x = np.asarray(x, np.float32)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
