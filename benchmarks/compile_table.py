@@ -12,6 +12,7 @@ so run them in their own invocation (--rows base-bf16-h100x8).
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +42,28 @@ def command(variant: str, dtype: str, topology: str, batch: int) -> str:
 
 
 def run_row(name, variant, dtype, topology, batch, max_compiles, results) -> dict:
+  """One row, in a child process: an XLA compiler that aborts (a failed CHECK) ends only that row,
+  recorded with its message."""
   path = os.path.join(results, f"{name}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  if not os.path.exists(path):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rows", name, "--results",
+                           results, "--max_compiles", str(max_compiles), "--child"],
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode and not os.path.exists(path):
+      failed = [l for l in proc.stderr.splitlines() if "Check failed" in l or "Error" in l]
+      result = {"name": name, "variant": variant, "dtype": dtype, "topology": topology,
+                "global_batch": batch, "command": command(variant, dtype, topology, batch),
+                "error": (failed or proc.stderr.splitlines()[-1:] or ["?"])[-1].strip(),
+                "fits": [], "tried": []}
+      os.makedirs(results, exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+  with open(path) as f:
+    return json.load(f)
+
+
+def compile_row(name, variant, dtype, topology, batch, max_compiles, results) -> dict:
+  path = os.path.join(results, f"{name}.json")
   config = pretrain.get_config(variant)
   config.model.update(scan=True, dtype=dtype)
   config.train.batch_size = batch
@@ -67,6 +86,11 @@ def render(results: list[dict]) -> str:
   rows = []
   for r in results:
     target = r["topology"]
+    if r.get("error"):
+      message = r["error"].split("] ", 1)[-1]  # without the C++ log prefix
+      rows.append(f"| {r['variant']} {r['dtype']} | {target} | {r['global_batch']:,} | XLA compile "
+                  f"aborted: `{message}` | | | | | | | | |")
+      continue
     if not r["fits"]:
       tried = ", ".join(f"{tuple(t['setting']['mesh'].values())} {t['setting']['remat']} "
                         f"x{t['setting']['grad_accum']}" for t in r["tried"])
@@ -96,12 +120,16 @@ def main():
   parser.add_argument("--max_compiles", type=int, default=3,
                       help="per row; a row stops at its first fitting setting")
   parser.add_argument("--write", default="", help="a Markdown file with the compile-table markers")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   wanted = set(filter(None, args.rows.split(",")))
   rows = [r for r in ROWS if (r[0] in wanted if wanted else "h100" not in r[0])]
   if wanted - {r[0] for r in ROWS}:
     parser.error(f"unknown rows {sorted(wanted - {r[0] for r in ROWS})}; known: "
                  f"{[r[0] for r in ROWS]}")
+  if args.child:  # one row, in this process
+    compile_row(*rows[0], args.max_compiles, args.results)
+    return
   done = [run_row(*r, args.max_compiles, args.results) for r in rows]
   # Every row with a result, in table order (also those from earlier invocations).
   every = []

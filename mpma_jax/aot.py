@@ -135,7 +135,10 @@ def target_devices(topology: str) -> list:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     with _quiet_stderr():  # libtpu warns that this host is not a TPU VM: true and expected
-      desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{kind}:{shape}")
+      # v4 and v5p chips have two TensorCores, which JAX drives as one device ('megacore').
+      chip_config = "megacore" if kind in ("v4", "v5p") else "default"
+      desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{kind}:{shape}",
+                                          chip_config_name=chip_config)
   except Exception as e:  # libtpu rejects the shape with its own message
     raise ValueError(f"--topology {topology}: libtpu has no such topology "
                      f"({str(e).splitlines()[0]})") from e

@@ -107,7 +107,9 @@ def test_one_step_is_the_same_on_every_mesh(mesh, host_batches, initial, referen
     np.testing.assert_allclose(metrics[0][k], ref_metrics[0][k], rtol=2e-5, err_msg=f"{mesh} {k}")
   # One AdamW step at lr 5e-4 moves a parameter by up to ~5e-4; float32 reordering noise (the
   # same as reversing the batch on one device) is ~1e-6 (measured: at most 1.2e-6 on every mesh).
-  _assert_trees_close(params, ref_params, atol=2e-6)
+  # Adam divides by sqrt(v): a gradient near optim.eps turns that noise into up to 2.2e-6 (0.4% of
+  # a step; one position-embedding entry, on one 2-core AMD EPYC, every mesh alike).
+  _assert_trees_close(params, ref_params, atol=4e-6)
   # The parallelism really happened: the ViT's first MLP kernel [embed 64, mlp 256] is split
   # over fsdp (rows) and tensor (columns).
   kernel = param_shardings["image_encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
