@@ -1,7 +1,7 @@
 """The docs/scaling.md table of compiled settings: `mpma-compile --suggest` for each target row.
 
   python benchmarks/compile_table.py [--rows base-bf16-v5e16,...] [--results DIR]
-                                     [--max_compiles 2] [--write docs/scaling.md]
+                                     [--max_compiles 3] [--write docs/scaling.md]
 
 Each row is one `aot.suggest` (the same search `mpma-compile --suggest` runs, with the command
 printed beside it); its JSON goes to --results/<row>.json and is reused on the next call (delete it

@@ -37,39 +37,38 @@ GiB = 1024 ** 3
 class Chip:
   """One accelerator chip (= one JAX device) as the roofline sees it."""
   name: str
+  device_kind: str  # as jax.Device.device_kind says; its peak FLOP/s is in flops.PEAK_TFLOPS
   hbm_bytes: float  # memory per device
-  peak_tflops: float  # dense bf16 matmul peak per device (f32 matmuls run at it on TPUs, see flops.py)
   hbm_gbps: float  # HBM bandwidth, GB/s
   link_gbps: float  # one-way bandwidth of one interconnect link, GB/s
   ring_links: int  # links a ring collective over one mesh axis drives at once (one-way)
   source: str
-  f32_tflops: float = 0.0  # float32 matmul peak when lower than peak_tflops (NVIDIA: TF32)
 
   def peak(self, dtype: str) -> float:
-    """FLOP/s of the model's matmuls in the compute dtype."""
-    return 1e12 * (self.f32_tflops if dtype == "float32" and self.f32_tflops else self.peak_tflops)
+    """FLOP/s of the model's matmuls in the compute dtype (0 without a known peak: no roofline)."""
+    return flops.peak_flops(self.device_kind, dtype) or 0.0
 
 
 # Where each figure comes from. ICI: a ring along one torus axis sends in both directions, so it
 # drives 2 links one-way; TPUs with more ports may do better for collectives over several axes,
 # which this model ignores (conservative). NVLink 4: 18 links x 25 GB/s one-way through NVSwitch.
 CHIPS = {
-    "v5e": Chip("TPU v5e", 16 * GiB, 197.0, 819.0, 50.0, 2,
+    "v5e": Chip("TPU v5e", "TPU v5 lite", 16 * GiB, 819.0, 50.0, 2,
                 "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM at 819 GB/s, "
                 "400 GB/s bidirectional ICI per chip over 4 ports"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459.0, 2765.0, 100.0, 2,
+    "v5p": Chip("TPU v5p", "TPU v5", 95 * GiB, 2765.0, 100.0, 2,
                 "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM at 2,765 GB/s, "
                 "1,200 GB/s bidirectional ICI per chip over 6 ports"),
-    "v4": Chip("TPU v4", 32 * GiB, 275.0, 1200.0, 45.0, 2,
+    "v4": Chip("TPU v4", "TPU v4", 32 * GiB, 1200.0, 45.0, 2,
                "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM at 1,200 GB/s; ICI "
                "45 GB/s one-way per link, 6 links (jax-ml scaling book, 'How to think about TPUs')"),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918.0, 1640.0, 100.0, 2,
+    "v6e": Chip("TPU v6e", "TPU v6 lite", 32 * GiB, 1640.0, 100.0, 2,
                 "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1,640 GB/s, "
                 "800 GB/s bidirectional ICI per chip over 4 ports"),
-    "h100": Chip("NVIDIA H100 SXM", 84978434048.0, 989.4, 3350.0, 25.0, 18,
+    "h100": Chip("NVIDIA H100 SXM", "NVIDIA H100 80GB HBM3", 84978434048.0, 3350.0, 25.0, 18,
                  "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense (495 TF32), 80 GB HBM3 at "
-                 "3.35 TB/s, NVLink 900 GB/s bidirectional (18 links)", f32_tflops=494.7),
-    "cpu": Chip("CPU (host)", 0.0, 0.0, 0.0, 0.0, 0, "no roofline: compile check only"),
+                 "3.35 TB/s, NVLink 900 GB/s bidirectional (18 links)"),
+    "cpu": Chip("CPU (host)", "cpu", 0.0, 0.0, 0.0, 0, "no roofline: compile check only"),
 }
 # Fixed cost per collective (launch and synchronisation): an assumption, not a measurement; it
 # matters only for the many small collectives of small models.
@@ -90,10 +89,11 @@ def parse_topology(topology: str) -> tuple[str, str]:
   return kind, shape
 
 
-# jax.Device.device_kind -> CHIPS key, for 'local:N' targets (the devices this process has).
-DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-                "TPU v4": "v4", "TPU v6 lite": "v6e", "TPU v6e": "v6e",
-                "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100": "h100", "NVIDIA H200": "h100"}
+# jax.Device.device_kind -> CHIPS key, for 'local:N' targets (the devices this process has): each
+# chip's own kind, and other names of the same chips.
+DEVICE_KINDS = {**{c.device_kind: key for key, c in CHIPS.items() if key != "cpu"},
+                "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v6e": "v6e", "NVIDIA H100": "h100",
+                "NVIDIA H200": "h100"}
 
 
 def chip_for(topology: str, devices) -> "Chip":
@@ -112,16 +112,13 @@ def target_devices(topology: str) -> list:
   """Compile-only devices for `topology` (TPU via libtpu's topology description; 'cpu:N' = the
   first N local CPU devices; 'h100:N' via the CUDA plugin, docs/scaling.md says how far it goes)."""
   kind, shape = parse_topology(topology)
-  if kind == "local":
-    n, have = int(shape), jax.devices()
+  if kind in ("local", "cpu"):
+    n, have = int(shape), jax.devices() if kind == "local" else jax.devices("cpu")
     if n > len(have):
-      raise ValueError(f"--topology {topology}: this process has {len(have)} devices")
-    return have[:n]
-  if kind == "cpu":
-    n, have = int(shape), jax.devices("cpu")
-    if n > len(have):
-      raise ValueError(f"--topology {topology}: only {len(have)} CPU devices (set XLA_FLAGS="
-                       f"--xla_force_host_platform_device_count={n} before JAX starts)")
+      hint = (f" (set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts)"
+              if kind == "cpu" else "")
+      what = "CPU devices" if kind == "cpu" else "devices in this process"
+      raise ValueError(f"--topology {topology}: only {len(have)} {what}{hint}")
     return have[:n]
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if kind == "h100":
@@ -250,7 +247,6 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None)
     executable = lowered.compile(compiler_options=compiler_options(topology))
     t2, c2 = time.perf_counter(), time.process_time()
   return Compiled(topology, list(devices), dict(mesh.shape), executable, t1 - t0, t2 - t1, c2 - c1)
-
 
 
 # --- what XLA says --------------------------------------------------------------------------------
@@ -516,7 +512,7 @@ def estimate(config, compiled_cost: dict, step_bytes: float, found: list[Collect
   REMAT_FLOPS), because XLA's cost analysis counts a loop body once (model.scan, grad_accum) and
   XLA:GPU gives none. HBM: `step_bytes` (step_hbm_bytes of the compiled HLO, loops counted in full).
   MFU and examples/s use the model FLOPs (flops.py), as the training loop reports them."""
-  if chip.peak_tflops <= 0:
+  if chip.peak(config.model.dtype) <= 0:
     return {}
   model_flops = flops.train_step_flops(config, config.train.batch_size)
   executed = max(model_flops / num_devices * REMAT_FLOPS[config.model.remat],
@@ -654,14 +650,17 @@ def mesh_candidates(config, num_devices: int) -> list[tuple[int, int, int]]:
   return out
 
 
-def state_bytes_per_device(config, fsdp: int, tensor: int) -> float:
+def num_params(config) -> int:
+  """Parameters of the model (shapes only: nothing is initialised)."""
+  model = train.make_model(config)
+  shapes = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+
+
+def state_bytes_per_device(params: int, fsdp: int, tensor: int) -> float:
   """Parameters + AdamW moments + gradients (4 x float32 per parameter) split over fsdp x tensor:
   a lower bound on what a device holds, used to skip meshes that cannot fit without compiling."""
-  from mpma_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  model = train_lib.make_model(config)
-  shapes = jax.eval_shape(lambda: train_lib.init_params(config, model, jax.random.key(0)))
-  n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
-  return 16.0 * n / (fsdp * tensor)
+  return 16.0 * params / (fsdp * tensor)
 
 
 def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_bytes: float = 0.0,
@@ -675,8 +674,9 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
   batch = config.train.batch_size
   tried, compiles = [], 0
   say = log or (lambda line: None)
+  params = num_params(config)
   for data, fsdp, tensor in mesh_candidates(config, len(devices)):
-    state = state_bytes_per_device(config, fsdp, tensor)
+    state = state_bytes_per_device(params, fsdp, tensor)
     if limit and state > limit:
       tried.append({"setting": _setting(data, fsdp, tensor, "-", 0), "fits": False,
                     "skipped": f"state alone {_gib(state)} > {_gib(limit)}"})
@@ -703,7 +703,7 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
         break  # more remat or accumulation would only be slower
     if max_fits and sum(1 for r in tried if r.get("fits")) >= max_fits:
       break
-  fits = sorted((r for r in tried if r.get("fits") and "memory" in r),
+  fits = sorted((r for r in tried if r["fits"]),
                 key=lambda r: r["estimate"].get("step_s", 0.0) if r["estimate"] else 0.0)
   return {"topology": topology, "global_batch": batch, "hbm_bytes": limit,
           "compiles": compiles, "tried": tried, "fits": fits}

@@ -43,7 +43,6 @@ def main(argv):
   from mpma_jax import aot  # pylint: disable=g-import-not-at-top
   config, topology = _CONFIG.value, _TOPOLOGY.value
   try:
-    aot.parse_topology(topology)
     devices = aot.target_devices(topology)
   except ValueError as e:
     print(f"mpma-compile: {e}", file=sys.stderr)
@@ -74,6 +73,10 @@ def main(argv):
 
 
 def run():
+  # --help lists the key flags of the module named by sys.argv[0]: the console-script wrapper,
+  # which defines none. Register this module's flags for it too.
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
 
 

@@ -140,7 +140,7 @@ def test_tiny_step_compiles_for_a_tpu_topology_with_sane_figures():
     # XLA counts each scanned loop body once: its FLOPs are a part of the analytic count, which
     # the estimate uses (the roofline's compute term is at least the model FLOPs).
     assert 0.2 < r["xla_cost"]["flops"] / r["analytic_flops_per_device"] < 1.0
-    assert r["estimate"]["compute_s"] * aot.CHIPS["v5e"].peak_tflops * 1e12 >= (
+    assert r["estimate"]["compute_s"] * aot.CHIPS["v5e"].peak("float32") >= (
         r["analytic_flops_per_device"] * 0.999)
     # The update reads and writes the whole per-device state at least once.
     assert r["hbm_bytes_per_step"] >= 2 * r["memory"]["arguments"]
@@ -239,3 +239,11 @@ def test_cli_prints_fit_and_writes_json(tmp_path):
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("mpma-compile: --topology 'v9:2x2'")
+
+
+def test_help_lists_the_commands_own_flags():
+  script = os.path.join(os.path.dirname(sys.executable), "mpma-compile")
+  out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120).stdout
+  for flag in ("--config", "--topology", "--suggest", "--max_compiles", "--hbm_gib", "--json",
+               "--save", "--hlo"):
+    assert flag in out, flag

@@ -188,12 +188,22 @@ def test_remat_and_bfloat16_change_memory_not_the_model(host_batches, initial):
     _one_step(c, (8, 1, 1), host_batches)
 
 
+def _parts(config):
+  """(mesh, rule table, model, optimizer) of a config, on all devices."""
+  mesh = sharding.make_mesh(config.mesh)
+  return mesh, sharding.rules(config.mesh), train.make_model(config), optim.make_optimizer(config)
+
+
+def _assert_params_and_optimizer_equal(before, after):
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_a_non_finite_step_changes_nothing(host_batches):
   """An out-of-vocabulary MLM label makes the loss NaN: the step is counted and skipped."""
   config = mesh_config()
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  mesh, rules, model, tx = _parts(config)
   good = {k: v for k, v in host_batches[0].items() if k != "source"}
   bad = dict(good, mlm_labels=np.where(good["mlm_labels"] != -100, 10**6, -100))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -204,9 +214,7 @@ def test_a_non_finite_step_changes_nothing(host_batches):
     after = jax.device_get(state)
     assert int(m["nonfinite"]) == 1 and not np.isfinite(m["loss"])
     assert int(after.step) == 1  # the batch is consumed
-    for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
-                    jax.tree.leaves((after.params, after.opt_state))):
-      np.testing.assert_array_equal(a, b)
+    _assert_params_and_optimizer_equal(before, after)
     state, m = step(state, sharding.global_batch(good, mesh))
     assert int(m["nonfinite"]) == 0
     assert any(not np.array_equal(a, b) for a, b in zip(
@@ -220,9 +228,7 @@ def test_a_non_finite_update_changes_nothing(host_batches, optim_override):
   is counted and skipped like a NaN loss."""
   config = mesh_config()
   config.optim.update(optim_override)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  mesh, rules, model, tx = _parts(config)
   batch = {k: v for k, v in host_batches[0].items() if k != "source"}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, shardings = train.create_train_state(config, model, tx, mesh, rules)
@@ -232,6 +238,4 @@ def test_a_non_finite_update_changes_nothing(host_batches, optim_override):
     after = jax.device_get(state)
   assert int(m["nonfinite"]) == 1
   assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
-  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
-                  jax.tree.leaves((after.params, after.opt_state))):
-    np.testing.assert_array_equal(a, b)
+  _assert_params_and_optimizer_equal(before, after)
