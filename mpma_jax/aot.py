@@ -609,7 +609,9 @@ def format_report(r: dict) -> str:
 
 # --- executables ----------------------------------------------------------------------------------
 def save_executable(executable, path: str) -> None:
-  """The compiled step, serialized (with its argument trees) for `load_executable`."""
+  """The compiled step, serialized (with its argument trees) for `load_executable`. `executable`
+  must come from a real compile, not from the persistent compilation cache: on XLA:CPU such an
+  executable serializes without its functions (mpma-compile --save turns the cache off)."""
   import pickle  # pylint: disable=g-import-not-at-top
   from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
   payload, in_tree, out_tree = serialize_executable.serialize(executable)

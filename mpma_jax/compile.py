@@ -42,6 +42,12 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   from mpma_jax import aot  # pylint: disable=g-import-not-at-top
   config, topology = _CONFIG.value, _TOPOLOGY.value
+  if _SAVE.value:
+    # An executable read back from the persistent compilation cache (JAX_COMPILATION_CACHE_DIR)
+    # serializes without its compiled functions on XLA:CPU ("Function ... not found" when the saved
+    # file runs): compile afresh. Set before the first compile, as JAX decides it once per process.
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_enable_compilation_cache", False)
   try:
     devices = aot.target_devices(topology)
   except ValueError as e:

@@ -196,14 +196,33 @@ def test_suggest_only_proposes_settings_whose_compile_fits():
   assert "not fitting" in text
 
 
-@pytest.mark.slow
-def test_saved_executable_runs_the_same_step(tmp_path):
-  config = _scanned_tiny(-1, 1)
-  compiled = aot.compile_step(config, "cpu:8")
-  path = str(tmp_path / "step.exe")
-  aot.save_executable(compiled.executable, path)
-  loaded = aot.load_executable(path)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_OVERRIDES = ["--config.model.scan=True", "--config.train.batch_size=8",
+                 "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
 
+
+@pytest.mark.slow
+def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
+  # The warm test cache is passed on: --save must compile afresh, since an executable read back
+  # from the cache serializes without its functions on XLA:CPU.
+  out, exe = tmp_path / "r.json", tmp_path / "step.exe"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
+  proc = subprocess.run(
+      [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
+       "--topology", "cpu:8", *CLI_OVERRIDES, "--hbm_gib=16", f"--json={out}", f"--save={exe}"],
+      capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "FITS" in proc.stdout and "collectives per step" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["devices"] == 8 and report["fits"] and report["memory"]["peak"] > 0
+
+  # The saved step, loaded onto the test process's 8 devices, equals the step jitted here.
+  from configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config("tiny")
+  config.model.scan, config.train.batch_size = True, 8
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  loaded = aot.load_executable(str(exe))
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
   model, tx = train.make_model(config), optim.make_optimizer(config)
@@ -218,25 +237,9 @@ def test_saved_executable_runs_the_same_step(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                got_state.params, want_state.params)
 
-
-@pytest.mark.slow
-def test_cli_prints_fit_and_writes_json(tmp_path):
-  out = tmp_path / "r.json"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run(
-      [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
-       "--topology", "cpu:4", "--config.model.scan=True", "--config.train.batch_size=8",
-       "--hbm_gib=16", f"--json={out}"],
-      capture_output=True, text=True, env=env, timeout=600,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "FITS" in proc.stdout and "collectives per step" in proc.stdout
-  report = json.loads(out.read_text())
-  assert report["devices"] == 4 and report["fits"] and report["memory"]["peak"] > 0
   bad = subprocess.run(
       [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
-       "--topology", "v9:2x2"], capture_output=True, text=True, env=env, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+       "--topology", "v9:2x2"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("mpma-compile: --topology 'v9:2x2'")
 
