@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import pretrain
+from mpma_jax.configs import pretrain
 from mpma_jax import aot
 
 # (row name, variant, dtype, topology, global batch): 16 examples per chip, the paper's 256 at 16.

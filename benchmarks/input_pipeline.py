@@ -23,7 +23,7 @@ flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 # pylint: disable=g-import-not-at-top
-from configs.pretrain import get_config
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax.data import builders, images, pipeline, synthetic, tokenizer as tokenizers
 from mpma_jax.data.builders import base
 

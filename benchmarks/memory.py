@@ -44,8 +44,10 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-from configs.pretrain import get_config
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax import optim, sharding, train
+from mpma_jax.data import pipeline
+from mpma_jax.models.mpma import MPMA
 
 NUM_DEVICES = 8
 TARGET = 0.15  # fsdp=8 (params + opt) bytes per device / fsdp=1
@@ -82,13 +84,13 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, mesh) -> 
   # dtypes canonicalised as device arrays get them (int64 'index' -> int32 without jax_enable_x64)
   return {k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype),
                                   sharding=batch_sharding)
-          for k, v in train.dummy_batch(config, batch_size).items()}
+          for k, v in pipeline.dummy_batch(config, batch_size).items()}
 
 
 def replicated_params(config: ml_collections.ConfigDict, abstract_params) -> list[dict]:
   """Parameters whose sharding does not split them over 'fsdp': path, logical axes, shape, bytes
   (largest first). Logical names come from the boxed init, so the fix is readable off the list."""
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   boxed = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
   logical = nn.get_partition_spec(boxed)
   logical_leaves = dict(jax.tree_util.tree_flatten_with_path(
@@ -113,7 +115,7 @@ def measure(config: ml_collections.ConfigDict, fsdp: int, batch_size: int,
   config.train.batch_size = batch_size  # the step checks it against train.grad_accum
   mesh = sharding.make_mesh(config.mesh, devices)
   rule_table = sharding.rules(config.mesh)
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   tx = optim.make_optimizer(config)
   result = {"fsdp": fsdp, "data": int(mesh.shape["data"]), "batch_size": batch_size}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
@@ -228,7 +230,7 @@ def main():
     mesh = sharding.make_mesh(config8.mesh, jax.devices()[:NUM_DEVICES])
     rule_table = sharding.rules(config8.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
-      state, _ = train.abstract_state(config8, train.make_model(config8),
+      state, _ = train.abstract_state(config8, MPMA.from_config(config8),
                                       optim.make_optimizer(config8), mesh, rule_table)
       replicated = replicated_params(config8, state.params)
     total = sum(p["bytes"] for p in replicated)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference, train_step
-from configs.pretrain import get_config
+from mpma_jax.configs.pretrain import get_config
 
 STEP_NAME = "train_step"
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
@@ -142,7 +142,7 @@ def report(parsed: dict, hlo: dict, num_steps: int, top: int) -> str:
   lines = [f"step wall time (median of {len(parsed['steps'])} traced): {1e3 * step_s:.1f} ms; "
            f"op self time per step: {1e3 * total / num_steps:.1f} ms "
            f"({pct(total):.0f}% of the step; > 100% = ops overlapping)", "",
-           f"| op | kind | phase | part | ms / step | % of step | source (op_name) |",
+           "| op | kind | phase | part | ms / step | % of step | source (op_name) |",
            "|---|---|---|---|---:|---:|---|"]
   for name, t in parsed["ops"].most_common(top):
     kind, op_name = hlo.get(name, ("?", ""))
@@ -176,8 +176,7 @@ def profile(config, args) -> str:
   """Compiles, traces args.steps steps and returns the report."""
   cfg = train_step.bench_config(config, args.batch, args.dtype, args.features_from)
   batch = torch_reference.random_batch(cfg, args.batch, seed=0)
-  with train_step.patches(args.set):
-    step = train_step.JaxStep(cfg, batch, jax.devices()[0], train_step.compiler_options(args.set))
+  step = train_step.JaxStep(cfg, batch, jax.devices()[0], train_step.compiler_options(args.set))
   print(f"compiled in {step.compile_s:.1f}s", flush=True)
   for _ in range(2):
     step()
@@ -209,9 +208,8 @@ def main(argv=None) -> str:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--features_from", default="clean", choices=("clean", "masked"))
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override (--set model.gla.chunk=32), XLA option "
-                      "(--set xla_cpu_enable_fast_math=True) or proposed model change "
-                      "(--set patch=topk_kth, see train_step.PATCHES); repeatable")
+                 help="config override (--set model.gla.chunk=32) or XLA option "
+                      "(--set xla_cpu_enable_fast_math=True); repeatable")
   p.add_argument("--trace_dir", default="", help="where the trace goes (default: a temp dir)")
   args = p.parse_args(argv)
   config = get_config(args.config)

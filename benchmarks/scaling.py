@@ -49,8 +49,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from benchmarks import memory
-from configs.pretrain import get_config
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax import flops, masking, optim, sharding, train
+from mpma_jax.models.mpma import MPMA
 
 GIB, MIB, GB = 2 ** 30, 2 ** 20, 1e9
 F32 = 4  # bytes: parameters, gradients, AdamW moments and the GLA embeddings are float32
@@ -92,7 +93,7 @@ class Leaf:
 
 def param_leaves(config: ml_collections.ConfigDict) -> list[Leaf]:
   """Every parameter with its shape and logical axes, from jax.eval_shape (nothing allocated)."""
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   boxed = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
   specs = nn.get_partition_spec(boxed)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
@@ -374,7 +375,7 @@ def hlo_collectives(config, fsdp: int, batch: int = 16) -> dict:
   config.train.batch_size = batch
   mesh = sharding.make_mesh(config.mesh, devices)
   rule_table = sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
     state, shardings = train.abstract_state(config, model, tx, mesh, rule_table)
     step = train.make_train_step(config, model, tx, shardings, mesh)

@@ -1,6 +1,6 @@
 """The MPMA pre-training loss and train step in PyTorch, equal to the JAX step in mpma_jax/train.py.
 
-  losses       = train.compute_losses: MIM (per-patch normalised pixels, masked patches only),
+  losses       = losses.compute_losses: MIM (per-patch normalised pixels, masked patches only),
                  MLM (cross-entropy on chosen tokens), GLA global InfoNCE and local FILIP or
                  GLoRIA-style attention InfoNCE, weighted by config.loss. ITM is not ported: a
                  config with loss.itm > 0 is refused (the JAX ITM draws its negatives from a JAX
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpma_jax import masking, optim, train
+from mpma_jax import masking, optim
 from mpma_jax.interop import torch_mpma
+from mpma_jax.data import pipeline
+from mpma_jax import losses
 
 IGNORE = masking.IGNORE
 _NEG = -1e9  # as mpma_jax.models.gla: a finite -inf
@@ -53,7 +55,7 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
                      f"got {length} and {vocab}")
   ids = special_ids(config)
   rng = np.random.default_rng(seed)
-  batch = train.dummy_batch(config, batch_size)
+  batch = pipeline.dummy_batch(config, batch_size)
   batch["image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
   random_ids = np.arange(NUM_SPECIAL, vocab, dtype=np.int32)
   for b in range(batch_size):
@@ -157,8 +159,8 @@ def attention_similarity(image, text, word_mask, attention_temp: float, agg_temp
 
 
 def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
-  """MPMATorch outputs + torch batch -> (weighted total, metrics), as train.compute_losses."""
-  w = train.loss_weights(config)
+  """MPMATorch outputs + torch batch -> (weighted total, metrics), as losses.compute_losses."""
+  w = losses.loss_weights(config)
   if w["itm"]:
     raise ValueError(f"loss.itm={w['itm']}: ITM is not ported to the PyTorch reference "
                      "(set --config.loss.itm=0)")
@@ -185,14 +187,14 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
       raise ValueError(f"model.gla.local must be 'filip' or 'attention', got {m.gla.local!r}")
     t = out["temperature_local"]
     metrics["local"] = symmetric_info_nce(i2t / t, t2i / t)
-  total = sum(w[k] * metrics[k] for k in train.LOSS_NAMES if w[k])
+  total = sum(w[k] * metrics[k] for k in losses.LOSS_NAMES if w[k])
   metrics["loss"] = total
   return total, metrics
 
 
 # --- optimizer (mpma_jax.optim) -------------------------------------------------------------------
 def schedule_factor(config: ml_collections.ConfigDict, step: int) -> float:
-  """optim.schedule(config, 1.0)(step) in plain Python: linear warm-up, then linear decay to 0."""
+  """optim.schedule(config.optim, config.train.steps, 1.0)(step) in plain Python: linear warm-up, then linear decay to 0."""
   steps = config.train.steps
   warmup = int(round(config.optim.warmup * steps))
   if step < warmup:

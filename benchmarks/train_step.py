@@ -31,13 +31,8 @@ timed in the same rounds (config choices: --jax_variant gather:model.memory.impl
 override whose key starts with 'xla_' is an XLA compiler option of that JAX step instead
 (Lowered.compile(compiler_options=...)), so XLA options too are compared within one process:
 --jax_variant noynn:xla_cpu_experimental_ynn_fusion_type= (empty: no YNNPACK fusions).
-'patch=NAME' (see PATCHES) traces that variant with a proposed change to the model code
-(patch=topk_kth), to measure it before it is made in mpma_jax, or with an earlier form of the code
-to measure a change that was made (patch=kth_plain_sum).
 """
 import argparse
-import ast
-import contextlib
 import json
 import os
 import platform
@@ -46,13 +41,11 @@ import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
-from unittest import mock
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import torch
 
 # Run as a script: the repository root on sys.path, for configs/ and benchmarks.*
@@ -60,100 +53,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference
-from configs.pretrain import get_config
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax import flops, optim, sharding, train
+from mpma_jax import overrides as overrides_lib
 from mpma_jax.interop import torch_mpma
-from mpma_jax.models import memory
+from mpma_jax.models.mpma import MPMA
 
 TORCH_VARIANTS = ("eager", "compile", "amp", "compile_amp")
 
 
-# --- proposed model changes, measured without editing mpma_jax ----------------------------------
-def _topk_kth():
-  """The masked memory read's k-th largest score from lax.top_k (kept whole, then its minimum)
-  instead of memory.kth_largest's bitwise search. Same values. (Slicing top_k's last value instead
-  of taking the minimum made XLA:CPU lower it to a full sort over all slots.)"""
-
-  def kth(x, k):
-    return jax.lax.top_k(jax.lax.stop_gradient(x), k)[0].min(-1, keepdims=True)
-
-  return mock.patch.object(memory, "kth_largest", kth)
-
-
-def _kth_plain_sum():
-  """memory.kth_largest as it was before 2026-12-06 (without its cache-sized chunks): each round's
-  count a single sum over all S slots, which XLA:CPU turns into a reduce-window that does not fuse
-  the compare. Same values; kept to measure the grouped count against."""
-
-  def kth(x, k):
-    u = memory._sortable(jax.lax.stop_gradient(x).astype(jnp.float32))  # pylint: disable=protected-access
-
-    def round_(i, prefix):
-      candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-      count = jnp.sum(u >= candidate, axis=-1, keepdims=True, dtype=jnp.int32)
-      return jnp.where(count >= k, candidate, prefix)
-
-    bits = jax.lax.fori_loop(0, 32, round_, jnp.zeros(u.shape[:-1] + (1,), jnp.uint32))
-    return memory._unsortable(bits)  # pylint: disable=protected-access
-
-  return mock.patch.object(memory, "kth_largest", kth)
-
-
-# Applied only while a --jax_variant with patch=NAME (or patch=A+B) is traced and compiled;
-# each returns a context manager.
-PATCHES = {"topk_kth": _topk_kth, "kth_plain_sum": _kth_plain_sum}
-
-
-def patches(overrides: list[str]) -> contextlib.ExitStack:
-  """The patches named by 'patch=A+B' overrides, entered together."""
-  stack = contextlib.ExitStack()
-  for item in overrides:
-    key, value = _parse(item)
-    if key != "patch":
-      continue
-    for name in str(value).split("+"):
-      if name not in PATCHES:
-        raise ValueError(f"unknown patch {name!r}; expected one of {sorted(PATCHES)}")
-      stack.enter_context(PATCHES[name]())
-  return stack
-
-
 # --- config ---------------------------------------------------------------------------------------
-def _parse(item: str) -> tuple[str, Any]:
-  """'key=value' -> (key, value parsed as a Python literal, else the string)."""
-  key, sep, raw = item.partition("=")
-  if not sep or not key:
-    raise ValueError(f"expected key=value, got {item!r}")
-  try:
-    return key, ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    return key, raw
-
-
 def compiler_options(overrides: list[str]) -> dict:
   """The XLA options among overrides ('xla_cpu_enable_fast_math=True'), for Lowered.compile; '+'
   in a value stands for ',' (which separates overrides): xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_DOT+LIBRARY_FUSION_TYPE_REDUCE."""
-  options = dict(_parse(o) for o in overrides if o.startswith("xla_"))
+  options = dict(overrides_lib.parse(o) for o in overrides if o.startswith("xla_"))
   return {k: v.replace("+", ",") if isinstance(v, str) else v for k, v in options.items()}
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-  """'a.b.c=value' strings -> config fields (value parsed as a Python literal, else a string);
-  XLA options ('xla_...', see compiler_options) and 'patch=...' (see patches) are skipped."""
-  for item in overrides:
-    key, value = _parse(item)
-    if key.startswith("xla_") or key == "patch":
-      continue
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-      if part not in node:
-        raise KeyError(f"--set {key}: no config field {part!r}")
-      node = node[part]
-    if parts[-1] not in node:
-      raise KeyError(f"--set {key}: no config field {parts[-1]!r}")
-    node[parts[-1]] = value
+  """'a.b.c=value' strings -> config fields (overrides.apply); XLA options ('xla_...', see
+  compiler_options) are skipped."""
+  overrides_lib.apply_all(config, [o for o in overrides if not o.startswith("xla_")], "--set")
 
 
 def bench_config(config: ml_collections.ConfigDict, batch: int, dtype: str,
@@ -188,7 +109,7 @@ class JaxStep:
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, [device])
     rules = sharding.rules(config.mesh)
-    model = train.make_model(config)
+    model = MPMA.from_config(config)
     tx = optim.make_optimizer(config)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
       self.state, shardings = train.create_train_state(config, model, tx, self.mesh, rules)
@@ -355,8 +276,7 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
     cfg = bench_config(config, args.batch, args.dtype, ff)
     apply_overrides(cfg, overrides)
     step_flops = flops.train_step_flops(cfg, args.batch)
-    with patches(args.set + overrides):  # traced and compiled here, run later without them
-      jstep = JaxStep(cfg, batch, device, compiler_options(args.set + overrides))
+    jstep = JaxStep(cfg, batch, device, compiler_options(args.set + overrides))
     ratio = jstep.xla_flops / step_flops if jstep.xla_flops else float("nan")
     log(f"{name}: compiled in {jstep.compile_s:.1f}s; FLOPs/step analytic {step_flops:.4g}, "
         f"XLA cost_analysis {jstep.xla_flops or float('nan'):.4g} (XLA / analytic {ratio:.3f})")

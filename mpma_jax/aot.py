@@ -124,7 +124,7 @@ def target_devices(topology: str) -> list:
   if kind == "h100":
     return _gpu_devices(int(shape))
   try:
-    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+    import libtpu  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ValueError(f"--topology {topology}: TPU topologies need libtpu "
                      "(pip install 'mpma-jax[aot]')") from e

@@ -1,6 +1,4 @@
-"""`mpma-finetune --config configs/finetune/<task>.py --init RUN_OR_CKPT --workdir DIR`
-
-Fine-tunes a pre-trained MPMA on a downstream task (method.md §6) and tests it, under each protocol
+"""Fine-tuning (mpma-finetune): a pre-trained MPMA on a downstream task (method.md §6) and tests it, under each protocol
 in `config.protocols` (data/downstream.py: `prior` as in M3AE-style work, `clean` without peeking at
 test). Read top to bottom: loading the pre-trained run -> the optimizer (M3AE's groups) -> losses
 -> the jit-compiled train and predict steps (sharded like pre-training: `config.mesh`) -> `score`
@@ -12,12 +10,10 @@ A run writes <workdir>/config.json, and per protocol <workdir>/<protocol>/: chec
 notes), vocab.json (VQA), results.json (validation history, test metrics, the majority baseline),
 plus tb/ and metrics.jsonl.
 """
-import functools
 import json
 import math
 import os
-import sys
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,9 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from mpma_jax import losses, metrics, sharding
+from mpma_jax import checkpoint, logger, losses, metrics, optim, sharding, train, visualize
 from mpma_jax.data import downstream
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models import vit
@@ -37,33 +32,7 @@ SELECT_METRIC = {"vqa": "overall", "classification": "accuracy", "image_classifi
                  "retrieval": "rsum"}
 
 
-# --- the pre-trained run --------------------------------------------------------------------------
-def resolve_init(path: str) -> tuple[str, Optional[int]]:
-  """A pre-training run directory (its latest checkpoint) or one checkpoint directory
-  RUN/checkpoints/<step> -> (run directory, step or None)."""
-  path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, "config.json")):
-    return path, None
-  parent = os.path.dirname(path)
-  if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
-    return os.path.dirname(parent), int(os.path.basename(path))
-  raise FileNotFoundError(f"--init {path!r} is neither an mpma-pretrain run directory (with "
-                          "config.json) nor a checkpoint directory RUN/checkpoints/<step>")
-
-
-def load_init(path: str) -> tuple[ml_collections.ConfigDict, Any, int, str]:
-  """(pre-training config, its parameters as host arrays, step, tokenizer directory)."""
-  from mpma_jax import export  # pylint: disable=g-import-not-at-top
-  run_dir, step = resolve_init(path)
-  config = export.run_config(run_dir)
-  params, step = export.restore_params(run_dir, step)
-  tokenizer_dir = os.path.join(run_dir, "tokenizer")
-  if not os.path.isdir(tokenizer_dir):
-    raise FileNotFoundError(f"{tokenizer_dir} is missing: the run's tokenizer is needed to encode "
-                            "the downstream texts with the ids the model was trained on")
-  return config, params, step, tokenizer_dir
-
-
+# --- the pre-trained model -----------------------------------------------------------------------
 def model_config(config: ml_collections.ConfigDict, pre_model: ml_collections.ConfigDict):
   """The pre-training model config with the fine-tuning overrides (image size, dtype, remat)."""
   m = ml_collections.ConfigDict(pre_model.to_dict())
@@ -138,26 +107,11 @@ def param_groups(params: Any, config: ml_collections.ConfigDict) -> Any:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
-  """AdamW at optim.lr for the encoders, x fusion_mult for the rest of the pre-trained model, x
-  head_mult for the head [M3AE]; linear warm-up over optim.warmup of the steps, linear decay."""
-  from mpma_jax import optim  # pylint: disable=g-import-not-at-top
+  """optim.adamw at optim.lr for the encoders, x fusion_mult for the rest of the pre-trained model,
+  x head_mult for the head [M3AE]; nothing for the frozen part of a linear probe."""
   o = config.optim
-  warmup = int(round(o.warmup * steps))
-
-  def adamw(peak):
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
-                                     optax.linear_schedule(peak, 0.0, max(steps - warmup, 1))],
-                                    [warmup])
-    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=optim.decay_mask)
-
-  tx = optax.multi_transform(
-      {"encoder": adamw(o.lr), "fusion": adamw(o.lr * o.fusion_mult),
-       "head": adamw(o.lr * o.head_mult), "frozen": optax.set_to_zero()},
-      lambda params: param_groups(params, config))
-  if o.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
-  return tx
+  return optim.adamw(o, steps, lambda params: param_groups(params, config),
+                     {"encoder": 1.0, "fusion": o.fusion_mult, "head": o.head_mult, "frozen": None})
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -233,8 +187,6 @@ def make_train_step(config, model: Downstream, tx, param_sh, mesh):
   """jit (params, opt_state, batch, step) -> (params, opt_state, loss, nonfinite). A step whose
   loss, gradient, new parameters or new optimizer state is not finite changes nothing
   (nonfinite = 1), as in pre-training (train.make_train_step)."""
-  from mpma_jax import train  # pylint: disable=g-import-not-at-top
-
   def step_fn(params, opt_state, batch, step):
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
 
@@ -249,7 +201,7 @@ def make_train_step(config, model: Downstream, tx, param_sh, mesh):
 
     # The check runs on its own copy of the update, the kept one in place inside the cond (see
     # train.make_train_step).
-    finite = jnp.isfinite(loss) & train.all_finite(apply(None))
+    finite = jnp.isfinite(loss) & checkpoint.all_finite(apply(None))
     params, opt_state = jax.lax.cond(finite, apply, lambda _: (params, opt_state), None)
     return params, opt_state, loss, 1 - finite.astype(jnp.int32)
 
@@ -337,7 +289,6 @@ def pictures(config, model_cfg, params, test_rows: dict, tokenizer_dir: str, wor
              step: int) -> list[str]:
   """PNGs (and TensorBoard images) of a fine-tuning run: its loss curve, and for retrieval the
   test queries' top-5 images. Returns the paths."""
-  from mpma_jax import visualize  # pylint: disable=g-import-not-at-top
   out, paths, images = os.path.join(workdir, "pictures"), [], {}
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if config.train.epochs and os.path.exists(metrics_path):
@@ -374,7 +325,6 @@ def majority_baseline(builder, plan: downstream.Plan, test: dict) -> dict:
 def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: str, workdir: str,
                  log_print=print) -> dict:
   """Trains under one protocol, keeps the best checkpoint by validation, tests it once."""
-  from mpma_jax import train  # pylint: disable=g-import-not-at-top  (Logger)
   os.makedirs(workdir, exist_ok=True)
   builder = downstream.open_builder(config.dataset, config.data_dir)
   plan = downstream.plan(builder, config, protocol)
@@ -407,7 +357,7 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
   rules = sharding.rules(config.mesh)
   model = build_model(config, model_cfg, num_outputs)
   tx = make_optimizer(config, total_steps)
-  log = train.Logger(workdir)
+  log = logger.Logger(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params, opt_state, param_sh, notes = init_state(config, model, model_cfg, num_outputs,
                                                     pretrained, tx, mesh, rules)
@@ -422,14 +372,10 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       batches = downstream.eval_batches(config, source["select"], split, indices, decode)
       return score(config.task, predict_split(config, predict, params, batches, mesh), scored)
 
-    manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[select_metric], best_mode="max",
-            enable_async_checkpointing=False))
+    best_ckpt = checkpoint.BestCheckpoint(os.path.join(workdir, "checkpoints"), select_metric)
     history = []
     if config.train.epochs == 0:  # zero-shot: the pre-trained model as it is
-      manager.save(0, args=ocp.args.StandardSave(params), metrics={select_metric: 0.0})
+      best_ckpt.save(0, params, 0.0)
     data = (downstream.train_dataset(config, source["train"], train_idx, decode,
                                      jax.process_index(), jax.process_count())
             if config.train.epochs else None)
@@ -452,7 +398,7 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       running = jax.device_get(running)
       why = nonfinite.update([int(bad) for _, bad in running], step - len(running) + 1)
       if why:
-        raise train.NonFiniteLossError(f"[{protocol}] stopped: {why}. The last good step is "
+        raise checkpoint.NonFiniteLossError(f"[{protocol}] stopped: {why}. The last good step is "
                                        f"{nonfinite.last_good}")
       skipped = sum(int(bad) for _, bad in running)
       val = evaluate(params, *plan.select)
@@ -467,13 +413,8 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
         log_print(f"[{protocol}] epoch {epoch}: {skipped} non-finite steps left out")
       log_print(f"[{protocol}] epoch {epoch}/{config.train.epochs} loss {history[-1]['loss']:.4f} "
                 f"{select_metric} on {plan.select[0]} {val[select_metric]:.4f}")
-      manager.save(epoch, args=ocp.args.StandardSave(params), metrics={select_metric: val[select_metric]})
-    best = manager.best_step()
-    manager.wait_until_finished()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          params)
-    params = manager.restore(best, args=ocp.args.StandardRestore(target))
-    manager.close()
+      best_ckpt.save(epoch, params, val[select_metric])
+    params, best = best_ckpt.restore_best(params)
     rerank = config.task == "retrieval" and config.retrieval.rerank_k > 0
     test_rows = predict_split(config, predict, params, downstream.eval_batches(
         config, source["test"], *plan.test, decode), mesh,
@@ -504,7 +445,7 @@ def finetune(config: ml_collections.ConfigDict, init: str, workdir: str, log_pri
   if not config.data_dir:
     raise ValueError("data_dir is empty: set --config.data_dir to the directory given to "
                      f"`mpma-data build {config.dataset} ... --data_dir DIR`")
-  pre_config, pretrained, step, tokenizer_dir = load_init(init)
+  pre_config, pretrained, step, tokenizer_dir = checkpoint.load_init(init)
   tokenizers.load_tokenizer(tokenizer_dir)  # fails early on a broken run directory
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -524,35 +465,3 @@ def finetune(config: ml_collections.ConfigDict, init: str, workdir: str, log_pri
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
   return results
-
-
-def main(argv):
-  del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from mpma_jax import distributed  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
-  distributed.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-  config = f.config
-  if f.data_dir:
-    config.data_dir = f.data_dir
-  finetune(config, f.init, f.workdir)
-
-
-def run():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "configs/finetune/<task>.py", lock_config=True)
-  flags.DEFINE_string("init", None, "Pre-training run directory or RUN/checkpoints/<step>",
-                      required=True)
-  flags.DEFINE_string("workdir", None, "Fine-tuning run directory", required=True)
-  flags.DEFINE_string("data_dir", None, "Overrides config.data_dir")
-  flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
-  flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-  flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run()

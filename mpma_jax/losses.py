@@ -1,4 +1,5 @@
-"""Pre-training losses (method.md §4) and the retrieval metric, as pure functions.
+"""Pre-training losses (method.md §4) as pure functions, and `compute_losses`, which weighs them into
+the objective.
 
 Every loss casts its inputs to float32 first, so that bf16 compute never reaches a reduction (§7).
 The contrastive losses take whatever batch they are given: pass the global batch (negatives from
@@ -6,11 +7,11 @@ every device) by calling them on globally sharded arrays.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
+import ml_collections
 
-from mpma_jax import metrics
-
-IGNORE = -100  # label at positions the MLM loss skips
+from mpma_jax.masking import IGNORE  # label at positions the MLM loss skips
+from mpma_jax.models import gla
+from mpma_jax.models.vit import normalize_images
 
 
 def patchify(images, patch: int):
@@ -105,14 +106,46 @@ def itm_loss(logits, labels):
   return _masked_ce(logits, labels, jnp.ones(labels.shape, bool))
 
 
-def retrieval_recall(sim, ks=(1, 5, 10)) -> dict:
-  """sim [N, N], row i's positive in column i -> {"i2t_r1": ..., "t2i_r1": ...} as floats in [0, 1].
+# --- the pre-training objective (method.md §4) ------------------------------------------------------
+LOSS_NAMES = ("mlm", "mim", "global", "local", "itm")
 
-  A candidate that ties with the positive counts as ranked above it (pessimistic), so a constant
-  similarity matrix scores as badly as possible rather than perfectly. See metrics.recall_at_k
-  (several captions per image).
-  """
-  sim = np.asarray(jax.device_get(sim))
-  if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
-    raise ValueError(f"retrieval_recall needs a square similarity matrix, got {sim.shape}")
-  return metrics.recall_at_k(sim, ks)
+
+def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  return {"mlm": config.loss.mlm, "mim": config.loss.mim, "global": config.loss.global_,
+          "local": config.loss.local, "itm": config.loss.itm}
+
+
+def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
+  """Model outputs + batch -> (weighted total, metrics). All in float32; a loss whose weight is 0
+  is not computed."""
+  w = loss_weights(config)
+  m = config.model
+  metrics = {}
+  if w["mlm"]:
+    metrics["mlm"], metrics["mlm_acc"] = mlm_loss(out["mlm_logits"], batch["mlm_labels"])
+  if w["mim"]:
+    num_kept = batch["image_keep"].shape[1]
+    metrics["mim"] = mim_loss(out["mim_pred"], normalize_images(batch["image"]),
+                                     batch["image_restore"], num_kept, m.image.patch,
+                                     norm_pix=m.mim.norm_pix)
+  if w["global"]:
+    metrics["global"] = global_alignment_loss(
+        out["image_gla"][:, 0], out["text_gla"][:, 0], out["temperature_global"])
+  if w["local"]:
+    image_local, text_local = out["image_gla"][:, 1:], out["text_gla"]  # patches, all tokens
+    if m.gla.local == "filip":
+      i2t, t2i = gla.filip_similarity(image_local, text_local, batch["word_mask"], m.gla.chunk)
+    elif m.gla.local == "attention":
+      i2t, t2i = gla.attention_similarity(image_local, text_local, batch["word_mask"],
+                                          m.gla.attention_temp, m.gla.agg_temp, m.gla.chunk)
+    else:
+      raise ValueError(f"model.gla.local must be 'filip' or 'attention', got {m.gla.local!r}")
+    metrics["local"] = symmetric_info_nce(i2t / out["temperature_local"],
+                                                 t2i / out["temperature_local"])
+  if w["itm"]:
+    metrics["itm"], metrics["itm_acc"] = itm_loss(out["itm_logits"], out["itm_labels"])
+  total = sum(w[k] * metrics[k] for k in LOSS_NAMES if w[k])
+  metrics["loss"] = total
+  metrics["temperature_global"] = out["temperature_global"]
+  metrics["temperature_local"] = out["temperature_local"]
+  return total, metrics

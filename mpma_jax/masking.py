@@ -7,7 +7,7 @@ exactly the same masks. Image masks are index arrays of a fixed length (static s
 """
 import numpy as np
 
-IGNORE = -100  # label at positions the MLM loss skips (matches mpma_jax.losses.IGNORE)
+IGNORE = -100  # label at positions the MLM loss skips (losses.mlm_loss)
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -1,34 +1,18 @@
-"""`mpma-sweep --config configs/pretrain.py:tiny --workdir ROOT [--mode local|print]
-[--launcher CMD] [--dry_run] [--config.a.b=value ...]`
-
-A config file declares a sweep with `get_sweep(arg)` (arg: the text after ':' in --config, as for
-get_config) returning a list of override dicts {dotted.field: value}, built with the combinators
-below:
+"""Sweeps: a config file's `get_sweep(arg)` (arg: the text after ':' in --config, as for get_config)
+returns a list of override dicts {dotted.field: value}, built with the combinators below:
 
   def get_sweep(variant="tiny"):
     from mpma_jax.sweep import chain, fixed, product, sweep
     return chain(product(sweep("optim.lr", [2.5e-4, 5e-4]), sweep("model.memory.topk", [8, 16])),
                  fixed("model.memory.enabled", False))
 
-Every override is checked against the config before anything runs (an unknown field or a value of
-the wrong type names the field and the run), and every run gets ROOT/<name>, a name made of the
-fields that vary across the sweep (`lr=0.00025,topk=8`). ROOT/sweep.json lists the runs.
-
-  --mode=local  runs the runs one after another (`mpma-pretrain ...`, console also in
-                <run>/run.log): a run with eval.json is finished and skipped, a run with
-                checkpoints is continued with --resume, a failed run does not stop the others.
-                Ends with a table (run, status, i2t_r5) and exit code 1 if any run failed.
-  --mode=print  prints one shell command per unfinished run, for a cluster or `| bash`.
-  --launcher    a command taking `CONFIG WORKDIR [flags...]` such as every script in launch/
-                (`'sbatch launch/slurm.sbatch'`, `'launch/multiprocess.sh 2'`); it then runs in
-                place of `mpma-pretrain --config CONFIG --workdir WORKDIR` and decides --resume
-                itself.
-  --dry_run     prints each run's action and command; writes and runs nothing.
-  --config.a.b  extra overrides fixed for every run (not part of the run names).
+`make_plan` checks every override against the config (an unknown field or a value of the wrong
+type names the field and the run) and gives every run a directory ROOT/<name>, named by the fields
+that vary across the sweep (`lr=0.00025,topk=8`); `run_local` runs the plan. The command line is
+mpma_jax/cli/sweep.py (mpma-sweep).
 """
 import copy
 import dataclasses
-import difflib
 import hashlib
 import importlib.util
 import itertools
@@ -40,9 +24,11 @@ import subprocess
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from absl import app, flags
+from absl import flags
 import ml_collections
 from ml_collections import config_flags
+
+from mpma_jax import overrides
 
 Overrides = dict[str, Any]  # dotted config field -> value
 
@@ -131,50 +117,6 @@ def run_names(runs: list[Overrides]) -> list[str]:
     seen.add(name)
     names.append(name)
   return names
-
-
-# --- checking overrides against the config -------------------------------------------------------
-
-
-def _field_parent(config: ml_collections.ConfigDict, field: str, where: str):
-  """(the ConfigDict holding field, its last name); ValueError naming `where` if there is none."""
-  parts = field.split(".")
-  node = config
-  for i, part in enumerate(parts):
-    path = ".".join(parts[:i]) or "the config"
-    if not isinstance(node, ml_collections.ConfigDict):
-      raise ValueError(f"{where}: unknown config field {field!r}: {path} is a "
-                       f"{type(node).__name__}, not a group of fields")
-    if part not in node:
-      known = sorted(node.keys())
-      close = difflib.get_close_matches(part, known, n=1)
-      hint = (f"did you mean {'.'.join(parts[:i] + close)!r}?" if close else
-              f"{path} has: {', '.join(known)}")
-      raise ValueError(f"{where}: unknown config field {field!r} ({path} has no {part!r}; {hint})")
-    if i < len(parts) - 1:
-      node = node[part]
-  return node, parts[-1]
-
-
-def apply_override(config: ml_collections.ConfigDict, field: str, value: Any, where: str) -> Any:
-  """Sets config.<field> = value in place; returns the value as the config stores it (an int given
-  for a float field becomes a float). Raises ValueError naming `where` and the field on an unknown
-  field or a value of the wrong type."""
-  node, leaf = _field_parent(config, field, where)
-  old = node[leaf]
-  if isinstance(old, ml_collections.ConfigDict):
-    raise ValueError(f"{where}: {field} is a group of fields, not a value; override its fields "
-                     f"({', '.join(f'{field}.{k}' for k in old.keys())})")
-  # ConfigDict lets a bool into an int field (bool is an int), but `--config.x=True` then fails
-  if isinstance(value, bool) and old is not None and not isinstance(old, bool):
-    raise ValueError(f"{where}: {field}={value!r} is a bool but the config holds a "
-                     f"{type(old).__name__} ({old!r})")
-  try:
-    node[leaf] = value
-  except TypeError:
-    raise ValueError(f"{where}: {field}={value!r} is a {type(value).__name__} but the config holds "
-                     f"a {type(old).__name__} ({old!r})") from None
-  return node[leaf]
 
 
 def flag_value(value: Any) -> str:
@@ -284,7 +226,7 @@ def make_plan(config: ml_collections.ConfigDict, config_arg: str, root: str, fix
                        f"--config.{field}; drop one")
     trial = copy.deepcopy(config)
     for field, value in run.items():
-      run[field] = apply_override(trial, field, value, where)
+      run[field] = overrides.apply(trial, field, value, where)
     _check_round_trip(config_arg, {**fixed_, **run}, where)
 
   names = run_names(runs)  # from the normalised values (an int given for a float names as 1.0)
@@ -372,95 +314,3 @@ def run_local(plan: Plan, runner: Callable[[list[str], str], int]) -> int:
   if any(s == "interrupted" for s in statuses.values()):
     return 130
   return 1 if any(s.startswith("failed") for s in statuses.values()) else 0
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def parse_flags(argv: list[str]) -> Optional[flags.FlagValues]:
-  """mpma-sweep's flags, parsed into a fresh FlagValues (so tests can call main repeatedly, and
-  nothing clashes with mpma-pretrain's flags in the same process); None after printing --help."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file with get_sweep, e.g. "
-                                  "configs/pretrain.py:tiny", flag_values=fv, sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "Sweep root: one run directory per run, and sweep.json",
-                      flag_values=fv)
-  flags.DEFINE_enum("mode", "local", ["local", "print"], "local: run the runs here one after "
-                    "another; print: print one command per run", flag_values=fv)
-  flags.DEFINE_string("launcher", "", "Command taking CONFIG WORKDIR [flags...] to launch each run "
-                      "with, e.g. 'sbatch launch/slurm.sbatch'", flag_values=fv)
-  flags.DEFINE_bool("dry_run", False, "Print each run's action and command; write and run nothing",
-                    flag_values=fv)
-  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-    print(__doc__ + "\n" + fv.get_help())
-    return None
-  try:
-    fv(argv)
-  except (AttributeError, KeyError):  # ml_collections on an unknown --config.* field
-    _check_command_line_fields(argv)
-    raise
-  for name in ("config", "workdir"):
-    if fv[name].value is None:
-      raise flags.Error(f"--{name} is required")
-  return fv
-
-
-def _check_command_line_fields(argv: list[str]) -> None:
-  """Raises ValueError naming the first --config.* flag in argv that is not a config field."""
-  overrides = [a for a in argv[1:] if re.match(r"-{1,2}(no)?config\.", a)]
-  base = [a for a in argv if a not in overrides]
-  fv = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=base)
-  fv(base, known_only=True)
-  for arg in overrides:
-    field = arg.split("=", 1)[0].split(".", 1)[1]
-    _field_parent(holder.value, field, arg.split("=", 1)[0])
-
-
-def main(argv: list[str], runner: Callable[[list[str], str], int] = run_logged) -> int:
-  """mpma-sweep on argv (argv[0] is the program name); returns the exit code. runner(argv,
-  log_path) -> exit code runs one run in local mode (tests pass a fake)."""
-  fv = parse_flags(argv)
-  if fv is None:
-    return 0
-  config_arg, root = fv["config"].config_filename, fv["workdir"].value
-  plan = make_plan(fv["config"].value, config_arg, root, dict(fv["config"].override_values),
-                   load_sweep(config_arg), fv["launcher"].value)
-  if fv["dry_run"].value:
-    for run in plan.runs:
-      print(f"{run.action:<6}  {run.command}")
-    return 0
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "sweep.json"), "w") as f:
-    json.dump(plan.to_json(), f, indent=2)
-  if fv["mode"].value == "print":
-    for run in plan.runs:
-      if run.action == "skip":
-        print(f"# {run.name}: finished ({run.workdir}/eval.json), not printed", file=sys.stderr)
-      else:
-        print(run.command)
-    return 0
-  return run_local(plan, runner)
-
-
-def _absl_defaults_only(argv: list[str]) -> list[str]:
-  flags.FLAGS(argv[:1])  # absl's own flags (logging, pdb) at their defaults
-  return argv  # main parses all of argv into its own FlagValues
-
-
-def run():
-  def _main(argv):
-    try:
-      return main(argv)
-    except flags.Error as e:
-      print(f"mpma-sweep: {e}; see mpma-sweep --help", file=sys.stderr)
-      return 2
-    except ValueError as e:  # a bad sweep or override: the message names it
-      print(f"mpma-sweep: {e}", file=sys.stderr)
-      return 2
-
-  app.run(_main, flags_parser=_absl_defaults_only)
-
-
-if __name__ == "__main__":
-  run()

@@ -1,14 +1,14 @@
-"""MPMA pre-training: losses, the jit-compiled train step, checkpoints and the training loop.
+"""MPMA pre-training: the sharded train state, the jit-compiled train step and the training loop.
 
-Read top to bottom: `compute_losses` (method.md §4) -> `TrainState` / `create_train_state`
-(sharded init) -> `make_train_step` (gradient accumulation, non-finite guard) -> `Checkpointer`
-(Orbax: state + data iterator) -> `Preemption` (SIGTERM) -> `train_and_evaluate` (the loop).
+Read top to bottom: `TrainState` / `create_train_state` (sharded init) -> `make_train_step`
+(gradient accumulation, non-finite guard; the objective is losses.compute_losses) -> `Preemption`
+(SIGTERM) -> `NonFiniteSteps` -> `train_and_evaluate` (the loop; checkpoints in checkpoint.py,
+metrics in logger.py) -> `pretrain` (the whole of mpma-pretrain: data, tokenizer, config.json).
 
 Parallelism is a config change: `config.mesh` sizes the (data, fsdp, tensor) mesh and its rule
 table maps the model's logical axis names onto it; the step is one `jax.jit` over global arrays, so
 the contrastive losses see the global batch.
 """
-import dataclasses
 import json
 import os
 import signal
@@ -20,63 +20,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 
-from mpma_jax import evaluate, flops, losses, masking, optim, sharding
+from mpma_jax import checkpoint, logger, losses, optim, retrieval, sharding, visualize
 from mpma_jax.data import pipeline
+from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.interop import pretrained
-from mpma_jax.models import gla
 from mpma_jax.models.mpma import MPMA
-from mpma_jax.models.vit import normalize_images
-
-LOSS_NAMES = ("mlm", "mim", "global", "local", "itm")
-
-
-def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
-  return {"mlm": config.loss.mlm, "mim": config.loss.mim, "global": config.loss.global_,
-          "local": config.loss.local, "itm": config.loss.itm}
-
-
-# --- losses ---------------------------------------------------------------------------------------
-def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
-  """Model outputs + batch -> (weighted total, metrics). All in float32; a loss whose weight is 0
-  is not computed."""
-  w = loss_weights(config)
-  m = config.model
-  metrics = {}
-  if w["mlm"]:
-    metrics["mlm"], metrics["mlm_acc"] = losses.mlm_loss(out["mlm_logits"], batch["mlm_labels"])
-  if w["mim"]:
-    num_kept = batch["image_keep"].shape[1]
-    metrics["mim"] = losses.mim_loss(out["mim_pred"], normalize_images(batch["image"]),
-                                     batch["image_restore"], num_kept, m.image.patch,
-                                     norm_pix=m.mim.norm_pix)
-  if w["global"]:
-    metrics["global"] = losses.global_alignment_loss(
-        out["image_gla"][:, 0], out["text_gla"][:, 0], out["temperature_global"])
-  if w["local"]:
-    image_local, text_local = out["image_gla"][:, 1:], out["text_gla"]  # patches, all tokens
-    if m.gla.local == "filip":
-      i2t, t2i = gla.filip_similarity(image_local, text_local, batch["word_mask"], m.gla.chunk)
-    elif m.gla.local == "attention":
-      i2t, t2i = gla.attention_similarity(image_local, text_local, batch["word_mask"],
-                                          m.gla.attention_temp, m.gla.agg_temp, m.gla.chunk)
-    else:
-      raise ValueError(f"model.gla.local must be 'filip' or 'attention', got {m.gla.local!r}")
-    metrics["local"] = losses.symmetric_info_nce(i2t / out["temperature_local"],
-                                                 t2i / out["temperature_local"])
-  if w["itm"]:
-    metrics["itm"], metrics["itm_acc"] = losses.itm_loss(out["itm_logits"], out["itm_labels"])
-  total = sum(w[k] * metrics[k] for k in LOSS_NAMES if w[k])
-  metrics["loss"] = total
-  metrics["temperature_global"] = out["temperature_global"]
-  metrics["temperature_local"] = out["temperature_local"]
-  return total, metrics
-
 
 # --- state ----------------------------------------------------------------------------------------
 @flax.struct.dataclass
@@ -87,29 +40,10 @@ class TrainState:
   rng: jax.Array  # uint32 [2], raw key; step s uses fold_in(rng, s) (dropout, ITM negatives)
 
 
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict:
-  """Zeros with the pipeline's shapes and dtypes (for init and shape inference)."""
-  size, patch, length = config.model.image.size, config.model.image.patch, config.data.max_len
-  n = (size // patch) ** 2
-  keep = masking.num_kept_patches(n, config.masking.image_ratio)
-  i32 = lambda *s: np.zeros(s, np.int32)
-  return {"image": np.zeros((batch_size, size, size, 3), np.uint8),
-          "text_ids": i32(batch_size, length), "text_mask": np.ones((batch_size, length), np.int32),
-          "word_mask": i32(batch_size, length), "mlm_ids": i32(batch_size, length),
-          "mlm_labels": np.full((batch_size, length), -100, np.int32),
-          "image_keep": np.tile(np.arange(keep, dtype=np.int32), (batch_size, 1)),
-          "image_restore": np.tile(np.arange(n, dtype=np.int32), (batch_size, 1)),
-          "index": np.zeros((batch_size,), np.int64)}
-
-
-def make_model(config: ml_collections.ConfigDict) -> MPMA:
-  return MPMA(ml_collections.FrozenConfigDict(config.model))
-
-
 def init_params(config: ml_collections.ConfigDict, model: MPMA, rng) -> Any:
   """Boxed (logically named) parameters of the whole model: the poolers and the ITM head are
   created even when the ITM loss is off, so that every checkpoint can be fine-tuned or exported."""
-  return model.init({"params": rng, "itm": rng}, dummy_batch(config, 2), with_itm=True)["params"]
+  return model.init({"params": rng, "itm": rng}, pipeline.dummy_batch(config, 2), with_itm=True)["params"]
 
 
 def _init_boxed(config, model, tx):
@@ -166,12 +100,6 @@ def load_pretrained(config, state: TrainState, shardings: TrainState, tx, workdi
 
 
 # --- train step -----------------------------------------------------------------------------------
-def all_finite(tree) -> jax.Array:
-  """bool []: every floating-point leaf of `tree` is finite (one reduction per leaf)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all() if leaves else jnp.array(True)
-
-
 def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
   """jit-compiled (state, batch) -> (state, metrics).
 
@@ -189,7 +117,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
   if accum < 1 or config.train.batch_size % accum:
     raise ValueError(f"train.grad_accum={accum} must be >= 1 and divide train.batch_size="
                      f"{config.train.batch_size}")
-  schedule = optim.schedule(config, config.optim.lr)
+  schedule = optim.schedule(config.optim, config.train.steps, config.optim.lr)
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       None, sharding.BATCH_AXES))
 
@@ -199,7 +127,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     def loss_fn(params):
       out = model.apply({"params": params}, batch, deterministic=False, with_itm=with_itm,
                         rngs={"dropout": dropout_rng, "itm": itm_rng})
-      return compute_losses(out, batch, config)
+      return losses.compute_losses(out, batch, config)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return metrics, grads
@@ -245,7 +173,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     # copy every old leaf first (it is read after the new value overwrites its buffer): ~600
     # copies, the update ~2.5x slower on a CPU.
     finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-              & all_finite(apply(None)))
+              & checkpoint.all_finite(apply(None)))
     params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state),
                                      None)
     metrics["grad_norm"] = grad_norm
@@ -259,63 +187,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-class Checkpointer:
-  """Orbax CheckpointManager for the train state (step, params, optimizer state, RNG) and the Grain
-  iterator state, saved together under <directory>/<step>/.
-
-  Saves are asynchronous (training goes on while the arrays are written) and atomic: Orbax writes
-  into a temporary directory and renames it when complete, so a process killed mid-save leaves the
-  previous checkpoint as the latest one; the temporary directory is removed on the next start. The
-  iterator state is the same on every host (a batch counter, see pipeline.HostShare), so one JSON
-  copy restores any number of hosts.
-
-  `save` refuses a state that is not finite, so every checkpoint here is a good one and Orbax's
-  rotation (train.keep_checkpoints) can only ever replace good checkpoints by newer good ones.
-  """
-
-  def __init__(self, directory: str, config: ml_collections.ConfigDict):
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                             enable_async_checkpointing=config.train.ckpt_async,
-                                             cleanup_tmp_directories=True))
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: TrainState, data_iterator) -> None:
-    if not jax.jit(all_finite)(state):
-      latest = self.latest_step()
-      raise NonFiniteLossError(
-          f"refusing to checkpoint step {step}: the train state is not finite; "
-          + (f"the last good checkpoint is step {latest}" if latest is not None else
-             "there is no checkpoint yet"))
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_iterator.get_state())))
-
-  def restore(self, step: int, abstract_state: TrainState, data_iterator=None) -> TrainState:
-    """The state saved at `step`, laid out as `abstract_state` says; the data iterator (when
-    given) is set to continue where that step left off."""
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      args["data"] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    if data_iterator is not None:
-      data_iterator.set_state(restored["data"])
-    return restored["state"]
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def abstract_like(state: TrainState) -> TrainState:
-  """Shapes, dtypes and shardings of a live state: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
+# --- the loop -------------------------------------------------------------------------------------
 class Preemption:
   """SIGTERM (a scheduler's preemption notice) -> `reached(step)` turns true at a step boundary;
   the loop then saves a checkpoint there and exits cleanly.
@@ -341,16 +213,10 @@ class Preemption:
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self._flag.is_set()
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     try:
       return multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
       return False
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Non-finite steps stopped the run (train.nonfinite, train.max_nonfinite_*), or a state that
-  is not finite was about to be checkpointed."""
 
 
 class NonFiniteSteps:
@@ -388,69 +254,6 @@ class NonFiniteSteps:
     return None
 
 
-# --- the loop -------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Logger:
-  """Console lines and TensorBoard scalars (process 0 only)."""
-  workdir: str
-  writer: Any = None
-
-  def __post_init__(self):
-    if jax.process_index() == 0:
-      self.writer = SummaryWriter(os.path.join(self.workdir, "tb"))
-
-  def scalars(self, step: int, values: dict, prefix: str = "train") -> None:
-    """TensorBoard scalars, and one JSON line per call in <workdir>/metrics.jsonl."""
-    if self.writer is None:
-      return
-    for k, v in values.items():
-      self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
-    self.writer.flush()
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, "split": prefix,
-                          **{k: float(v) for k, v in values.items()}}) + "\n")
-
-  def print(self, line: str) -> None:
-    if jax.process_index() == 0:
-      print(line, flush=True)
-
-
-def format_metrics(metrics: dict) -> str:
-  keys = [k for k in ("loss", *LOSS_NAMES, "mlm_acc", "itm_acc") if k in metrics]
-  line = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
-  counts = [f"{k[5:]}={int(metrics[k])}" for k in ("data_bad_image", "data_truncated")
-            if metrics.get(k)]  # shown once non-zero
-  if metrics.get("nonfinite_steps"):
-    counts.append(f"nonfinite_steps={int(metrics['nonfinite_steps'])}")
-  return " ".join([line] + counts)
-
-
-def summarise(host_metrics: list[dict]) -> dict:
-  """Per-step metrics of one log interval (on the host) -> interval means; steps whose loss was
-  not finite are left out of the means and counted in 'nonfinite_steps'."""
-  good = [m for m in host_metrics if not m["nonfinite"]] or host_metrics
-  out = {k: float(np.mean([m[k] for m in good])) for k in host_metrics[0]
-         if k != "nonfinite" and not k.startswith("data_")}
-  out["nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host_metrics))
-  return out
-
-
-class Throughput:
-  """examples/s, model TFLOP/s per device and MFU over a log interval (analytic FLOPs, flops.py;
-  peak per device from train.peak_tflops or the device table; MFU is left out when unknown)."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.batch = config.train.batch_size
-    self.step_flops = flops.train_step_flops(config, self.batch)
-    self.devices = jax.device_count()
-    self.peak = flops.peak_flops(jax.devices()[0], config.model.dtype, config.train.peak_tflops)
-
-  def __call__(self, steps: int, seconds: float) -> dict:
-    out = {"examples_per_sec": steps * self.batch / seconds, "step_time": seconds / steps}
-    out.update(flops.throughput(self.step_flops, seconds / steps, self.devices, self.peak))
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenizer,
                        tokenizer_dir: str, data_dir: str, resume: bool = False) -> dict:
   """Pre-trains, checkpoints, and ends with zero-shot retrieval. Returns the eval dict, or
@@ -458,15 +261,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
   train.run_steps); continue it with resume=True."""
   mesh = sharding.make_mesh(config.mesh)
   rule_table = sharding.rules(config.mesh)
-  model = make_model(config)
+  model = MPMA.from_config(config)
   tx = optim.make_optimizer(config)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config)
   latest = ckpt.latest_step()
   if latest is not None and not resume:  # refuse before any work is done
     raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest}); pass "
                           "--resume to continue, or use a new workdir")
   NonFiniteSteps(config.train, 0)  # a bad train.nonfinite fails before any work is done
-  log = Logger(workdir)
+  log = logger.Logger(workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
     abstract, state_shardings = abstract_state(config, model, tx, mesh, rule_table)
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
@@ -474,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
               f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
 
     pairs = pipeline.eval_pairs(config, tokenizer, config.eval.num_pairs, data_dir)
-    embed_fn = evaluate.make_embed_fn(model, mesh)
+    embed_fn = retrieval.make_embed_fn(model, mesh)
     dataset = pipeline.pretrain_dataset(config, tokenizer_dir, data_dir)
     data_iter = iter(dataset)
     untrained_file = os.path.join(workdir, "eval_untrained.json")
@@ -482,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       state, _ = create_train_state(config, model, tx, mesh, rule_table, state_shardings)
       if pretrained.requested(config):  # init.m3ae / init.image / init.text
         state = load_pretrained(config, state, state_shardings, tx, workdir, log)
-      untrained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
+      untrained = retrieval.evaluate(embed_fn, state.params, pairs, config.eval.batch_size)
       if jax.process_index() == 0:
         with open(untrained_file, "w") as f:
           json.dump(untrained, f)
@@ -497,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       log.print(f"resumed from step {start}")
 
     train_step = make_train_step(config, model, tx, state_shardings, mesh)
-    throughput = Throughput(config)
+    throughput = logger.Throughput(config)
     steps, log_every = config.train.steps, config.train.log_every
     stop_at = min(steps, start + config.train.run_steps) if config.train.run_steps else steps
     t0, pending, unchecked, saved, reason = time.perf_counter(), [], [], start, None
@@ -513,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       if why:
         ckpt.close()  # the saves already made (all of finite states) complete
         latest = ckpt.latest_step()
-        raise NonFiniteLossError(
+        raise checkpoint.NonFiniteLossError(
             f"stopped: {why}. The last good step is {nonfinite.last_good}; " +
             (f"the last good checkpoint is step {latest} in {workdir}/checkpoints" if latest
              is not None else f"there is no checkpoint yet in {workdir}/checkpoints"))
@@ -531,12 +334,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
           check_finite(done)
           for k in data_counts:
             data_counts[k] += sum(int(m[f"data_{k}"]) for m in host)
-          avg = summarise(host)
+          avg = logger.summarise(host)
           avg.update(throughput(len(host), time.perf_counter() - t0))
           avg.update({f"data_{k}": float(v) for k, v in data_counts.items()})
           log.scalars(done, avg)
           mfu = f"  MFU {100 * avg['mfu']:.1f}%" if "mfu" in avg else ""
-          log.print(f"step {done:>6}/{steps}  {format_metrics(avg)}  "
+          log.print(f"step {done:>6}/{steps}  {logger.format_metrics(avg)}  "
                     f"{avg['examples_per_sec']:.1f} ex/s  "
                     f"{avg['tflops_per_device']:.3g} TFLOP/s/device{mfu}")
           t0, pending = time.perf_counter(), []
@@ -555,22 +358,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       log.print(f"{reason}: checkpoint {saved} saved; continue with --resume")
       return {"stopped_at": saved, "reason": reason}
 
-    trained = evaluate.retrieval(embed_fn, state.params, pairs, config.eval.batch_size)
+    trained = retrieval.evaluate(embed_fn, state.params, pairs, config.eval.batch_size)
   result = {"num_pairs": config.eval.num_pairs, "steps": steps, "num_params": int(n_params),
             "trained": trained, "untrained": untrained,
-            "chance": evaluate.chance(config.eval.num_pairs)}
+            "chance": retrieval.chance(config.eval.num_pairs)}
   log.scalars(steps, trained, prefix="eval")
   rows = {"trained": trained, "untrained": untrained, "chance": result["chance"]}
   log.print("zero-shot retrieval (%), GLA global similarity, "
-            f"{config.eval.num_pairs} held-out pairs:\n" + evaluate.format_table(
+            f"{config.eval.num_pairs} held-out pairs:\n" + retrieval.format_table(
                 {k: v for k, v in rows.items() if v is not None}))
   if jax.process_index() == 0:
     # MIM, alignment, retrieval, curves (visualize.py). One process only: restoring the checkpoint
     # there would wait for the other processes, which have finished (run mpma-visualize after).
     if config.eval.get("pictures", True) and jax.process_count() == 1:
-      from mpma_jax import visualize  # pylint: disable=g-import-not-at-top
       result["pictures"] = visualize.visualize_run(workdir, step=steps)
       log.print("pictures: " + ", ".join(result["pictures"]))
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
   return result
+
+
+# --- the whole command ----------------------------------------------------------------------------
+def prepare_tokenizer(config, workdir: str, data_dir: str):
+  """The run's tokenizer, saved in (or read from) <workdir>/tokenizer so a resumed run or an export
+  sees exactly the same ids. Returns (tokenizer, directory)."""
+  run_dir = os.path.join(workdir, "tokenizer")
+  # Process 0 writes the run's tokenizer (training one is not repeatable, so exactly one process
+  # may do it); the others wait for it and read the same files.
+  if jax.process_index() == 0 and not os.path.isdir(run_dir):
+    if config.data.tokenizer == "builtin":  # WordPiece trained on (up to 20k) training texts
+      corpus = pipeline.report_corpus(config, data_dir, 20_000)
+      tokenizers.train_wordpiece(corpus, config.data.tokenizer_vocab, run_dir)
+    else:
+      tokenizers.load_tokenizer(config.data.tokenizer).save_pretrained(run_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mpma_jax: tokenizer written")
+  tok = tokenizers.load_tokenizer(run_dir)
+  check_tokenizer(tok, config)
+  return tok, run_dir
+
+
+def check_tokenizer(tok, config) -> None:
+  text = config.model.text
+  if len(tok) > text.vocab_size:
+    raise ValueError(f"the tokenizer has {len(tok)} tokens but model.text.vocab_size is "
+                     f"{text.vocab_size}; raise model.text.vocab_size")
+  if tok.pad_token_id != text.pad_id:
+    raise ValueError(f"the tokenizer's pad token id is {tok.pad_token_id} but model.text.pad_id "
+                     f"is {text.pad_id}; set --config.model.text.pad_id={tok.pad_token_id}")
+  if tok.mask_token_id is None:
+    raise ValueError("the tokenizer has no mask token, which MLM needs")
+  need = config.data.max_len + (text.pad_id + 1 if text.position_style == "roberta" else 0)
+  if need > text.max_positions:
+    raise ValueError(f"data.max_len={config.data.max_len} needs {need} position embeddings but "
+                     f"model.text.max_positions is {text.max_positions}")
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
+  """mpma-pretrain after the processes have joined: prepares the workdir (data, tokenizer,
+  config.json), then `train_and_evaluate`."""
+  os.makedirs(workdir, exist_ok=True)
+  for change in pretrained.adapt_config(config):  # init.* checkpoints set the encoder sizes
+    print(f"config: {change}")
+  data_dir = pipeline.data_dir_for(config, workdir)
+  pipeline.prepare(config, data_dir)  # a wrong dataset name or data_dir fails here, before any work
+  tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  return train_and_evaluate(config, workdir, tok, tok_dir, data_dir, resume=resume)

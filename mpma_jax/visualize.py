@@ -1,4 +1,4 @@
-"""Pictures of a pre-trained model (issue 6): what MIM reconstructs, where a word looks in the
+"""Pictures of a pre-trained model: what MIM reconstructs, where a word looks in the
 image, which images a report retrieves, and how training went.
 
   mim_reconstructions  original / masked input / reconstruction / prediction, one row per image
@@ -22,8 +22,16 @@ import re
 import textwrap
 from typing import Optional, Sequence
 
-from absl import app, flags, logging
+import jax
+import ml_collections
 import numpy as np
+from tensorboardX import SummaryWriter
+
+from mpma_jax import checkpoint, losses, masking
+from mpma_jax.constants import CLIP_MEAN, CLIP_STD
+from mpma_jax.data import pipeline
+from mpma_jax.data import tokenizer as tokenizers
+from mpma_jax.models.mpma import MPMA
 
 _NORM_PIX_EPS = 1e-6  # losses.mim_loss's eps, with which the norm_pix targets were standardised
 # Colour of the masked patches in the "masked input" panel (no grey: the images mostly are).
@@ -48,8 +56,6 @@ def _gla_tokens(module, images, text_ids, text_mask):
 
 @functools.lru_cache(maxsize=8)
 def _jitted(model_config, method):
-  import jax  # pylint: disable=g-import-not-at-top
-  from mpma_jax.models.mpma import MPMA  # pylint: disable=g-import-not-at-top
   model = MPMA(model_config)
   return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))
 
@@ -57,8 +63,6 @@ def _jitted(model_config, method):
 def _apply(model_config, params, method, *args):
   """MPMA(model_config).apply({'params': params}, *args, method=method), jit-compiled once per
   (config, method), on host arrays."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   fn = _jitted(ml_collections.FrozenConfigDict(model_config), method)
   return jax.device_get(fn(params, *args))
 
@@ -97,8 +101,6 @@ def mim_panels(model_config, params, images, text_ids, text_mask, seed: int = 0,
   "prediction" (predicted everywhere); "masked" bool [B, N]; "mim_loss" float [B] (the training
   loss of each image: MSE on its masked patches, in target space).
   """
-  from mpma_jax import losses, masking  # pylint: disable=g-import-not-at-top
-  from mpma_jax.models.vit import CLIP_MEAN, CLIP_STD  # pylint: disable=g-import-not-at-top
   images = _check_images(model_config, images)
   b, p = len(images), model_config.image.patch
   n = (model_config.image.size // p) ** 2
@@ -390,7 +392,6 @@ def to_tensorboard(writer, pictures: dict[str, np.ndarray], step: int,
                    prefix: str = "pictures") -> None:
   """Logs each picture (uint8 [H, W, 3]) as image summary '<prefix>/<name>' at step. writer: a
   tensorboardX SummaryWriter, or a log directory (a writer is opened and closed here)."""
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   own = isinstance(writer, (str, os.PathLike))
   w = SummaryWriter(os.fspath(writer)) if own else writer
   for name, rgb in pictures.items():
@@ -408,10 +409,8 @@ def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] =
   Writes <out or workdir/pictures>/{mim,alignment,retrieval,curves}_step<N>.png (curves, of the
   whole run with step N marked, when the run has metrics.jsonl) and the same images to
   <workdir>/tb at step N; returns the PNG paths."""
-  from mpma_jax import export  # pylint: disable=g-import-not-at-top
-  from mpma_jax.data import pipeline, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
-  config = export.run_config(workdir)
-  params, step = export.restore_params(workdir, step)
+  config = checkpoint.run_config(workdir)
+  params, step = checkpoint.restore_params(workdir, step)
   tok = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
   gallery = max(num, min(gallery, config.eval.num_pairs))
   pairs = pipeline.eval_pairs(config, tok, gallery, pipeline.data_dir_for(config, workdir))
@@ -432,24 +431,3 @@ def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] =
     pictures["curves"] = training_curves(metrics, path("curves"), mark_step=step)
   to_tensorboard(os.path.join(workdir, "tb"), pictures, step)
   return [path(name) for name in pictures]
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
-  paths = visualize_run(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.out, flags.FLAGS.num)
-  print(json.dumps({"paths": paths}))
-
-
-def run():
-  # Flags are defined here, not at import, so that the functions above can be imported next to
-  # mpma_jax.main (which defines --workdir too).
-  flags.DEFINE_string("workdir", None, "Run directory of mpma-pretrain.", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("out", None, "Directory for the PNGs (default: <workdir>/pictures).")
-  flags.DEFINE_integer("num", 6, "Examples per picture (rows).")
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run()

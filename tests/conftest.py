@@ -35,7 +35,7 @@ jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 def tiny_config():
   """The `tiny` pre-training config, shrunk further so that tests compile and run in seconds."""
-  from configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
+  from mpma_jax.configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
   c = get_config("tiny")
   m = c.model
   m.image.update(size=32, patch=8, width=64, layers=2, heads=2)
@@ -79,12 +79,12 @@ def tokenizer_dir(tmp_path_factory):
 def pretrained_run(tmp_path_factory, data_dir):
   """A tiny pre-training run directory (config.json, tokenizer/, checkpoints/) after 100 steps
   (after 20 the image [CLS] barely depends on the image, and fine-tuning starts from nothing)."""
-  from mpma_jax import main, train  # pylint: disable=g-import-not-at-top
+  from mpma_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("pretrained"))
   config = tiny_config()
   config.train.update(steps=100, log_every=50, ckpt_every=100)
   config.eval.pictures = True
-  tok, tok_dir = main.prepare_tokenizer(config, workdir, data_dir)
+  tok, tok_dir = train.prepare_tokenizer(config, workdir, data_dir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
   result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)

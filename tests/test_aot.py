@@ -13,6 +13,8 @@ import pytest
 
 from mpma_jax import aot, optim, sharding, train
 from tests.conftest import tiny_config
+from mpma_jax.data import pipeline
+from mpma_jax.models.mpma import MPMA
 
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 
@@ -162,13 +164,13 @@ def _argument_bytes(config, devices) -> float:
   """Per-device bytes of the sharded train state plus the batch's shard, from the shardings."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, _ = train.abstract_state(config, model, tx, mesh, rules)
   state = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
               for x in jax.tree.leaves(abstract))
   split = config.mesh.data * config.mesh.fsdp
-  batch = sum(v.nbytes for v in train.dummy_batch(config, config.train.batch_size).values())
+  batch = sum(v.nbytes for v in pipeline.dummy_batch(config, config.train.batch_size).values())
   return state + batch / split
 
 
@@ -209,7 +211,7 @@ def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
   proc = subprocess.run(
-      [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
+      [sys.executable, "-m", "mpma_jax.cli.compile", "--config", "configs/pretrain.py:tiny",
        "--topology", "cpu:8", *CLI_OVERRIDES, "--hbm_gib=16", f"--json={out}", f"--save={exe}"],
       capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -218,19 +220,19 @@ def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
   assert report["devices"] == 8 and report["fits"] and report["memory"]["peak"] > 0
 
   # The saved step, loaded onto the test process's 8 devices, equals the step jitted here.
-  from configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
+  from mpma_jax.configs.pretrain import get_config  # pylint: disable=g-import-not-at-top
   config = get_config("tiny")
   config.model.scan, config.train.batch_size = True, 8
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   loaded = aot.load_executable(str(exe))
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, shardings = train.create_train_state(config, model, tx, mesh, rules)
     step = train.make_train_step(config, model, tx, shardings, mesh)
-    batch = sharding.global_batch(train.dummy_batch(config, config.train.batch_size), mesh)
+    batch = sharding.global_batch(pipeline.dummy_batch(config, config.train.batch_size), mesh)
     want_state, want = step(jax.tree.map(lambda x: x.copy(), state), batch)
     got_state, got = loaded(state, batch)
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
@@ -238,7 +240,7 @@ def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
                got_state.params, want_state.params)
 
   bad = subprocess.run(
-      [sys.executable, "-m", "mpma_jax.compile", "--config", "configs/pretrain.py:tiny",
+      [sys.executable, "-m", "mpma_jax.cli.compile", "--config", "configs/pretrain.py:tiny",
        "--topology", "v9:2x2"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("mpma-compile: --topology 'v9:2x2'")

@@ -23,13 +23,17 @@ from mpma_jax import optim, sharding, train
 from mpma_jax.data import tokenizer as tokenizers
 from tests import train_worker
 from tests.conftest import tiny_config
+from mpma_jax import losses
+from mpma_jax import checkpoint
+from mpma_jax.models.mpma import MPMA
+from mpma_jax import overrides
 
 OVERRIDES = {"train.steps": 6, "train.ckpt_every": 2, "train.log_every": 1,
              "eval.num_pairs": 16, "eval.batch_size": 16}
 
 
 def run_config(**extra):
-  return train_worker.apply_overrides(tiny_config(), {**OVERRIDES, **extra})
+  return overrides.apply_all(tiny_config(), {**OVERRIDES, **extra})
 
 
 def restore_state(config, workdir, step, mesh_sizes=None):
@@ -37,10 +41,10 @@ def restore_state(config, workdir, step, mesh_sizes=None):
   if mesh_sizes:
     config.mesh.update(data=mesh_sizes[0], fsdp=mesh_sizes[1], tensor=mesh_sizes[2])
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, _ = train.abstract_state(config, model, tx, mesh, rules)
-    ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), config)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config)
     restored = ckpt.restore(step, abstract)
     ckpt.close()
   return restored
@@ -157,7 +161,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(straight, tmp_path,
 
 def _poison(monkeypatch, position):
   """Makes the loss NaN for the batch holding stream `position` (as a bad batch would)."""
-  compute = train.compute_losses
+  compute = losses.compute_losses
 
   def poisoned(out, batch, config):
     total, metrics = compute(out, batch, config)
@@ -182,7 +186,7 @@ def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
   stop_dir = str(tmp_path / "stop")
-  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 2"):
+  with pytest.raises(checkpoint.NonFiniteLossError, match="last good checkpoint is step 2"):
     train.train_and_evaluate(run_config(**{"train.nonfinite": "stop"}),
                              stop_dir, tok, tokenizer_dir, data_dir)
   assert sorted(os.listdir(os.path.join(stop_dir, "checkpoints"))) == ["2"]
@@ -207,7 +211,7 @@ def test_nonfinite_updates_are_skipped_and_never_checkpointed(tmp_path, tokenize
   assert_same(four.params, six.params)  # nothing was applied
 
   stop_dir = str(tmp_path / "stop")
-  with pytest.raises(train.NonFiniteLossError) as error:
+  with pytest.raises(checkpoint.NonFiniteLossError) as error:
     train.train_and_evaluate(run_config(**overrides, **{"train.nonfinite": "stop"}), stop_dir,
                              tok, tokenizer_dir, data_dir)
   message = str(error.value)
@@ -234,7 +238,7 @@ def test_skip_limit_stops_naming_the_last_good_step_and_keeps_a_good_checkpoint(
   tok = tokenizers.load_tokenizer(tokenizer_dir)
   _nan_learning_rate_from(monkeypatch, 2)
   config = run_config(**{"train.keep_checkpoints": 1, "train.max_nonfinite_consecutive": 2})
-  with pytest.raises(train.NonFiniteLossError) as error:
+  with pytest.raises(checkpoint.NonFiniteLossError) as error:
     train.train_and_evaluate(config, str(tmp_path), tok, tokenizer_dir, data_dir)
   message = str(error.value)
   assert "\n" not in message
@@ -267,10 +271,10 @@ def test_nonfinite_steps_limits():
 
 def test_checkpointer_refuses_a_non_finite_state(tmp_path, small_config):
   """Every checkpoint is a good one, so the rotation never drops the last good checkpoint."""
-  ckpt = train.Checkpointer(str(tmp_path), small_config)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), small_config)
   state = train.TrainState(step=jnp.array(1), params={"w": jnp.array([1.0, jnp.inf])},
                            opt_state=(), rng=jnp.zeros(2, jnp.uint32))
-  with pytest.raises(train.NonFiniteLossError, match="step 1: the train state is not finite; "
+  with pytest.raises(checkpoint.NonFiniteLossError, match="step 1: the train state is not finite; "
                      "there is no checkpoint yet"):
     ckpt.save(1, state, data_iterator=None)
   ckpt.close()

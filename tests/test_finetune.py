@@ -12,10 +12,14 @@ from mpma_jax import evaluate, finetune
 from mpma_jax.data import builders, downstream
 from mpma_jax.data.builders import synthetic_downstream as sd
 from tests.conftest import tiny_config
+from mpma_jax import suite
+from mpma_jax import retrieval
+from mpma_jax import checkpoint
+from mpma_jax.models.mpma import MPMA
 
 def ft_config(name: str, data_dir: str, variant: str = ""):
   """configs/finetune/<name>.py[:variant] for the 32 px test model on data_dir."""
-  config = evaluate.load_task_config(name, variant)
+  config = suite.load_task_config(name, variant)
   config.data_dir = data_dir
   config.image_size = 0  # the pre-training size (32 px)
   config.data.update(read_threads=2, read_buffer=16, max_len=24)
@@ -95,7 +99,7 @@ def test_image_classification_targets_follow_the_uncertainty_policy():
 
 
 def test_transfer_copies_every_pretrained_leaf_and_resizes_positions(pretrained_run):
-  pre_config, params, _, _ = finetune.load_init(pretrained_run)
+  pre_config, params, _, _ = checkpoint.load_init(pretrained_run)
   config = ft_config("vqa_rad", "")
   config.image_size = 48  # 6x6 patches instead of 4x4
   model_cfg = finetune.model_config(config, pre_config.model)
@@ -153,13 +157,12 @@ def test_vqa_runs_both_protocols_with_their_vocabularies_and_the_majority_baseli
 
 
 def test_mpma_eval_recomputes_the_runs_test_metrics_from_its_checkpoint(vqa_run):
-  from mpma_jax import evaluate  # pylint: disable=g-import-not-at-top
   workdir, results = vqa_run
   again = evaluate.evaluate_finetuned(workdir, "clean")
   for k in ("open", "closed", "overall"):
     assert again[k] == pytest.approx(results["clean"]["test"][k])
   assert again["checkpoint"] == results["clean"]["best_epoch"]
-  rows = evaluate.table_rows("synthetic_vqa", results)
+  rows = suite.table_rows("synthetic_vqa", results)
   assert [r["protocol"] for r in rows] == ["prior", "clean"]
   assert rows[0]["majority closed"] == results["prior"]["majority_baseline"]["closed"]
 
@@ -179,7 +182,7 @@ def test_image_classification_finetune_and_linear_probe(pretrained_run, downstre
   """synthetic_chest, 4 labels, mean AUC. The linear probe leaves every pre-trained weight exactly
   as it was and trains the head only."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  _, pretrained, _, _ = finetune.load_init(pretrained_run)
+  _, pretrained, _, _ = checkpoint.load_init(pretrained_run)
   for variant in ("finetune_100", "probe_100"):
     config = ft_config("chexpert", downstream_dir, variant)
     config.dataset = CHEST
@@ -206,7 +209,6 @@ def test_zero_shot_retrieval_equals_the_pretraining_evaluation_and_reranks(
     pretrained_run, data_dir, tmp_path):
   """roco.py:zero_shot on the synthetic pairs gives exactly the recall of evaluate.retrieval on
   the same pairs; ITM re-ranking reorders only each query's top-k."""
-  from mpma_jax import evaluate, export  # pylint: disable=g-import-not-at-top
   from mpma_jax.data import pipeline, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
   pre = tiny_config()
   name = f"synthetic/n{pre.data.num_train}_e{pre.data.num_eval}_s32_seed0"
@@ -214,13 +216,12 @@ def test_zero_shot_retrieval_equals_the_pretraining_evaluation_and_reranks(
   config.dataset = name
   config.retrieval.rerank_k = 3
   (r,) = finetune.finetune(config, pretrained_run, str(tmp_path), log_print=lambda s: None).values()
-  params, _ = export.restore_params(pretrained_run)
+  params, _ = checkpoint.restore_params(pretrained_run)
   tok = tokenizers.load_tokenizer(os.path.join(pretrained_run, "tokenizer"))
   pre.eval.num_pairs = pre.data.num_eval
   pairs = pipeline.eval_pairs(pre, tok, pre.eval.num_pairs, data_dir)
   pairs = {k: v for k, v in pairs.items() if k != "word_mask"}
-  expected = evaluate.retrieval(evaluate.make_embed_fn(__import__("mpma_jax.train").train
-                                                       .make_model(pre)), params, pairs, 32)
+  expected = retrieval.evaluate(retrieval.make_embed_fn(MPMA.from_config(pre)), params, pairs, 32)
   for k, v in expected.items():
     assert r["test"][k] == pytest.approx(v), k
   assert r["test"]["itm_rerank_k"] == 3 and r["test"]["itm_n"] == pre.data.num_eval
@@ -231,8 +232,7 @@ def test_zero_shot_retrieval_equals_the_pretraining_evaluation_and_reranks(
 
 
 def test_suite_lists_tasks_without_data_and_prints_a_table(tmp_path):
-  from mpma_jax import evaluate  # pylint: disable=g-import-not-at-top
-  table, rows = evaluate.suite("unused", str(tmp_path / "nothing"), str(tmp_path / "out"))
+  table, rows = suite.run("unused", str(tmp_path / "nothing"), str(tmp_path / "out"))
   assert rows == [] and "(no task ran)" in table
   assert "vqa_rad, slake, vqa_med_2019, melinda, roco_retrieval:zero_shot" in table
   assert open(tmp_path / "out" / "suite.md").read().strip() == table.strip()

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from mpma_jax import evaluate
 from mpma_jax.data import builders, downstream
 from mpma_jax.data.builders import chexpert, rsna_pneumonia
 from tests.data.builders import test_chexpert, test_roco, test_rsna_pneumonia, test_vqa_sets
+from mpma_jax import suite
 
 BATCH = 8  # train and eval batches split over conftest's 8 simulated devices
 _jpeg = lambda i: test_vqa_sets._jpeg(i % 12)  # pylint: disable=protected-access
@@ -213,7 +213,7 @@ def suite_run(pretrained_run, real_layouts, tmp_path_factory):
   def log(line):
     lines.append(line)
     print(f"{time.time() - t0:7.1f} {line}", file=sys.stderr, flush=True)
-  table, rows = evaluate.suite(pretrained_run, data_dir, workdir, TASKS, OVERRIDES, log)
+  table, rows = suite.run(pretrained_run, data_dir, workdir, TASKS, OVERRIDES, log)
   print(table, file=sys.stderr)
   return workdir, table, rows, lines
 

@@ -9,6 +9,9 @@ import pytest
 
 from mpma_jax import flops, masking, train
 from tests.conftest import tiny_config
+from mpma_jax.data import pipeline
+from mpma_jax import losses
+from mpma_jax.models.mpma import MPMA
 
 B = 8
 
@@ -48,15 +51,15 @@ def _variant(name):
 
 def _compiled_forward(config):
   """The jitted forward pass + losses (as in the train step), compiled for a batch of B."""
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   params = nn.meta.unbox(jax.eval_shape(
       lambda: train.init_params(config, model, jax.random.key(0))))  # shapes only
   with_itm = config.loss.itm > 0
 
   def loss(p, batch):
     out = model.apply({"params": p}, batch, with_itm=with_itm, rngs={"itm": jax.random.key(0)})
-    return train.compute_losses(out, batch, config)[0]
-  return jax.jit(loss).lower(params, train.dummy_batch(config, B)).compile()
+    return losses.compute_losses(out, batch, config)[0]
+  return jax.jit(loss).lower(params, pipeline.dummy_batch(config, B)).compile()
 
 
 def _shape(text):

@@ -21,6 +21,7 @@ from mpma_jax.models.decoders import MLMHead
 from mpma_jax.models.text import TextEncoder
 from mpma_jax.models.vit import VisionTransformer, normalize_images
 from tests.conftest import tiny_config
+from mpma_jax.models.mpma import MPMA
 
 TOL = 1e-4
 # tiny_config's model.image: 32 px, patch 8, width 64, 2 layers, 2 heads, mlp_ratio 4
@@ -60,7 +61,7 @@ def _perturb(model, seed):
 
 def _abstract_tree(config):
   """The whole model's unboxed parameter tree as ShapeDtypeStructs (no compute)."""
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   return nn.meta.unbox(jax.eval_shape(
       lambda: train.init_params(config, model, jax.random.PRNGKey(0))))
 

@@ -19,6 +19,8 @@ from mpma_jax.interop.torch_mpma import MPMATorch
 from mpma_jax.models import mpma
 from mpma_jax.models.vit import normalize_images
 from tests.conftest import tiny_config
+from mpma_jax import checkpoint
+from mpma_jax.models.mpma import MPMA
 
 TOL = 1e-4
 
@@ -74,7 +76,7 @@ def test_load_pretrained_writes_the_checkpoints_into_the_sharded_state(tmp_path,
   config = _config(dirs)
   config.model.scan = scan  # stacked blocks: imported through the unrolled layout
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fresh, shardings = train.create_train_state(config, model, tx, mesh, rules)
     fresh_params = mpma.unrolled_params(jax.device_get(fresh.params), config.model)
@@ -120,7 +122,7 @@ def exported_run(request, tmp_path_factory, tokenizer_dir, data_dir):
   train.train_and_evaluate(config, workdir, tok, tokenizer_dir, data_dir)
   out = os.path.join(root, "exported")
   result = export.export(workdir, out)
-  params, step = export.restore_params(workdir)
+  params, step = checkpoint.restore_params(workdir)
   return config, workdir, out, result, params, step
 
 
@@ -149,7 +151,7 @@ def test_export_writes_safetensors_and_json_only(exported_run):
 
 def test_exported_encoders_match_the_trained_jax_model(exported_run):
   config, _, out, _, params, _ = exported_run
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   images, ids, mask = _inputs(config)
   vision = transformers.CLIPVisionModel.from_pretrained(os.path.join(out, "image_encoder")).eval()
   text = transformers.BertModel.from_pretrained(os.path.join(out, "text_encoder"),
@@ -171,7 +173,7 @@ def test_exported_encoders_match_the_trained_jax_model(exported_run):
 
 def test_exported_mpma_module_matches_the_trained_jax_model(exported_run):
   config, _, out, _, params, _ = exported_run
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   images, ids, mask = _inputs(config, seed=1)
 
   def jax_forward(m, images, ids, mask):
@@ -197,7 +199,7 @@ def test_export_command_line(exported_run, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   _, workdir, _, _, _, _ = exported_run
-  cmd = [sys.executable, "-m", "mpma_jax.export", "--workdir", workdir]
+  cmd = [sys.executable, "-m", "mpma_jax.cli.export", "--workdir", workdir]
   done = subprocess.run(cmd + ["--out", str(tmp_path / "e"), "--step", "2"], capture_output=True,
                         text=True, check=True)
   assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2

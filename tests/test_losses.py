@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mpma_jax import losses, masking
+from mpma_jax import retrieval
 
 
 def _lse(x, axis=-1):
@@ -196,20 +197,20 @@ def test_retrieval_recall_known_ranking():
                   [0.8, 0.5, 0.1, 0.0],
                   [0.1, 0.6, 0.3, 0.7],
                   [0.0, 0.2, 0.1, 0.4]])
-  r = losses.retrieval_recall(sim, ks=(1, 2, 3))
+  r = retrieval.recall(sim, ks=(1, 2, 3))
   assert r == {"i2t_r1": 0.5, "i2t_r2": 0.75, "i2t_r3": 1.0,
                "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r3": 1.0}
   assert all(isinstance(v, float) for v in r.values())
-  assert losses.retrieval_recall(jnp.asarray(sim), ks=(1, 2, 3)) == r  # jax arrays too
+  assert retrieval.recall(jnp.asarray(sim), ks=(1, 2, 3)) == r  # jax arrays too
 
 
 def test_retrieval_recall_ties_are_pessimistic():
-  assert losses.retrieval_recall(np.ones((5, 5)), ks=(1, 4, 5)) == {
+  assert retrieval.recall(np.ones((5, 5)), ks=(1, 4, 5)) == {
       "i2t_r1": 0.0, "i2t_r4": 0.0, "i2t_r5": 1.0, "t2i_r1": 0.0, "t2i_r4": 0.0, "t2i_r5": 1.0}
   sim = np.array([[0.5, 0.5, 0.1],   # tie with one other: rank 1
                   [0.0, 0.9, 0.2],   # clear first
                   [0.3, 0.3, 0.3]])  # tie with both: rank 2
-  r = losses.retrieval_recall(sim, ks=(1, 2, 3))
+  r = retrieval.recall(sim, ks=(1, 2, 3))
   assert r["i2t_r1"] == pytest.approx(1 / 3)
   assert r["i2t_r2"] == pytest.approx(2 / 3)
   assert r["i2t_r3"] == 1.0
@@ -219,6 +220,6 @@ def test_retrieval_recall_ties_are_pessimistic():
 
 
 def test_retrieval_recall_default_ks_and_identity():
-  r = losses.retrieval_recall(np.eye(12) + 0.01 * np.arange(12)[None])
+  r = retrieval.recall(np.eye(12) + 0.01 * np.arange(12)[None])
   assert set(r) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
   assert r["i2t_r1"] == 1.0 and r["t2i_r1"] == 1.0

@@ -15,6 +15,7 @@ from mpma_jax import train
 from mpma_jax.interop import common, m3ae, pretrained
 from mpma_jax.models.vit import resize_pos_embed
 from tests.conftest import tiny_config
+from mpma_jax.models.mpma import MPMA
 
 # M3AE-only tensors (fine-tuning head, RoBERTa's own pooler, CLIP text-tower leftovers, a buffer).
 EXTRA = {
@@ -39,7 +40,7 @@ def _config(**image):
 
 def _random_params(c, seed):
   """Random float32 arrays (biases and LayerNorm parameters too) shaped like the model's tree."""
-  model = train.make_model(c)
+  model = MPMA.from_config(c)
   shapes = jax.eval_shape(lambda: nn.meta.unbox(train.init_params(c, model, jax.random.key(0))))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
@@ -105,7 +106,7 @@ def test_text_encoder_matches_transformers_roberta(ckpt):
   ids[1, 8:] = t.pad_id
   with torch.no_grad():
     want = roberta(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-  model = train.make_model(c)
+  model = MPMA.from_config(c)
   got = model.apply({"params": params}, ids, mask, method=lambda m, i, k: m.text_encoder(i, k))
   diff = np.max(np.abs(np.asarray(got) - want.last_hidden_state.numpy()))
   print(f"text encoder vs RobertaModel: max |diff| = {diff:.2e}")
@@ -151,7 +152,7 @@ def test_image_encoder_matches_transformers_clip(ckpt):
   with torch.no_grad():
     hidden = clip(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state
     want = tower.post_layernorm(hidden).numpy()
-  model = train.make_model(c)
+  model = MPMA.from_config(c)
   got = model.apply({"params": params}, images, method=lambda m, x: m.image_encoder(x))
   diff = np.max(np.abs(np.asarray(got) - want))
   print(f"image encoder vs CLIPVisionModel: max |diff| = {diff:.2e}")

@@ -8,6 +8,7 @@ import pytest
 from benchmarks import memory
 from mpma_jax import train
 from tests.conftest import tiny_config
+from mpma_jax.models.mpma import MPMA
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
@@ -21,7 +22,7 @@ def test_fsdp8_state_bytes_are_an_eighth_up_to_the_unsplit_parameters():
   # Independently, from the logical names: 'embed' is the one logical axis the rules map to fsdp.
   rules = dict(config.mesh.rules)
   assert [name for name, axes in rules.items() if axes == "fsdp"] == ["embed"]
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   boxed = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
   names = jax.tree.leaves(nn.get_partition_spec(boxed),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

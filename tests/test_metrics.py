@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mpma_jax import evaluate, finetune, losses, metrics
+from mpma_jax import finetune, metrics
+from mpma_jax import retrieval
 
 
 # --- Med-VQA ---------------------------------------------------------------------------------------
@@ -112,9 +113,9 @@ def test_recall_at_k_identity_matches_losses():
   r = metrics.recall_at_k(sim, ks=(1, 2, 3))
   assert r == {"i2t_r1": 0.5, "i2t_r2": 0.75, "i2t_r3": 1.0,
                "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r3": 1.0}
-  assert losses.retrieval_recall(sim, ks=(1, 2, 3)) == r  # one implementation
+  assert retrieval.recall(sim, ks=(1, 2, 3)) == r  # one implementation
   sim = np.random.default_rng(0).normal(size=(9, 9)).round(1)  # rounded: many ties
-  assert losses.retrieval_recall(sim) == metrics.recall_at_k(sim)
+  assert retrieval.recall(sim) == metrics.recall_at_k(sim)
 
 
 def test_recall_at_k_ties_are_pessimistic():
@@ -173,7 +174,7 @@ def test_metrics_of_non_finite_scores_are_nan_never_perfect():
     r = metrics.recall_at_k(sim)
     assert set(r) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert all(math.isnan(v) for v in r.values()), r
-    assert all(math.isnan(v) for v in losses.retrieval_recall(sim).values())
+    assert all(math.isnan(v) for v in retrieval.recall(sim).values())
   pos = np.array([[1, 1, 0], [0, 0, 1]], bool)
   assert math.isnan(metrics.recall_at_k(np.full((2, 3), np.nan), ks=(1,), positives=pos)["t2i_r1"])
 
@@ -201,10 +202,10 @@ def test_nan_retrieval_shows_as_nan_in_eval_json_and_the_tables():
   Python reads back), 'nan' in the summary table and the suite's Markdown table."""
   nan_embed = lambda params, image, ids, mask: (np.full((len(image), 4), np.nan),) * 2
   pairs = {"image": np.zeros((8, 1)), "text_ids": np.zeros((8, 1)), "text_mask": np.zeros((8, 1))}
-  trained = evaluate.retrieval(nan_embed, None, pairs, batch_size=4)
+  trained = retrieval.evaluate(nan_embed, None, pairs, batch_size=4)
   written = json.loads(json.dumps({"trained": trained}))["trained"]  # eval.json's "trained"
   assert all(math.isnan(v) for v in written.values())
-  table = evaluate.format_table({"trained": trained, "chance": evaluate.chance(8)})
+  table = retrieval.format_table({"trained": trained, "chance": retrieval.chance(8)})
   assert table.splitlines()[1].split() == ["trained"] + ["nan"] * 6
   assert "100.00" not in table.splitlines()[1]
   md = metrics.markdown_table([{"task": "roco", **trained}], ["task", "i2t_r1"])

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mpma_jax import optim, sharding, train
 from mpma_jax.data import pipeline
 from tests.conftest import tiny_config
+from mpma_jax.models.mpma import MPMA
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
 
@@ -43,7 +44,7 @@ def _initial_state(config):
   """The initial train state on the host (the same values whatever the mesh)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.update(data=1, fsdp=1, tensor=1)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   rules = sharding.rules(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -57,7 +58,7 @@ def _one_step(config, mesh_sizes, host_batches, steps=1, initial=None):
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
   rules = sharding.rules(config.mesh)
-  model, tx = train.make_model(config), optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   initial = _initial_state(config) if initial is None else initial
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     _, shardings = train.abstract_state(config, model, tx, mesh, rules)
@@ -191,7 +192,7 @@ def test_remat_and_bfloat16_change_memory_not_the_model(host_batches, initial):
 def _parts(config):
   """(mesh, rule table, model, optimizer) of a config, on all devices."""
   mesh = sharding.make_mesh(config.mesh)
-  return mesh, sharding.rules(config.mesh), train.make_model(config), optim.make_optimizer(config)
+  return mesh, sharding.rules(config.mesh), MPMA.from_config(config), optim.make_optimizer(config)
 
 
 def _assert_params_and_optimizer_equal(before, after):

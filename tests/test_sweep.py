@@ -12,6 +12,8 @@ import pytest
 
 from mpma_jax import sweep as sw
 from tests.conftest import ROOT
+from mpma_jax.cli import sweep as sweep_cli
+from mpma_jax import overrides
 
 PRETRAIN = os.path.join(ROOT, "configs", "pretrain.py")
 
@@ -147,7 +149,7 @@ def test_example_sweep_in_configs_pretrain():
 def _plan(runs, fixed=None, config=PRETRAIN + ":tiny"):
   c = _config(*config.split(":"))
   for field, value in (fixed or {}).items():
-    sw.apply_override(c, field, value, "fixed")
+    overrides.apply(c, field, value, "fixed")
   return sw.make_plan(c, config, "/r", dict(fixed or {}), runs)
 
 
@@ -186,15 +188,15 @@ def test_cli_errors(tmp_path, types_config):
   root = str(tmp_path / "r")
   with pytest.raises(ValueError, match=r"--config.model.memory.topkk: unknown config field "
                      r"'model.memory.topkk' .*did you mean 'model.memory.topk'"):
-    sw.main(["mpma-sweep", "--config", f"{PRETRAIN}:tiny", "--workdir", root,
+    sweep_cli.main(["mpma-sweep", "--config", f"{PRETRAIN}:tiny", "--workdir", root,
              "--config.model.memory.topkk=3"])
   no_sweep = tmp_path / "plain.py"
   no_sweep.write_text("import ml_collections\ndef get_config():\n"
                       "  return ml_collections.ConfigDict({'a': 1})\n")
   with pytest.raises(ValueError, match=r"plain.py defines no get_sweep\(arg\)"):
-    sw.main(["mpma-sweep", "--config", str(no_sweep), "--workdir", root])
+    sweep_cli.main(["mpma-sweep", "--config", str(no_sweep), "--workdir", root])
   with pytest.raises(flags.Error, match="--workdir is required"):
-    sw.main(["mpma-sweep", "--config", types_config])
+    sweep_cli.main(["mpma-sweep", "--config", types_config])
   assert not os.path.exists(root)  # nothing written on an error
 
 
@@ -203,7 +205,7 @@ def test_cli_errors(tmp_path, types_config):
 
 def test_print_mode_commands_parse_back_to_the_overrides(tmp_path, capsys, types_config):
   root = str(tmp_path / "sweep")
-  assert sw.main(["mpma-sweep", "--config", types_config, "--workdir", root, "--mode=print",
+  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", root, "--mode=print",
                   "--config.steps=7"]) == 0
   lines = capsys.readouterr().out.splitlines()
   want = sw.load_sweep(types_config)
@@ -212,14 +214,14 @@ def test_print_mode_commands_parse_back_to_the_overrides(tmp_path, capsys, types
   assert manifest["config"] == types_config and manifest["fixed"] == {"steps": 7}
   assert [r["command"] for r in manifest["runs"]] == lines
   workdirs = set()
-  for line, overrides, entry in zip(lines, want, manifest["runs"]):
+  for line, changes, entry in zip(lines, want, manifest["runs"]):
     config, workdir, resume = _parse_pretrain_command(line)
     assert not resume and config.steps == 7
-    for field, value in overrides.items():
+    for field, value in changes.items():
       got = _get(config, field)
       assert got == value and type(got) is type(float(value) if field == "lr" else value), field
     assert workdir == os.path.join(root, entry["name"]) == entry["workdir"]
-    assert entry["overrides"] == json.loads(json.dumps(overrides)), entry  # tuples -> lists
+    assert entry["overrides"] == json.loads(json.dumps(changes)), entry  # tuples -> lists
     workdirs.add(workdir)
   assert len(workdirs) == 12
   assert "lr=0.0001,on=True" in {os.path.basename(w) for w in workdirs}
@@ -234,7 +236,7 @@ def test_print_mode_with_a_launcher_and_run_states(tmp_path, capsys, types_confi
   open(os.path.join(done, "eval.json"), "w").write("{}")
   os.makedirs(os.path.join(interrupted, "checkpoints", "20"))
 
-  assert sw.main(["mpma-sweep", "--config", types_config, "--workdir", str(root),
+  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", str(root),
                   "--mode=print"]) == 0
   out = capsys.readouterr()
   lines = out.out.splitlines()
@@ -242,7 +244,7 @@ def test_print_mode_with_a_launcher_and_run_states(tmp_path, capsys, types_confi
   assert _parse_pretrain_command(lines[0])[1:] == (interrupted, True)  # --resume added
   assert not any(_parse_pretrain_command(l)[2] for l in lines[1:])
 
-  assert sw.main(["mpma-sweep", "--config", types_config, "--workdir", str(root), "--mode=print",
+  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", str(root), "--mode=print",
                   "--launcher", "sbatch --time=1:00:00 launch/slurm.sbatch"]) == 0
   argv = shlex.split(capsys.readouterr().out.splitlines()[0])
   assert argv[:5] == ["sbatch", "--time=1:00:00", "launch/slurm.sbatch", types_config,
@@ -255,7 +257,7 @@ def test_print_mode_with_a_launcher_and_run_states(tmp_path, capsys, types_confi
 def test_dry_run_writes_and_runs_nothing(tmp_path, capsys, types_config):
   root = str(tmp_path / "sweep")
   calls = []
-  assert sw.main(["mpma-sweep", "--config", types_config, "--workdir", root, "--dry_run"],
+  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", root, "--dry_run"],
                  runner=lambda argv, log: calls.append(argv) or 0) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 12 and all(l.startswith("start   mpma-pretrain ") for l in lines)
@@ -295,7 +297,7 @@ def test_local_mode_skips_resumes_continues_past_failures_and_summarises(tmp_pat
         json.dump({"trained": {"i2t_r5": seed / 10}}, f)
     return 0
 
-  rc = sw.main(["mpma-sweep", "--config", str(config), "--workdir", str(root),
+  rc = sweep_cli.main(["mpma-sweep", "--config", str(config), "--workdir", str(root),
                 "--config.optim.lr=0.01"], runner=fake_pretrain)
   assert rc == 1  # seed=2 failed; the runs after it still ran
   assert [c[:2] for c in calls] == [("seed=1", True), ("seed=2", False), ("seed=3", False),
@@ -317,7 +319,7 @@ def test_local_mode_skips_resumes_continues_past_failures_and_summarises(tmp_pat
 
   # again: finished runs are skipped, the stopped one resumes, the failed one starts over
   calls.clear()
-  assert sw.main(["mpma-sweep", "--config", str(config), "--workdir", str(root),
+  assert sweep_cli.main(["mpma-sweep", "--config", str(config), "--workdir", str(root),
                   "--config.optim.lr=0.01"], runner=fake_pretrain) == 1
   assert [c[:2] for c in calls] == [("seed=2", False), ("seed=3", True)]
 

@@ -14,6 +14,8 @@ from mpma_jax import masking, train
 from mpma_jax.interop import torch_mpma
 from mpma_jax.interop.common import flatten, unflatten
 from tests.conftest import tiny_config
+from mpma_jax.data import pipeline
+from mpma_jax.models.mpma import MPMA
 
 TOL = 1e-4
 BATCH, MASK_ID = 3, 4
@@ -48,7 +50,7 @@ def random_params(config, seed: int):
   """The JAX tree of the whole model (shapes from init_params), filled from a seeded generator:
   every weight, bias and LayerNorm scale/bias random (no zero or unit tensors left), the local
   temperature below temperature_min so that the clamp is exercised."""
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   shapes = jax.eval_shape(lambda k: nn.meta.unbox(train.init_params(config, model, k)),
                           jax.random.key(0))
   rng = np.random.default_rng(seed)
@@ -68,7 +70,7 @@ def random_batch(config, seed: int) -> dict:
   m = config.model
   rng = np.random.default_rng(seed)
   length, n = config.data.max_len, (m.image.size // m.image.patch) ** 2
-  batch = train.dummy_batch(config, BATCH)
+  batch = pipeline.dummy_batch(config, BATCH)
   batch["image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
   lengths = [length, length // 2, 3]
   mask = (np.arange(length)[None] < np.array(lengths)[:, None]).astype(np.int32)  # [B, L]

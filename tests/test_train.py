@@ -9,6 +9,10 @@ import pytest
 from mpma_jax import train
 from mpma_jax.data import pipeline, synthetic, tokenizer as tokenizers
 from tests.conftest import tiny_config
+from mpma_jax import retrieval
+from mpma_jax import optim
+from mpma_jax import checkpoint
+from mpma_jax.models.mpma import MPMA
 
 
 def _batches(config, tokenizer_dir, data_dir, n, **kw):
@@ -88,27 +92,27 @@ def test_checkpoint_restores_identical_params(short_run, tokenizer_dir, data_dir
   config, workdir, _ = short_run
   mesh = train.sharding.make_mesh(config.mesh)
   rules = train.sharding.rules(config.mesh)
-  model, tx = train.make_model(config), train.optim.make_optimizer(config)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fresh, _ = train.create_train_state(config, model, tx, mesh, rules)
-    ckpt = train.Checkpointer(os.path.join(workdir, "checkpoints"), config)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config)
     it = iter(pipeline.pretrain_dataset(config, tokenizer_dir, data_dir))
-    restored = ckpt.restore(40, train.abstract_like(fresh), it)
+    restored = ckpt.restore(40, checkpoint.abstract_like(fresh), it)
     ckpt.close()
   assert int(restored.step) == 40
   # The restored parameters reproduce the run's final retrieval figures exactly.
   tok = tokenizers.load_tokenizer(tokenizer_dir)
   pairs = pipeline.eval_pairs(config, tok, config.eval.num_pairs, data_dir)
-  again = train.evaluate.retrieval(train.evaluate.make_embed_fn(model), restored.params, pairs,
+  again = retrieval.evaluate(retrieval.make_embed_fn(model), restored.params, pairs,
                                    config.eval.batch_size)
   assert again == short_run[2]["trained"]
   # Save -> restore round trip of a state: identical leaves.
-  ckpt2 = train.Checkpointer(os.path.join(workdir, "roundtrip"), config)
+  ckpt2 = checkpoint.Checkpointer(os.path.join(workdir, "roundtrip"), config)
   ckpt2.save(1, restored, it)
   ckpt2.manager.wait_until_finished()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    twice = ckpt2.restore(1, train.abstract_like(fresh), it)
+    twice = ckpt2.restore(1, checkpoint.abstract_like(fresh), it)
   ckpt2.close()
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(twice)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -148,8 +152,7 @@ def _mimic_layout(root, n_train: int, n_test: int, n_val: int = 2) -> None:
 
 def test_main_job_runs_on_a_real_layout_dataset_by_a_config_change(tmp_path):
   """mpma-data build mimic_cxr, then the pre-training job with data.name/data_dir changed."""
-  from mpma_jax import main  # pylint: disable=g-import-not-at-top
-  from mpma_jax.data import cli  # pylint: disable=g-import-not-at-top
+  from mpma_jax.cli import data as cli  # pylint: disable=g-import-not-at-top
   _mimic_layout(tmp_path / "mimic", n_train=24, n_test=8)
   data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "run")
   assert cli.main(["build", "mimic_cxr", "--manual_dir", str(tmp_path / "mimic"),
@@ -159,7 +162,7 @@ def test_main_job_runs_on_a_real_layout_dataset_by_a_config_change(tmp_path):
   config.train.update(steps=4, log_every=2, ckpt_every=4)
   config.eval.update(num_pairs=8, batch_size=8)
   assert pipeline.data_dir_for(config, workdir) == data_dir
-  tok, tok_dir = main.prepare_tokenizer(config, workdir, data_dir)  # builtin: trained on MIMIC
+  tok, tok_dir = train.prepare_tokenizer(config, workdir, data_dir)  # builtin: trained on MIMIC
   result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train_rows = [r for r in rows if r["split"] == "train"]

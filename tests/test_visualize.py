@@ -15,12 +15,13 @@ from mpma_jax import losses, masking, train, visualize
 from mpma_jax.data import pipeline, tokenizer as tokenizers
 from mpma_jax.models.vit import normalize_images
 from tests.conftest import tiny_config
+from mpma_jax.models.mpma import MPMA
 
 
 @pytest.fixture(scope="module")
 def model():
   config = tiny_config()
-  params = nn.meta.unbox(train.init_params(config, train.make_model(config), jax.random.key(0)))
+  params = nn.meta.unbox(train.init_params(config, MPMA.from_config(config), jax.random.key(0)))
   return config, jax.device_get(params)
 
 
@@ -39,7 +40,7 @@ def _patches(images, patch):
 
 
 def _apply(config, params, *args, method=None):
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   return jax.device_get(jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))(
       params, *args))
 
@@ -330,7 +331,7 @@ def test_visualize_command_line(run_dir, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's run would have
-  done = subprocess.run([sys.executable, "-m", "mpma_jax.visualize", "--workdir", run_dir,
+  done = subprocess.run([sys.executable, "-m", "mpma_jax.cli.visualize", "--workdir", run_dir,
                          "--step", "2", "--out", str(tmp_path / "cli"), "--num", "2"],
                         capture_output=True, text=True, env=env, check=True)
   paths = json.loads(done.stdout.strip().splitlines()[-1])["paths"]

@@ -29,17 +29,6 @@ def start(workdir, tokenizer_dir, data_dir, overrides: dict, *extra, env=None) -
                           text=True, env=env)
 
 
-def apply_overrides(config, overrides: dict):
-  """Sets {dotted.field: value} on the config; returns it."""
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    section = config
-    for part in sections:
-      section = section[part]
-    section[field] = value
-  return config
-
-
 def _cpu_seconds(pid: int) -> float:
   """User + system CPU time of a live process (Linux /proc), 0 when it cannot be read."""
   try:
@@ -118,8 +107,8 @@ def main():
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
-  from mpma_jax import main as mpma_main  # pylint: disable=g-import-not-at-top
-  mpma_main.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  from mpma_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
   if args.coordinator_address is None:
     # Not for multi-process workers: a CPU executable cached by a single-process run of the same
@@ -127,23 +116,23 @@ def main():
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("MPMA_TEST_CACHE", "/tmp/mpma_jax_test_xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from mpma_jax import train  # pylint: disable=g-import-not-at-top
+  from mpma_jax import checkpoint, overrides, train  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
 
-  config = apply_overrides(tiny_config(), json.loads(args.overrides))
+  config = overrides.apply_all(tiny_config(), json.loads(args.overrides), "--overrides")
 
   if args.kill_in_save_at:
-    save = train.Checkpointer.save
+    save = checkpoint.Checkpointer.save
 
     def save_then_die(self, step, state, data_iterator):
       save(self, step, state, data_iterator)  # returns once the background write has started
       if step == args.kill_in_save_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    train.Checkpointer.save = save_then_die
+    checkpoint.Checkpointer.save = save_then_die
 
   os.makedirs(args.workdir, exist_ok=True)
   config.data.tokenizer = args.tokenizer_dir  # copied into <workdir>/tokenizer by process 0
-  tok, tok_dir = mpma_main.prepare_tokenizer(config, args.workdir, args.data_dir)
+  tok, tok_dir = train.prepare_tokenizer(config, args.workdir, args.data_dir)
   result = train.train_and_evaluate(config, args.workdir, tok, tok_dir, args.data_dir,
                                     resume=args.resume)
   print("RESULT " + json.dumps(result), flush=True)

@@ -323,3 +323,18 @@ def report_corpus(config: ml_collections.ConfigDict, data_dir: str, limit: int):
           return
         yield t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
         n += 1
+
+
+def dummy_batch(config, batch_size: int) -> dict:
+  """Zeros with the pipeline's shapes and dtypes (for init and shape inference)."""
+  size, patch, length = config.model.image.size, config.model.image.patch, config.data.max_len
+  n = (size // patch) ** 2
+  keep = masking.num_kept_patches(n, config.masking.image_ratio)
+  i32 = lambda *s: np.zeros(s, np.int32)
+  return {"image": np.zeros((batch_size, size, size, 3), np.uint8),
+          "text_ids": i32(batch_size, length), "text_mask": np.ones((batch_size, length), np.int32),
+          "word_mask": i32(batch_size, length), "mlm_ids": i32(batch_size, length),
+          "mlm_labels": np.full((batch_size, length), -100, np.int32),
+          "image_keep": np.tile(np.arange(keep, dtype=np.int32), (batch_size, 1)),
+          "image_restore": np.tile(np.arange(n, dtype=np.int32), (batch_size, 1)),
+          "index": np.zeros((batch_size,), np.int64)}

@@ -9,7 +9,8 @@ import os
 from typing import Any, Callable
 
 import numpy as np
-from flax import traverse_util
+
+from mpma_jax.constants import flatten, unflatten  # noqa: F401  (re-exported)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -77,15 +78,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
            for k, v in obj.items() if isinstance(v, torch.Tensor)}
   return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
           for k, v in raw.items()}
-
-
-def flatten(params: Any) -> dict[str, np.ndarray]:
-  """Parameter tree -> {'a/b/c': array}."""
-  return {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
-
-
-def unflatten(flat: dict[str, Any]) -> Any:
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 @dataclasses.dataclass

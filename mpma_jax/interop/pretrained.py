@@ -11,7 +11,9 @@ from typing import Any
 
 import ml_collections
 
+from mpma_jax.interop import common, hf_clip, hf_text, m3ae
 from mpma_jax.interop.common import ImportReport
+from mpma_jax.models import mpma
 
 # CLIP vision config.json field -> model.image field
 _CLIP_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers",
@@ -36,7 +38,6 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
       section[field] = value
 
   if config.init.m3ae:  # sizes implied by the checkpoint's tensors (it has no config.json)
-    from mpma_jax.interop import common, m3ae  # pylint: disable=g-import-not-at-top
     fields = m3ae.model_fields(common.load_state_dict(config.init.m3ae), config.init.m3ae)
     for dotted, value in fields.items():
       section, field = dotted.rsplit(".", 1) if "." in dotted else ("", dotted)
@@ -48,7 +49,6 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
       put(config.model.mim, "activation", "quick_gelu", config.init.m3ae)
       put(config.model.mim, "eps", 1e-5, config.init.m3ae)
   if config.init.image:
-    from mpma_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
     hf = hf_clip.hf_vision_config(config.init.image)
     if hf is not None:
       for key, field in _CLIP_FIELDS.items():
@@ -56,7 +56,6 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
       put(config.model.image, "mlp_ratio", hf.intermediate_size / hf.hidden_size,
           config.init.image)
   if config.init.text:
-    from mpma_jax.interop import hf_text  # pylint: disable=g-import-not-at-top
     for field, value in hf_text.text_config_from_hf(config.init.text).items():
       put(config.model.text, field, value, config.init.text)
     if config.data.tokenizer == "builtin":
@@ -69,21 +68,17 @@ def initialise(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, lis
   checkpoint. Leaves that no checkpoint covers are returned as they came (e.g. sharded arrays).
   The converters read and write the unrolled layout; with model.scan the stacks are taken apart
   for them and stacked again (models.mpma.scanned_params)."""
-  from mpma_jax.models import mpma  # pylint: disable=g-import-not-at-top
   scan = config.model.get("scan", False)
   if scan:
     params = mpma.unrolled_params(params, config.model)
   reports = []
   if config.init.m3ae:
-    from mpma_jax.interop import m3ae  # pylint: disable=g-import-not-at-top
     params, report = m3ae.import_m3ae(config.init.m3ae, params, config.model)
     reports.append(report)
   if config.init.image:
-    from mpma_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
     params, report = hf_clip.import_clip_vision(config.init.image, params, config.model.image)
     reports.append(report)
   if config.init.text:
-    from mpma_jax.interop import hf_text  # pylint: disable=g-import-not-at-top
     params, report = hf_text.import_hf_text(config.init.text, params, config.model.text)
     reports.append(report)
   if scan:

@@ -14,23 +14,24 @@ parameter ('/' <-> '.'), with these layout changes:
 `save_pretrained` writes model.safetensors + config.json (nothing pickled), which
 `MPMATorch.from_pretrained` reads back. The module always computes in float32 (a bfloat16
 `model.dtype` only changes the JAX compute precision; the parameters are float32 either way).
+The module needs only torch, numpy and safetensors: it loads and runs without jax, flax or
+ml_collections (a ConfigDict is still accepted, read through its `to_dict`).
 """
 import json
 import math
 import os
 from typing import Any, Mapping, Optional
 
-import ml_collections
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpma_jax.interop.common import flatten, unflatten
-from mpma_jax.models.decoders import sincos_2d
-from mpma_jax.models.vit import CLIP_MEAN, CLIP_STD
+# Only torch, numpy, safetensors (imported where used) and this pure-numpy module: the port loads
+# without jax, flax or ml_collections (tests/test_torch_standalone.py checks it).
+from mpma_jax.constants import CLIP_MEAN, CLIP_STD, IMAGE, TEXT
+from mpma_jax.constants import flatten, sincos_2d, unflatten
 
-TEXT, IMAGE = 0, 1  # modality-type ids, as in mpma_jax.models.mpma
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # Batch fields read by MPMATorch.forward (as produced by mpma_jax.data.pipeline).
 BATCH_KEYS = ("image", "image_keep", "image_restore", "mlm_ids", "text_ids", "text_mask")
@@ -38,15 +39,34 @@ BATCH_KEYS = ("image", "image_keep", "image_restore", "mlm_ids", "text_ids", "te
 
 def config_dict(model_config: Any) -> dict:
   """The model config (ConfigDict, FrozenConfigDict or nested dict) as a plain nested dict."""
-  if hasattr(model_config, "to_dict"):
+  if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict (duck-typed)
     return model_config.to_dict()
   if isinstance(model_config, Mapping):
-    return {k: config_dict(v) if isinstance(v, Mapping) else v for k, v in model_config.items()}
+    return {k: config_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
+            for k, v in model_config.items()}
   raise TypeError(f"model config must be a ConfigDict or a dict, got {type(model_config).__name__}")
 
 
-def _config(model_config: Any) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(config_dict(model_config))
+class Section(dict):
+  """A config section read by attribute (c.image.size) or as a dict (m.get("eps", 1e-6)); stands
+  in for ml_collections.ConfigDict, which this module does not import."""
+
+  def __getattr__(self, name: str):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(f"model config has no field {name!r}") from None
+
+
+def _section(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return Section({k: _section(v) for k, v in value.items()})
+  return value
+
+
+def _config(model_config: Any) -> Section:
+  """The model config (ConfigDict, FrozenConfigDict or nested dict) with attribute access."""
+  return _section(config_dict(model_config))
 
 
 # --- building blocks (mpma_jax.models.layers) -----------------------------------------------------
@@ -222,7 +242,7 @@ def position_ids(attention_mask, style: str, pad_id: int):
 class TextEncoder(nn.Module):
   """ids [B, L], attention_mask [B, L] -> tokens [B, L, width] (BERT/RoBERTa, post-LN)."""
 
-  def __init__(self, t: ml_collections.ConfigDict):
+  def __init__(self, t: Section):
     super().__init__()
     self.word_embeddings = Table(t.vocab_size, t.width)
     self.position_embeddings = Table(t.max_positions, t.width)
@@ -287,7 +307,7 @@ class Memory(nn.Module):
 class CoAttentionFusion(nn.Module):
   """text [B, L, D], image [B, 1+n, D] -> dict(text, image, image_at_mim_layer)."""
 
-  def __init__(self, width: int, f: ml_collections.ConfigDict, mim_layer: int):
+  def __init__(self, width: int, f: Section, mim_layer: int):
     super().__init__()
     if not 1 <= mim_layer <= f.layers:
       raise ValueError(f"mim.layer must be in [1, fusion.layers={f.layers}], got {mim_layer}")
@@ -331,7 +351,7 @@ def l2_normalize(x, eps: float = 1e-6):
 class GLAHeads(nn.Module):
   """Per-modality d->G heads (L2-normalised) and the two learnable log temperatures."""
 
-  def __init__(self, width: int, g: ml_collections.ConfigDict):
+  def __init__(self, width: int, g: Section):
     super().__init__()
     self.image_head = nn.Linear(width, g.dim)
     self.text_head = nn.Linear(width, g.dim)
@@ -354,7 +374,7 @@ class MIMDecoder(nn.Module):
   """image stream [B, 1+n, D], restore [B, N] -> predicted patches [B, N, p*p*3]."""
 
   def __init__(self, in_width: int, num_patches: int, patch_pixels: int,
-               m: ml_collections.ConfigDict):
+               m: Section):
     super().__init__()
     self.num_patches, self.width, self.depth = num_patches, m.width, m.depth
     self.embed = nn.Linear(in_width, m.width)
@@ -439,7 +459,7 @@ class MPMATorch(nn.Module):
     self.reset_parameters(c)
 
   @torch.no_grad()
-  def reset_parameters(self, c: ml_collections.ConfigDict):
+  def reset_parameters(self, c: Section):
     """The JAX initialisation's distributions: normal(0.02) weights, zero biases, unit LN scales,
     memory normal(1/d), log temperatures at log(temperature_init)."""
     for mod in self.modules():

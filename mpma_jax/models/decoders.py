@@ -3,22 +3,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+# sincos_2d (numpy) is defined once for the JAX model, its PyTorch port and the M3AE import.
+from mpma_jax.constants import sincos_2d
 from mpma_jax.models import layers
-
-
-def sincos_2d(grid: int, width: int) -> np.ndarray:
-  """Fixed 2-D sin-cos position embedding [1 + grid*grid, width] (MAE); the CLS row is zeros."""
-  if width % 4:
-    raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
-  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))  # [W/4]
-  ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
-                       indexing="ij")
-  parts = []
-  for coord in (xs.reshape(-1), ys.reshape(-1)):  # half the channels encode each axis
-    angle = coord[:, None] * omega[None, :]  # [N, W/4]
-    parts += [np.sin(angle), np.cos(angle)]
-  pos = np.concatenate(parts, axis=1)  # [N, W]
-  return np.concatenate([np.zeros((1, width)), pos], axis=0).astype(np.float32)
 
 
 class MIMDecoder(nn.Module):

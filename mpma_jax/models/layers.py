@@ -10,7 +10,7 @@ logical -> mesh axes) decide how it is laid out and no model code changes with t
   classes  outputs of a classification head
 Activations are constrained with ('batch', 'length', 'embed').
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax

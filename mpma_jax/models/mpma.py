@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from mpma_jax.models import layers
+from mpma_jax.constants import IMAGE, TEXT  # modality-type ids [M3AE]
 from mpma_jax.models.decoders import ITMHead, MIMDecoder, MLMHead
 from mpma_jax.models.fusion import CoAttentionFusion, Pooler
 from mpma_jax.models.gla import GLAHeads
@@ -20,7 +21,6 @@ from mpma_jax.models.text import TextEncoder
 from mpma_jax.models.vit import VisionTransformer, normalize_images
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TEXT, IMAGE = 0, 1  # modality-type ids [M3AE]
 
 
 def stacked_blocks(model_config) -> list[tuple[str, str, int, tuple[str, ...]]]:
@@ -80,6 +80,11 @@ def compute_dtype(name: str):
 class MPMA(nn.Module):
   """config: the `model` section of a pre-training config (see configs/pretrain.py)."""
   config: ml_collections.FrozenConfigDict
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "MPMA":
+    """The model of a whole pre-training config (its `model` section, frozen)."""
+    return cls(ml_collections.FrozenConfigDict(config.model))
 
   def setup(self):
     c = self.config

@@ -9,11 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# CLIP's pixel normalisation (RGB), defined once for the JAX model and its PyTorch port.
+from mpma_jax.constants import CLIP_MEAN, CLIP_STD
 from mpma_jax.models import layers
-
-# CLIP's pixel normalisation (RGB).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def normalize_images(images):

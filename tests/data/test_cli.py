@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from mpma_jax.data import cli
+from mpma_jax.cli import data as cli
 
 REAL = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
                                     "vqa_rad"))

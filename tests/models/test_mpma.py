@@ -2,19 +2,20 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from configs.pretrain import get_config
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax import masking, train
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
+from mpma_jax.data import pipeline
+from mpma_jax import losses
 
 
 def random_batch(config, batch_size=4, seed=0, num_words=None):
   """A batch with the pipeline's fields, random contents, `num_words` real words per text."""
   rng = np.random.default_rng(seed)
-  batch = train.dummy_batch(config, batch_size)
+  batch = pipeline.dummy_batch(config, batch_size)
   length, vocab = config.data.max_len, 100
   n = batch["image_restore"].shape[1]
   batch["image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
@@ -35,7 +36,7 @@ def random_batch(config, batch_size=4, seed=0, num_words=None):
 
 
 def _init(config, batch):
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   init = jax.jit(lambda b: model.init({"params": jax.random.key(0), "itm": jax.random.key(1)}, b,
                                       with_itm=config.loss.itm > 0))
   params = nn.meta.unbox(init(batch)["params"])
@@ -45,8 +46,8 @@ def _init(config, batch):
 def test_tiny_output_shapes():
   config = get_config("tiny")
   m = config.model
-  model = train.make_model(config)
-  batch = train.dummy_batch(config, 2)
+  model = MPMA.from_config(config)
+  batch = pipeline.dummy_batch(config, 2)
   out = jax.eval_shape(lambda: model.init_with_output(
       {"params": jax.random.key(0), "itm": jax.random.key(0)}, batch, with_itm=True)[0])
   n, length = (m.image.size // m.image.patch) ** 2, config.data.max_len
@@ -59,7 +60,7 @@ def test_tiny_output_shapes():
 
 
 def count_params(config) -> int:
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   abstract = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract)))
 
@@ -68,7 +69,7 @@ def test_base_parameter_count():
   config = get_config("base")
   total = count_params(config)
   print(f"base parameters: {total:,}")
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   abstract = nn.meta.unbox(jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0))))
   per_module = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in abstract.items()}
   print({k: f"{v:,}" for k, v in per_module.items()})
@@ -89,7 +90,7 @@ def test_every_parameter_gets_a_gradient():
   def loss(p):
     out = model.apply({"params": p}, batch, deterministic=False, with_itm=True,
                       rngs={"dropout": jax.random.key(2), "itm": jax.random.key(3)})
-    return train.compute_losses(out, batch, config)[0]
+    return losses.compute_losses(out, batch, config)[0]
 
   grads = jax.jit(jax.grad(loss))(params)
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
@@ -111,9 +112,9 @@ def test_alignment_losses_unchanged_by_extra_padding():
     padded[k] = np.pad(batch[k], ((0, 0), (0, 10)))
   padded["mlm_labels"] = np.pad(batch["mlm_labels"], ((0, 0), (0, 10)), constant_values=-100)
   model, params = _init(config, batch)
-  losses = lambda cfg, b: jax.jit(
-      lambda b: train.compute_losses(model.apply({"params": params}, b), b, cfg)[1])(b)
-  short, long = losses(config, batch), losses(longer, padded)
+  metrics_of = lambda cfg, b: jax.jit(
+      lambda b: losses.compute_losses(model.apply({"params": params}, b), b, cfg)[1])(b)
+  short, long = metrics_of(config, batch), metrics_of(longer, padded)
   for k in ("global", "local"):
     np.testing.assert_allclose(long[k], short[k], rtol=1e-5, atol=1e-6)
 
@@ -129,7 +130,7 @@ def test_m3ae_mode_has_no_memory_and_no_gla_cost():
   assert "memory" not in params
   out = jax.jit(lambda b: model.apply({"params": params}, b, with_itm=True,
                                       rngs={"itm": jax.random.key(0)}))(batch)
-  _, metrics = train.compute_losses(out, batch, config)
+  _, metrics = losses.compute_losses(out, batch, config)
   assert set(metrics) >= {"mlm", "mim", "itm"} and not {"global", "local"} & set(metrics)
 
 
@@ -140,9 +141,9 @@ def test_bfloat16_compute_keeps_float32_losses():
   model, params = _init(config, batch)
   bf16 = tiny_config()
   bf16.model.dtype = "bfloat16"
-  model16 = train.make_model(bf16)
+  model16 = MPMA.from_config(bf16)
   run = lambda m, cfg: jax.jit(
-      lambda b: train.compute_losses(m.apply({"params": params}, b), b, cfg)[1])(batch)
+      lambda b: losses.compute_losses(m.apply({"params": params}, b), b, cfg)[1])(batch)
   full, half = run(model, config), run(model16, bf16)
   for k in ("mlm", "mim", "global", "local"):
     assert half[k].dtype == jnp.float32

@@ -6,11 +6,14 @@ import numpy as np
 from mpma_jax import train
 from mpma_jax.models import mpma
 from tests.conftest import tiny_config
+from mpma_jax.data import pipeline
+from mpma_jax import losses
+from mpma_jax.models.mpma import MPMA
 
 
 def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
-  batch = train.dummy_batch(config, 4)
+  batch = pipeline.dummy_batch(config, 4)
   batch["image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
   ids = rng.integers(5, config.model.text.vocab_size, batch["text_ids"].shape).astype(np.int32)
   batch.update(text_ids=ids, mlm_ids=ids, word_mask=np.ones_like(ids))
@@ -26,12 +29,12 @@ def _batch(config, seed=0):
 
 
 def _loss_and_grads(config, params, batch):
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
 
   def loss(p):
     out = model.apply({"params": p}, batch, deterministic=True, with_itm=True,
                       rngs={"itm": jax.random.key(1)})
-    return train.compute_losses(out, batch, config)[0]
+    return losses.compute_losses(out, batch, config)[0]
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -45,13 +48,13 @@ def test_scanned_step_equals_unrolled_and_layouts_convert():
   scanned.loss.itm = 1.0
   scanned.model.scan = True
 
-  params = jax.device_get(train.init_params(config, train.make_model(config),
+  params = jax.device_get(train.init_params(config, MPMA.from_config(config),
                                             jax.random.key(0)))
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   stacked = mpma.scanned_params(params, config.model)
   # The scanned model's own init has exactly the converted layout.
   own = nn.meta.unbox(jax.eval_shape(lambda: train.init_params(
-      scanned, train.make_model(scanned), jax.random.key(0))))
+      scanned, MPMA.from_config(scanned), jax.random.key(0))))
   assert jax.tree.structure(own) == jax.tree.structure(stacked)
   for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(own)):
     assert got.shape == want.shape

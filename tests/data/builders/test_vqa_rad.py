@@ -100,6 +100,4 @@ def test_real_vqa_rad_through_the_downstream_pipeline(real_built, tmp_path):
   accepted = np.concatenate([x["accepted"] for x in batches])[:451]
   closed = np.concatenate([x["closed"] for x in batches])[:451]
   assert np.all(accepted.sum(1) == 1) and closed.sum() == 272  # prior vocab covers every answer
-  answers = accepted.argmax(1)
-  first = b.as_data_source("test")[0]
   assert batches[0]["image"].shape == (200, 32, 32, 3)

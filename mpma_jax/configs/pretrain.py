@@ -9,6 +9,8 @@ Fields marked [choice] are the project's own choices where the paper is silent (
 """
 import ml_collections
 
+from mpma_jax.sweep import chain, fixed, product, sweep
+
 
 def model_config() -> ml_collections.ConfigDict:
   """Base-size model (method.md §1-4)."""
@@ -230,7 +232,6 @@ def get_sweep(variant: str = "tiny") -> list:
   """`mpma-sweep --config configs/pretrain.py:<variant> --workdir ROOT`: the encoders' learning rate
   (x0.5, x1, x2 of the variant's) crossed with the memory's top-k (x0.5, x1, x2), then two ablations
   at the defaults: plain M3AE fusion (no memory) and GLA on the masked pass. 11 runs."""
-  from mpma_jax.sweep import chain, fixed, product, sweep  # pylint: disable=g-import-not-at-top
   c = get_config(variant)
   lr, topk = c.optim.lr, c.model.memory.topk
   return chain(

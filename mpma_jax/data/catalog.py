@@ -1,13 +1,5 @@
-"""`mpma-data`: build a dataset from the files as distributed, and look at what was built.
-
-  mpma-data build NAME --manual_dir DIR --data_dir DIR   # prints one JSON line: per split, examples
-                                                         # written and skipped by reason
-  mpma-data show NAME --data_dir DIR [--split S] [--num N]
-  mpma-data list                                         # the dataset names and their tasks
-"""
-import argparse
+"""Building a dataset from its files as distributed, and reading back what was built (mpma-data)."""
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -18,7 +10,7 @@ from mpma_jax.data import builders, images
 from mpma_jax.data.builders import base
 
 
-def _quiet() -> None:
+def quiet() -> None:
   """TFDS prints progress bars and INFO lines; the command's output is the JSON line."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
@@ -81,40 +73,10 @@ def show(name: str, data_dir: str, split: str, num: int, size: int = 0) -> list[
   return lines
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="mpma-data", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("build", help="build a dataset as ArrayRecord")
-  p.add_argument("name", help=f"one of: {', '.join(sorted(builders.BUILDERS))}")
-  p.add_argument("--manual_dir", default="", help="the dataset's files as distributed")
-  p.add_argument("--data_dir", required=True, help="where the built dataset goes")
-  p = sub.add_parser("show", help="print a few decoded examples of a built dataset")
-  p.add_argument("name")
-  p.add_argument("--data_dir", required=True)
-  p.add_argument("--split", default="train")
-  p.add_argument("--num", type=int, default=3)
-  p.add_argument("--size", type=int, default=0, help="also resize + crop images to this size")
-  sub.add_parser("list", help="dataset names and tasks")
-  args = parser.parse_args(argv)
-  _quiet()
-  try:
-    if args.command == "build":
-      print(json.dumps(build(args.name, args.manual_dir, args.data_dir)), flush=True)
-    elif args.command == "show":
-      print("\n".join(show(args.name, args.data_dir, args.split, args.num, args.size)), flush=True)
-    else:
-      for name in sorted(builders.BUILDERS):
-        cls = builders.get(name)
-        print(f"{name:16s} {cls.TASK:15s} {(cls.__doc__ or '').strip().splitlines()[0]}")
-  except (ValueError, FileNotFoundError) as e:
-    print(f"mpma-data {args.command}: error: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-def run():
-  sys.exit(main())
-
-
-if __name__ == "__main__":
-  run()
+def catalog() -> list[str]:
+  """One line per dataset: name, task, description."""
+  lines = []
+  for name in sorted(builders.BUILDERS):
+    cls = builders.get(name)
+    lines.append(f"{name:16s} {cls.TASK:15s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+  return lines

@@ -1,15 +1,12 @@
 """RSNA Pneumonia: image-only binary classification (pneumonia vs normal) from the image encoder;
 AUC on the builder's seeded patient-level test split. Variants as in chexpert.py:
 finetune_1 / finetune_10 / finetune_100 / probe_1 / probe_10 / probe_100."""
-import pathlib
-import runpy
-
-common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
-chexpert = runpy.run_path(str(pathlib.Path(__file__).with_name("chexpert.py")))
+from mpma_jax.configs.finetune import common
+from mpma_jax.configs.finetune import chexpert
 
 
 def get_config(variant: str = "finetune_100"):
-  c = common["base"]("image_classification", "rsna_pneumonia")
+  c = common.base("image_classification", "rsna_pneumonia")
   c.protocols = ("clean",)  # official-style seeded splits with validation: protocols coincide
   c.image_size = 224  # [choice] as for CheXpert
   c.data.labels = ("pneumonia",)
@@ -17,5 +14,5 @@ def get_config(variant: str = "finetune_100"):
   c.train.batch_size = 64
   c.optim.lr = 1e-5
   c.optim.head_mult = 10.0
-  chexpert["_variant"](c, variant)
+  chexpert._variant(c, variant)
   return c

@@ -1,4 +1,4 @@
-"""`mpma-compile`: compile the real train step for a TPU/GPU topology on this machine, and say whether
+"""mpma-compile: compile the real train step for a TPU/GPU topology on this machine, and say whether
 it fits, what it communicates and how fast it should run, before anyone books the hardware.
 
   mpma-compile --config configs/pretrain.py:base --topology v5e:4x4 --config.model.scan=True
@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mpma_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pre-training config, e.g. configs/pretrain.py:base (--config.* overrides)",
@@ -79,11 +81,7 @@ def main(argv):
 
 
 def run():
-  # --help lists the key flags of the module named by sys.argv[0]: the console-script wrapper,
-  # which defines none. Register this module's flags for it too.
-  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+  cli.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,13 @@ image encoder; mean AUC on the official validation set (used as test). Variants:
   chexpert.py            full fine-tune, 100% of the training labels
   chexpert.py:probe_1    linear probe, 1% of the labels (probe_10, probe_100, finetune_1, ...)
 """
-import pathlib
-import runpy
-
-common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
+from mpma_jax.configs.finetune import common
 
 COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
 def get_config(variant: str = "finetune_100"):
-  c = common["base"]("image_classification", "chexpert")
+  c = common.base("image_classification", "chexpert")
   c.protocols = ("clean",)  # no vocabulary; selection on a carved validation split
   c.image_size = 224  # [choice] the usual CheXpert resolution in prior uni-modal work
   c.data.test_split = "validation"  # the official valid.csv (234 studies, expert labels)

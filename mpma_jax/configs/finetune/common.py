@@ -2,12 +2,9 @@
 task file in this directory starts from `base(task, dataset)` and sets what differs; select it with
 `mpma-finetune --config configs/finetune/<task>.py --init RUN --workdir DIR`.
 """
-import pathlib
-import runpy
-
 import ml_collections
 
-_PRETRAIN = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "pretrain.py"))
+from mpma_jax.configs import pretrain
 
 
 def base(task: str, dataset: str) -> ml_collections.ConfigDict:
@@ -62,5 +59,5 @@ def base(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.eval.batch_size = 64  # validation / test batch (must split over the devices)
 
   # Device mesh and logical -> mesh axis rules: the same fields as pre-training's.
-  c.mesh = ml_collections.ConfigDict(_PRETRAIN["get_config"]("base").mesh.to_dict())
+  c.mesh = ml_collections.ConfigDict(pretrain.get_config("base").mesh.to_dict())
   return c

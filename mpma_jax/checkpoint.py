@@ -1,0 +1,173 @@
+"""Checkpoints of every command, in one place: the pre-training state (`Checkpointer`), a
+pre-training run read back for fine-tuning, export and pictures (`run_config`, `restore_params`,
+`load_init`), and a fine-tuning run's best parameters (`BestCheckpoint`). All of them Orbax."""
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Non-finite steps stopped the run (train.nonfinite, train.max_nonfinite_*), or a state that
+  is not finite was about to be checkpointed."""
+
+
+def all_finite(tree) -> jax.Array:
+  """bool []: every floating-point leaf of `tree` is finite (one reduction per leaf)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all() if leaves else jnp.array(True)
+
+
+def abstract_like(state: Any) -> Any:
+  """Shapes, dtypes and shardings of a live state: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+# --- pre-training ---------------------------------------------------------------------------------
+class Checkpointer:
+  """Orbax CheckpointManager for the train state (step, params, optimizer state, RNG) and the Grain
+  iterator state, saved together under <directory>/<step>/.
+
+  Saves are asynchronous (training goes on while the arrays are written) and atomic: Orbax writes
+  into a temporary directory and renames it when complete, so a process killed mid-save leaves the
+  previous checkpoint as the latest one; the temporary directory is removed on the next start. The
+  iterator state is the same on every host (a batch counter, see pipeline.HostShare), so one JSON
+  copy restores any number of hosts.
+
+  `save` refuses a state that is not finite, so every checkpoint here is a good one and Orbax's
+  rotation (train.keep_checkpoints) can only ever replace good checkpoints by newer good ones.
+  """
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
+                                             enable_async_checkpointing=config.train.ckpt_async,
+                                             cleanup_tmp_directories=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator) -> None:
+    if not jax.jit(all_finite)(state):
+      latest = self.latest_step()
+      raise NonFiniteLossError(
+          f"refusing to checkpoint step {step}: the train state is not finite; "
+          + (f"the last good checkpoint is step {latest}" if latest is not None else
+             "there is no checkpoint yet"))
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_iterator.get_state())))
+
+  def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+    """The state saved at `step`, laid out as `abstract_state` says; the data iterator (when
+    given) is set to continue where that step left off."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if data_iterator is not None:
+      data_iterator.set_state(restored["data"])
+    return restored["state"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# --- a pre-training run, read back ----------------------------------------------------------------
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run was started with (<workdir>/config.json, written by mpma-pretrain)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} an mpma-pretrain run directory?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
+  """(parameters as host numpy arrays, step) of a run's checkpoint, on whatever devices are here.
+  Only the train state is read (the data iterator state is the training loop's business)."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(directory, item_names=("state",),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  step = manager.latest_step() if step is None else step
+  if step not in steps:
+    raise ValueError(f"no checkpoint for step {step} in {directory}; there are {sorted(steps)}")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)["state"])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  manager.close()
+  return jax.tree.map(np.asarray, restored["state"]["params"]), step
+
+
+def resolve_init(path: str) -> tuple[str, Optional[int]]:
+  """A pre-training run directory (its latest checkpoint) or one checkpoint directory
+  RUN/checkpoints/<step> -> (run directory, step or None)."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path, None
+  parent = os.path.dirname(path)
+  if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
+    return os.path.dirname(parent), int(os.path.basename(path))
+  raise FileNotFoundError(f"--init {path!r} is neither an mpma-pretrain run directory (with "
+                          "config.json) nor a checkpoint directory RUN/checkpoints/<step>")
+
+
+def load_init(path: str) -> tuple[ml_collections.ConfigDict, Any, int, str]:
+  """`resolve_init(path)` read: (pre-training config, its parameters as host arrays, step,
+  tokenizer directory)."""
+  run_dir, step = resolve_init(path)
+  config = run_config(run_dir)
+  params, step = restore_params(run_dir, step)
+  tokenizer_dir = os.path.join(run_dir, "tokenizer")
+  if not os.path.isdir(tokenizer_dir):
+    raise FileNotFoundError(f"{tokenizer_dir} is missing: the run's tokenizer is needed to encode "
+                            "the downstream texts with the ids the model was trained on")
+  return config, params, step, tokenizer_dir
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+class BestCheckpoint:
+  """A fine-tuning protocol's checkpoints/: the parameters of the epoch with the best selection
+  metric (higher is better), the only one kept."""
+
+  def __init__(self, directory: str, metric: str):
+    self.metric = metric
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m[metric], best_mode="max",
+            enable_async_checkpointing=False))
+
+  def save(self, epoch: int, params: Any, value: float) -> None:
+    self.manager.save(epoch, args=ocp.args.StandardSave(params), metrics={self.metric: value})
+
+  def restore_best(self, params: Any) -> tuple[Any, int]:
+    """(the best epoch's parameters, laid out like `params`, that epoch); closes the manager."""
+    best = self.manager.best_step()
+    self.manager.wait_until_finished()
+    restored = self.manager.restore(best, args=ocp.args.StandardRestore(abstract_like(params)))
+    self.manager.close()
+    return restored, best
+
+
+def restore_selected(directory: str, target: Any) -> tuple[Any, int]:
+  """(parameters, epoch) of the checkpoint a fine-tuning protocol kept in `directory` (its only
+  one), laid out as the abstract `target` says."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  params = manager.restore(step, args=ocp.args.StandardRestore(target))
+  manager.close()
+  return params, step

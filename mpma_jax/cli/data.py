@@ -1,0 +1,49 @@
+"""mpma-data: build a dataset from the files as distributed, and look at what was built.
+
+  mpma-data build NAME --manual_dir DIR --data_dir DIR   # prints one JSON line: per split, examples
+                                                         # written and skipped by reason
+  mpma-data show NAME --data_dir DIR [--split S] [--num N]
+  mpma-data list                                         # the dataset names and their tasks
+"""
+import argparse
+import json
+import sys
+
+from mpma_jax.data import builders, catalog
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="mpma-data", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("build", help="build a dataset as ArrayRecord")
+  p.add_argument("name", help=f"one of: {', '.join(sorted(builders.BUILDERS))}")
+  p.add_argument("--manual_dir", default="", help="the dataset's files as distributed")
+  p.add_argument("--data_dir", required=True, help="where the built dataset goes")
+  p = sub.add_parser("show", help="print a few decoded examples of a built dataset")
+  p.add_argument("name")
+  p.add_argument("--data_dir", required=True)
+  p.add_argument("--split", default="train")
+  p.add_argument("--num", type=int, default=3)
+  p.add_argument("--size", type=int, default=0, help="also resize + crop images to this size")
+  sub.add_parser("list", help="dataset names and tasks")
+  args = parser.parse_args(argv)
+  catalog.quiet()
+  try:
+    if args.command == "build":
+      print(json.dumps(catalog.build(args.name, args.manual_dir, args.data_dir)), flush=True)
+    elif args.command == "show":
+      print("\n".join(catalog.show(args.name, args.data_dir, args.split, args.num, args.size)), flush=True)
+    else:
+      print("\n".join(catalog.catalog()))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"mpma-data {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def run():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

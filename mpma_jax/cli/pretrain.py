@@ -1,0 +1,49 @@
+"""mpma-pretrain: pre-train MPMA on image-report pairs (train.pretrain).
+
+  mpma-pretrain --config configs/pretrain.py:tiny --workdir /tmp/mpma_tiny
+  mpma-pretrain --config pretrain.py:base --workdir RUN --resume --config.train.steps=20000
+
+Joins the other processes of a multi-host job first (automatic on TPU pods and under SLURM,
+explicit with --coordinator_address/--num_processes/--process_id otherwise). Every process runs
+this same command; the workdir must be on storage that all of them see. Prints one JSON line.
+"""
+import json
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from mpma_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Pre-training config, e.g. configs/pretrain.py:tiny (--config.a.b=v overrides)",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, eval.json")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run outside TPU pods "
+    "and SLURM (which are detected); with --num_processes and --process_id")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (explicit mode)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit mode)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  from mpma_jax import distributed, train  # pylint: disable=g-import-not-at-top
+  distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  result = train.pretrain(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+  if "stopped_at" in result:  # SIGTERM or train.run_steps: a clean stop with a checkpoint
+    print(json.dumps(result))
+    sys.exit(0)
+  i2t5, chance5 = result["trained"]["i2t_r5"], result["chance"]["i2t_r5"]
+  print(json.dumps({"i2t_r5": i2t5, "chance_r5": chance5, "ratio_to_chance": i2t5 / chance5}))
+
+
+def run():
+  cli.run(main, __name__)
+
+
+if __name__ == "__main__":
+  run()
