@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+from jax.experimental import serialize_executable, topologies
 import ml_collections
 
 from mpma_jax import flops, optim, sharding, train
@@ -120,7 +122,6 @@ def target_devices(topology: str) -> list:
       what = "CPU devices" if kind == "cpu" else "devices in this process"
       raise ValueError(f"--topology {topology}: only {len(have)} {what}{hint}")
     return have[:n]
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if kind == "h100":
     return _gpu_devices(int(shape))
   try:
@@ -164,7 +165,6 @@ def _gpu_devices(n: int) -> list:
   (set before JAX starts; without it the plugin looks for a CUDA driver at import and is not
   registered). XLA:GPU gives no cost analysis for such executables (the estimate then uses the
   analytic FLOPs and no HBM term)."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   per_host = min(n, 8)
   if n % per_host:
     raise ValueError(f"--topology h100:{n}: more than 8 GPUs must be whole hosts of 8")
@@ -612,8 +612,6 @@ def save_executable(executable, path: str) -> None:
   """The compiled step, serialized (with its argument trees) for `load_executable`. `executable`
   must come from a real compile, not from the persistent compilation cache: on XLA:CPU such an
   executable serializes without its functions (mpma-compile --save turns the cache off)."""
-  import pickle  # pylint: disable=g-import-not-at-top
-  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
   payload, in_tree, out_tree = serialize_executable.serialize(executable)
   with open(path, "wb") as f:
     pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
@@ -622,8 +620,6 @@ def save_executable(executable, path: str) -> None:
 def load_executable(path: str, backend=None):
   """A step saved by `save_executable`, loaded onto this process's devices (which must be the
   topology it was compiled for): call it as train_step(state, batch)."""
-  import pickle  # pylint: disable=g-import-not-at-top
-  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
   with open(path, "rb") as f:
     saved = pickle.load(f)
   return serialize_executable.deserialize_and_load(saved["payload"], saved["in_tree"],

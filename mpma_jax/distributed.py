@@ -4,6 +4,8 @@ command (mpma-pretrain, mpma-finetune), so it defines no flags.
 """
 import os
 
+import jax
+
 
 def detected_cluster() -> str | None:
   """'tpu_pod' or 'slurm' when this process is one of several started by a TPU pod or SLURM."""
@@ -18,7 +20,6 @@ def detected_cluster() -> str | None:
 def initialize_distributed(coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """jax.distributed.initialize for a multi-process job; nothing for a single process."""
-  import jax  # pylint: disable=g-import-not-at-top
   explicit = [coordinator, num_processes, process_id]
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     raise ValueError("--coordinator_address, --num_processes and --process_id go together; got "

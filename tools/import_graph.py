@@ -12,14 +12,14 @@ import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpma_jax")
-# Imported inside functions on purpose: optional extras (torch, matplotlib), libraries that are
-# slow to import or print on import and are needed by one command only, and the commands' lazy
-# imports of the library (so that --help answers before JAX starts).
-DEFERRED_OK = ("torch", "matplotlib", "PIL", "libtpu", "tensorflow_datasets", "pydicom", "jax",
-               "absl", "faulthandler", "pickle", "transformers", "safetensors", "mpma_jax")
-# Function-level imports of the package itself are allowed only in the commands and in the dataset
-# registry (builders are imported on demand, by name).
-DEFERRED_PACKAGE_OK = ("mpma_jax.cli.", "mpma_jax.data.builders")
+# Imported inside functions on purpose, and only these: optional extras (torch, libtpu), what only
+# one path needs and is slow to import (matplotlib and PIL for pictures, transformers and
+# safetensors for Hugging Face import/export, TFDS for building datasets, pydicom for DICOM files).
+DEFERRED_OK = ("torch", "libtpu", "matplotlib", "PIL", "transformers", "safetensors",
+               "tensorflow_datasets", "pydicom", "mpma_jax.data.builders")
+# Function-level imports of the package itself: only the dataset registry, which imports each
+# builder on demand, by name.
+DEFERRED_PACKAGE_OK = ("mpma_jax.data.builders",)
 
 
 def modules() -> dict[str, str]:

@@ -14,9 +14,10 @@ import os
 import sys
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
-from mpma_jax import cli
+from mpma_jax import aot, cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pre-training config, e.g. configs/pretrain.py:base (--config.* overrides)",
@@ -42,13 +43,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
-  from mpma_jax import aot  # pylint: disable=g-import-not-at-top
   config, topology = _CONFIG.value, _TOPOLOGY.value
   if _SAVE.value:
     # An executable read back from the persistent compilation cache (JAX_COMPILATION_CACHE_DIR)
     # serializes without its compiled functions on XLA:CPU ("Function ... not found" when the saved
     # file runs): compile afresh. Set before the first compile, as JAX decides it once per process.
-    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_enable_compilation_cache", False)
   try:
     devices = aot.target_devices(topology)

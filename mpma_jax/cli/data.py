@@ -13,7 +13,8 @@ from mpma_jax.data import builders, catalog
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="mpma-data", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="mpma-data", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("build", help="build a dataset as ArrayRecord")
   p.add_argument("name", help=f"one of: {', '.join(sorted(builders.BUILDERS))}")

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags, logging
 
-from mpma_jax import cli
+from mpma_jax import cli, evaluate, overrides, suite
 
 _RUN = flags.DEFINE_string("run", None, "A fine-tuning run directory (mpma-finetune --workdir)")
 _PROTOCOL = flags.DEFINE_string("protocol", None, "prior | clean (default: every protocol of the run)")
@@ -31,7 +31,6 @@ _OVERRIDE = flags.DEFINE_multi_string(
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from mpma_jax import evaluate, overrides, suite  # pylint: disable=g-import-not-at-top
   if _SUITE.value:
     if not (_INIT.value and _DATA_DIR.value and _WORKDIR.value):
       raise app.UsageError("--suite needs --init (a pre-training run), --data_dir and --workdir")

@@ -12,7 +12,7 @@ import json
 
 from absl import flags, logging
 
-from mpma_jax import cli
+from mpma_jax import cli, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of mpma-pretrain")
 _OUT = flags.DEFINE_string("out", None, "Output directory")
@@ -23,7 +23,6 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
-  from mpma_jax import export  # pylint: disable=g-import-not-at-top
   print(json.dumps(export.export(_WORKDIR.value, _OUT.value, _STEP.value)))
 
 

@@ -9,7 +9,7 @@ Writes <workdir>/results.json (and per protocol checkpoints, plan.json, metrics.
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mpma_jax import cli
+from mpma_jax import cli, distributed, finetune
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Task config, e.g. configs/finetune/vqa_rad.py (--config.a.b=v overrides)",
@@ -28,7 +28,6 @@ flags.mark_flags_as_required(["config", "init", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from mpma_jax import distributed, finetune  # pylint: disable=g-import-not-at-top
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   if _DATA_DIR.value:

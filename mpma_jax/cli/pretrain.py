@@ -13,7 +13,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mpma_jax import cli
+from mpma_jax import cli, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pre-training config, e.g. configs/pretrain.py:tiny (--config.a.b=v overrides)",
@@ -31,7 +31,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  from mpma_jax import distributed, train  # pylint: disable=g-import-not-at-top
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   result = train.pretrain(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
   if "stopped_at" in result:  # SIGTERM or train.run_steps: a clean stop with a checkpoint

@@ -10,7 +10,7 @@ import json
 
 from absl import flags, logging
 
-from mpma_jax import cli
+from mpma_jax import cli, visualize
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of mpma-pretrain")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest)")
@@ -22,7 +22,6 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
-  from mpma_jax import visualize  # pylint: disable=g-import-not-at-top
   paths = visualize.visualize_run(_WORKDIR.value, _STEP.value, _OUT.value, _NUM.value)
   print(json.dumps({"paths": paths}))
 

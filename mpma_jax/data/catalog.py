@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 
+from absl import logging as absl_logging
 import numpy as np
 
 from mpma_jax.data import builders, images
@@ -14,7 +15,6 @@ def quiet() -> None:
   """TFDS prints progress bars and INFO lines; the command's output is the JSON line."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger("absl").setLevel(logging.ERROR)
 
