@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mpma_jax import checkpoint, finetune, sharding
+from mpma_jax import checkpoint, finetune, sharding, tasks
 from mpma_jax.data import downstream
 
 
@@ -30,12 +30,12 @@ def evaluate_finetuned(run_dir: str, protocol: str, split: str = "test") -> dict
       vocab = json.load(f)
   model_cfg = ml_collections.ConfigDict(init["model"])
   role = {"test": "test", "select": "select"}[split]
-  dataset = config.dataset if role == "test" or config.task != "retrieval" else \
+  task = tasks.get(config.task)
+  dataset = config.dataset if role == "test" or not task.other_train_dataset else \
       config.data.train_dataset
   builder = downstream.open_builder(dataset, config.data_dir)
   class_names = list(builder.info.metadata.get("class_names", ()))
-  num_outputs = {"vqa": len(vocab), "classification": len(class_names),
-                 "image_classification": len(config.data.labels), "retrieval": 0}[config.task]
+  num_outputs = task.num_outputs(config, vocab, class_names)
   tokenizer_dir = os.path.join(checkpoint.resolve_init(init["init"])[0], "tokenizer")
   decode = downstream.decoder(config, builder, tokenizer_dir, model_cfg.image.size, vocab)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
@@ -51,6 +51,6 @@ def evaluate_finetuned(run_dir: str, protocol: str, split: str = "test") -> dict
                                   downstream.eval_batches(config, builder, plan[role]["split"],
                                                           np.asarray(plan[role]["indices"]),
                                                           decode), mesh)
-  result = finetune.score(config.task, rows, config.data.labels or class_names)
+  result = task.score(rows, config.data.labels or class_names)
   return {"run": os.path.abspath(run_dir), "protocol": protocol, "split": split,
           "checkpoint": step, **result}

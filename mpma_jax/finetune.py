@@ -22,14 +22,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from mpma_jax import checkpoint, logger, losses, metrics, optim, sharding, train, visualize
+from mpma_jax import checkpoint, logger, metrics, optim, sharding, tasks, train, visualize
 from mpma_jax.data import downstream
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models import vit
 from mpma_jax.models.heads import Downstream
 
-SELECT_METRIC = {"vqa": "overall", "classification": "accuracy", "image_classification": "mean",
-                 "retrieval": "rsum"}
 
 
 # --- the pre-trained model -----------------------------------------------------------------------
@@ -115,27 +113,6 @@ def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.Gradi
 
 
 # --- losses ---------------------------------------------------------------------------------------
-def task_loss(task: str, out, batch) -> jax.Array:
-  """Mean loss over the valid rows of the batch (float32).
-
-  vqa: binary cross-entropy against the accepted answers, summed over answers [M3AE];
-  classification: cross-entropy; image_classification: binary cross-entropy over the scored
-  labels; retrieval: symmetric InfoNCE of the GLA global embeddings over the batch.
-  """
-  valid = batch["valid"].astype(jnp.float32)  # [B]
-  if task == "vqa":
-    bce = optax.sigmoid_binary_cross_entropy(out, batch["accepted"]).sum(-1)  # [B]
-    return (bce * valid).sum() / jnp.maximum(valid.sum(), 1)
-  if task == "classification":
-    ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.maximum(batch["label"], 0))
-    return (ce * valid).sum() / jnp.maximum(valid.sum(), 1)
-  if task == "image_classification":
-    mask = batch["target_mask"] * valid[:, None]  # [B, C]
-    bce = optax.sigmoid_binary_cross_entropy(out, batch["targets"])
-    return (bce * mask).sum() / jnp.maximum(mask.sum(), 1)
-  return losses.global_alignment_loss(out["image"], out["text"], out["temperature"])
-
-
 # --- steps ----------------------------------------------------------------------------------------
 def build_model(config, model_cfg, num_outputs: int) -> Downstream:
   return Downstream(ml_collections.FrozenConfigDict(model_cfg), config.task, num_outputs,
@@ -148,14 +125,7 @@ def dummy_batch(config, model_cfg, num_outputs: int, batch_size: int = 2) -> dic
            "text_ids": np.zeros((batch_size, length), np.int32),
            "text_mask": np.ones((batch_size, length), np.int32),
            "valid": np.ones((batch_size,), np.int32)}
-  if config.task == "vqa":
-    batch.update(accepted=np.zeros((batch_size, num_outputs), np.float32),
-                 closed=np.zeros((batch_size,), np.int32))
-  elif config.task == "classification":
-    batch["label"] = np.zeros((batch_size,), np.int32)
-  elif config.task == "image_classification":
-    batch.update(targets=np.zeros((batch_size, num_outputs), np.float32),
-                 target_mask=np.ones((batch_size, num_outputs), np.float32))
+  batch.update(tasks.get(config.task).batch_fields(batch_size, num_outputs))
   return batch
 
 
@@ -192,7 +162,7 @@ def make_train_step(config, model: Downstream, tx, param_sh, mesh):
 
     def loss_fn(p):
       out = model.apply({"params": p}, batch, deterministic=False, rngs={"dropout": rng})
-      return task_loss(config.task, out, batch)
+      return tasks.loss(config.task, out, batch)
     loss, grads = jax.value_and_grad(loss_fn)(params)
 
     def apply(_):
@@ -241,20 +211,6 @@ def predict_split(config, predict, params, batches, mesh, keep_inputs: bool = Fa
       if k in batch:
         rows.setdefault(k, []).append(batch[k][valid])
   return {k: np.concatenate(v) for k, v in rows.items()}
-
-
-def score(task: str, p: dict, class_names=()) -> dict:
-  """The task's metrics from `predict_split`'s output (fractions in [0, 1]; NaN where the model's
-  outputs are not finite). The metrics take the scores, not their argmax, to see that."""
-  if task == "vqa":
-    return metrics.vqa_accuracy(p["out"], p["accepted"], p["closed"].astype(bool))
-  if task == "classification":
-    return {"accuracy": metrics.accuracy(p["out"], p["label"]), "n": len(p["label"])}
-  if task == "image_classification":
-    labels = np.where(p["target_mask"] > 0, p["targets"], np.nan)
-    return {**metrics.mean_auc(p["out"], labels, list(class_names)), "n": len(labels)}
-  recall = metrics.recall_at_k(p["emb_image"] @ p["emb_text"].T)
-  return {**recall, "rsum": float(sum(recall.values())), "n": len(p["emb_image"])}
 
 
 def itm_rerank(config, model: Downstream, params, rows: dict, mesh) -> dict:
@@ -331,8 +287,8 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
   source = {role: builder if name == config.dataset else
             downstream.open_builder(name, config.data_dir) for role, name in plan.datasets.items()}
   class_names = list(builder.info.metadata.get("class_names", ()))
-  num_outputs = {"vqa": len(plan.vocab), "classification": len(class_names),
-                 "image_classification": len(config.data.labels), "retrieval": 0}[config.task]
+  task = tasks.get(config.task)
+  num_outputs = task.num_outputs(config, plan.vocab, class_names)
   model_cfg = model_config(config, pre_config.model)
   decode = downstream.decoder(config, builder, tokenizer_dir, model_cfg.image.size, plan.vocab)
   train_split, train_idx = plan.train
@@ -365,12 +321,12 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       log_print(f"[{protocol}] {note}")
     train_step = make_train_step(config, model, tx, param_sh, mesh)
     predict = make_predict(model, mesh)
-    select_metric = SELECT_METRIC[config.task]
+    select_metric = task.select_metric
     scored = config.data.labels or class_names
 
     def evaluate(params, split, indices):
       batches = downstream.eval_batches(config, source["select"], split, indices, decode)
-      return score(config.task, predict_split(config, predict, params, batches, mesh), scored)
+      return task.score(predict_split(config, predict, params, batches, mesh), scored)
 
     best_ckpt = checkpoint.BestCheckpoint(os.path.join(workdir, "checkpoints"), select_metric)
     history = []
@@ -419,7 +375,7 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
     test_rows = predict_split(config, predict, params, downstream.eval_batches(
         config, source["test"], *plan.test, decode), mesh,
                               keep_inputs=config.task == "retrieval")
-    test = score(config.task, test_rows, scored)
+    test = task.score(test_rows, scored)
     if rerank:
       test = {**test, **{f"itm_{k}": v for k, v in
                          itm_rerank(config, model, params, test_rows, mesh).items()}}

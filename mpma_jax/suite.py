@@ -7,6 +7,7 @@ import runpy
 import jax
 
 from mpma_jax import finetune, metrics
+from mpma_jax import tasks as task_table
 from mpma_jax import overrides as overrides_lib
 from mpma_jax.data import builders
 
@@ -71,7 +72,8 @@ def run(init: str, data_dir: str, workdir: str, tasks=SUITE, overrides=None,
     config.data_dir = data_dir
     apply_overrides(config, label, overrides)
     needed = [config.dataset] + ([config.data.train_dataset]
-                                 if config.task == "retrieval" and config.train.epochs else [])
+                                 if task_table.get(config.task).other_train_dataset and config.train.epochs
+                                 else [])
     if not all(builders.builder(n, data_dir).is_prepared() for n in needed):
       missing.append(label)
       continue

@@ -4,6 +4,7 @@ works from outside the checkout (slow tier)."""
 import ast
 import configparser
 import os
+import shutil
 import subprocess
 import sys
 
@@ -105,9 +106,12 @@ def test_config_names_resolve_to_packaged_configs(tmp_path):
 def test_non_editable_install_works_outside_the_checkout(tmp_path):
   """pip install (not -e) of the project into a directory, then its console scripts and the
   suite's task configs from a directory that is not the checkout."""
-  target = tmp_path / "site"
+  target, source = tmp_path / "site", tmp_path / "source"
+  # a copy, so that the build's own files (build/, *.egg-info) stay out of the checkout
+  shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
   subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                  "--no-build-isolation", "--target", str(target), ROOT],
+                  "--no-build-isolation", "--target", str(target), str(source)],
                  check=True, capture_output=True, text=True, timeout=600)
   assert (target / "mpma_jax" / "configs" / "finetune" / "vqa_rad.py").exists()
   env = dict(os.environ, PYTHONPATH=str(target))

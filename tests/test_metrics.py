@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mpma_jax import finetune, metrics
-from mpma_jax import retrieval
+from mpma_jax import metrics
+from mpma_jax import retrieval, tasks
 
 
 # --- Med-VQA ---------------------------------------------------------------------------------------
@@ -189,11 +189,11 @@ def test_metrics_of_non_finite_scores_are_nan_never_perfect():
   got = metrics.mean_auc(np.array([[0.1, np.nan], [0.9, 0.5]]), np.array([[0, 1], [1, 0]]))
   assert got["class_0"] == 1.0 and math.isnan(got["class_1"]) and math.isnan(got["mean"])
 
-  # Fine-tuning's scores and mpma-eval's rows (finetune.score) carry the NaN.
+  # Fine-tuning's scores and mpma-eval's rows (tasks.Task.score) carry the NaN.
   nan_out = np.full((3, 2), np.nan, np.float32)
-  assert math.isnan(finetune.score("classification", {"out": nan_out, "label": [0, 1, 1]})[
+  assert math.isnan(tasks.get("classification").score({"out": nan_out, "label": [0, 1, 1]}, ())[
       "accuracy"])
-  roco = finetune.score("retrieval", {"emb_image": emb, "emb_text": emb})
+  roco = tasks.get("retrieval").score({"emb_image": emb, "emb_text": emb}, ())
   assert math.isnan(roco["i2t_r1"]) and math.isnan(roco["rsum"])
 
 
