@@ -11,7 +11,7 @@ parallelism (DP), FSDP and DP x FSDP hybrids on TPU v5e and on 8xH100 nodes, bui
   measured on this machine (CPU)
     * parameter shapes and logical axis names: jax.eval_shape of train.init_params (no allocation);
     * XLA's temp bytes of the compiled base train step on ONE CPU device at a few batch sizes
-      (benchmarks/memory.measure), fitted as temp = a + b * batch: the activation bytes per example;
+      (benchmarks/memory_fit.measure), fitted as temp = a + b * batch: the activation bytes per example;
     * the collectives XLA's SPMD partitioner emits for the step of the base config one layer
       deep on 8 simulated CPU devices;
   analytic
@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-from benchmarks import memory
+from benchmarks import memory_fit as memory
 from mpma_jax.configs.pretrain import get_config
 from mpma_jax import flops, masking, optim, sharding, train
 from mpma_jax.models.mpma import MPMA
@@ -884,14 +884,14 @@ like the parameters (after the reduce-scatter). DP replicates everything:
 
 {state_section(inputs)}
 
-`benchmarks/memory.py` reads the same parameter and optimizer bytes off the compiled shardings
+`benchmarks/memory_fit.py` reads the same parameter and optimizer bytes off the compiled shardings
 on 8 CPU devices (tests/test_scaling_model.py checks the two agree on a small config). FSDP 2,048
 is not an option: 768 / 2,048 rounds up to one row per device, so each device holds 1/768 of a
 tensor instead of 1/2,048, and {m.mim.width}-wide tensors already split unevenly beyond 128.
 
 ## 2. Activations (measured on CPU)
 
-XLA's temp bytes of the compiled base train step (`benchmarks/memory.measure`, one CPU device,
+XLA's temp bytes of the compiled base train step (`benchmarks/memory_fit.measure`, one CPU device,
 float32 compute, no mesh), fitted as temp = a + b x batch:
 
 {activations_section(measured, fits, recorded)}

@@ -92,10 +92,12 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_params(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
   """(parameters as host numpy arrays, step) of a run's checkpoint, on whatever devices are here.
-  Only the train state is read (the data iterator state is the training loop's business)."""
+  Only the train state is read; both items get their handler so that Orbax can read the step's
+  metadata without warning about the one left alone (the data iterator's)."""
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory, item_names=("state",),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                 "data": ocp.JsonCheckpointHandler()})
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")

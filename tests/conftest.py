@@ -52,11 +52,6 @@ def tiny_config():
   return c
 
 
-@pytest.fixture
-def small_config():
-  return tiny_config()
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A data_dir holding the synthetic set of `tiny_config()` (generated once per session)."""

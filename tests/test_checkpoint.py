@@ -8,6 +8,7 @@ and the non-finite policies (skip up to its limits / stop, keeping the last good
 non-finite state is never checkpointed).
 """
 import json
+import logging
 import os
 import signal
 import time
@@ -269,9 +270,9 @@ def test_nonfinite_steps_limits():
     train.NonFiniteSteps(config("ignore"), 0)
 
 
-def test_checkpointer_refuses_a_non_finite_state(tmp_path, small_config):
+def test_checkpointer_refuses_a_non_finite_state(tmp_path):
   """Every checkpoint is a good one, so the rotation never drops the last good checkpoint."""
-  ckpt = checkpoint.Checkpointer(str(tmp_path), small_config)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), tiny_config())
   state = train.TrainState(step=jnp.array(1), params={"w": jnp.array([1.0, jnp.inf])},
                            opt_state=(), rng=jnp.zeros(2, jnp.uint32))
   with pytest.raises(checkpoint.NonFiniteLossError, match="step 1: the train state is not finite; "
@@ -279,3 +280,26 @@ def test_checkpointer_refuses_a_non_finite_state(tmp_path, small_config):
     ckpt.save(1, state, data_iterator=None)
   ckpt.close()
   assert ckpt.latest_step() is None
+
+
+class _Counter:
+  """A data iterator's checkpointable part."""
+
+  def get_state(self):
+    return {"batches": 3}
+
+
+def test_restore_params_reads_the_state_without_orbax_warnings(tmp_path, caplog):
+  params = {"w": jnp.arange(4.0), "b": {"c": jnp.ones((2, 3))}}
+  state = train.TrainState(step=jnp.array(2), params=params, opt_state=(),
+                           rng=jnp.zeros(2, jnp.uint32))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), tiny_config())
+  ckpt.save(2, state, _Counter())
+  ckpt.close()
+  with caplog.at_level(logging.WARNING):
+    got, step = checkpoint.restore_params(str(tmp_path))
+  assert step == 2
+  np.testing.assert_array_equal(got["w"], np.arange(4.0))
+  np.testing.assert_array_equal(got["b"]["c"], np.ones((2, 3)))
+  assert not [r for r in caplog.records if "could not be restored" in r.getMessage()], [
+      r.getMessage() for r in caplog.records]

@@ -2,7 +2,8 @@
 import jax
 import pytest
 
-from benchmarks import memory, scaling
+from benchmarks import memory_fit as memory
+from benchmarks import scaling
 from tests.conftest import tiny_config
 
 # A made-up machine with small fast domains, so that hierarchical collectives show up at N = 8.

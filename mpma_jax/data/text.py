@@ -1,7 +1,7 @@
 """Text cleaning shared by every builder (the prior-work rule: collapse whitespace, strip, drop
 texts of fewer than 3 words) and VQA answer normalisation (the VQA evaluation's rules)."""
 import re
-from typing import Optional, Union
+from typing import Union
 
 MIN_WORDS = 3
 _SPACE = re.compile(r"\s+")
@@ -76,11 +76,3 @@ def normalize_answer(answer: Union[str, bytes, int, float, None]) -> str:
 def answer_vocab(answers) -> list[str]:
   """Sorted distinct normalised answers (the prior protocol's classifier vocabulary)."""
   return sorted({normalize_answer(a) for a in answers})
-
-
-def maybe_truncate(text: str, max_words: Optional[int]) -> tuple[str, bool]:
-  """Cuts a text to max_words words; returns (text, was_truncated)."""
-  if max_words is None:
-    return text, False
-  words = text.split(" ")
-  return (" ".join(words[:max_words]), True) if len(words) > max_words else (text, False)

@@ -91,12 +91,14 @@ class MPMA(nn.Module):
     dt = compute_dtype(c.dtype)
     i, t = c.image, c.text
     scan = c.get("scan", False)  # (.get: configs saved before the field existed)
-    self.image_encoder = VisionTransformer(i.size, i.patch, i.width, i.layers, i.heads,
-                                           i.mlp_ratio, dtype=dt, remat=c.remat, scan=scan)
-    self.text_encoder = TextEncoder(t.vocab_size, t.width, t.layers, t.heads, t.mlp_dim,
-                                    t.max_positions, t.type_vocab_size, t.pad_id,
-                                    t.position_style, t.eps, t.dropout, t.attn_dropout, dtype=dt,
-                                    remat=c.remat, scan=scan)
+    self.image_encoder = VisionTransformer(
+        image_size=i.size, patch_size=i.patch, width=i.width, layers=i.layers, heads=i.heads,
+        mlp_ratio=i.mlp_ratio, dtype=dt, remat=c.remat, scan=scan)
+    self.text_encoder = TextEncoder(
+        vocab_size=t.vocab_size, width=t.width, layers=t.layers, heads=t.heads, mlp_dim=t.mlp_dim,
+        max_positions=t.max_positions, type_vocab_size=t.type_vocab_size, pad_id=t.pad_id,
+        position_style=t.position_style, eps=t.eps, dropout=t.dropout,
+        attn_dropout=t.attn_dropout, dtype=dt, remat=c.remat, scan=scan)
     self.image_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.text_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.modality_type = nn.Embed(2, c.hidden, dtype=dt,

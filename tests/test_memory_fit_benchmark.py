@@ -1,11 +1,11 @@
-"""benchmarks/memory.py: per-device state bytes under FSDP, on a small config (no compile)."""
+"""benchmarks/memory_fit.py: per-device state bytes under FSDP, on a small config (no compile)."""
 import math
 
 import flax.linen as nn
 import jax
 import pytest
 
-from benchmarks import memory
+from benchmarks import memory_fit as memory
 from mpma_jax import train
 from tests.conftest import tiny_config
 from mpma_jax.models.mpma import MPMA

@@ -1,6 +1,6 @@
 """Per-device memory of the pre-training train step under FSDP, from shardings and from XLA.
 
-  python benchmarks/memory.py [--config base] [--batch_size N] [--fsdp 1,2,4,8]
+  python benchmarks/memory_fit.py [--config base] [--batch_size N] [--fsdp 1,2,4,8]
                               [--dtype float32|bfloat16] [--json out.json]
 
 Runs on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, unless the
