@@ -43,11 +43,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import torch_reference, train_step
-from mpma_jax.configs.pretrain import get_config
 from mpma_jax import aot, flops
+from mpma_jax.configs.pretrain import get_config
 
 DTYPES = ("bfloat16", "float32")
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 # --- devices --------------------------------------------------------------------------------------
@@ -63,9 +63,11 @@ def torch_twin(platform: str, torch_compile: bool) -> tuple[Optional[str], list[
 
 
 def torch_label(variant: str, torch_device: str) -> str:
-  return {"amp": "PyTorch AMP (bf16 autocast)", "compile_amp": "PyTorch compile + AMP",
-          "eager": f"PyTorch eager f32 ({torch_device}: no AMP)",
-          "compile": f"PyTorch compile f32 ({torch_device}: no AMP)"}[variant]
+  return {
+      "amp": "PyTorch AMP (bf16 autocast)", "compile_amp": "PyTorch compile + AMP",
+      "eager": f"PyTorch eager f32 ({torch_device}: no AMP)",
+      "compile": f"PyTorch compile f32 ({torch_device}: no AMP)"
+  }[variant]
 
 
 def jax_peak_bytes(device) -> Optional[float]:
@@ -102,8 +104,10 @@ def run_dtype(config: ml_collections.ConfigDict, dtype: str, args: argparse.Name
   first = {"jax": time.perf_counter() - t}
   log(f"{dtype}: JAX compiled in {compile_s:.1f} s, first step {first['jax']:.2f} s, XLA peak "
       f"{_bytes(rep['memory']['peak'])}")
-  jax_row = {"dtype": dtype, "framework": "JAX", "compiled_peak_bytes": rep["memory"]["peak"],
-             "estimate": rep["estimate"], "compile_s": compile_s, "flops": step_flops}
+  jax_row = {
+      "dtype": dtype, "framework": "JAX", "compiled_peak_bytes": rep["memory"]["peak"],
+      "estimate": rep["estimate"], "compile_s": compile_s, "flops": step_flops
+  }
   rows = [jax_row]
   timed = {"jax": jstep}
   if not variants:
@@ -131,8 +135,10 @@ def run_dtype(config: ml_collections.ConfigDict, dtype: str, args: argparse.Name
       continue
     log(f"{dtype}: {label} first step {first[v]:.2f} s")
     timed[v] = tstep
-    rows.append({"dtype": dtype, "framework": label, "variant": v, "flops": step_flops,
-                 "peak_bytes": None if peak is None else peak - held})
+    rows.append({
+        "dtype": dtype, "framework": label, "variant": v, "flops": step_flops,
+        "peak_bytes": None if peak is None else peak - held
+    })
 
   # Warm-up here rather than in time_variants: its last step gives the pace at which the timed
   # steps are cut to what the time left holds (a first step can include torch.compile's minutes).
@@ -171,8 +177,10 @@ def run_dtype(config: ml_collections.ConfigDict, dtype: str, args: argparse.Name
 
 
 # --- the check ------------------------------------------------------------------------------------
-def check(config: ml_collections.ConfigDict, args: argparse.Namespace,
-          log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict:
+def check(
+    config: ml_collections.ConfigDict, args: argparse.Namespace,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+) -> dict:
   """Runs both dtypes within args.budget_s; prints and returns the table and the summary."""
   start = time.perf_counter()
   time_left = lambda: args.budget_s - (time.perf_counter() - start)
@@ -214,10 +222,12 @@ def check(config: ml_collections.ConfigDict, args: argparse.Namespace,
             f"(torch {torch.__version__}); {total_s:.0f} s in all")
   table = markdown_table(rows)
   print(f"\n{header}\n\n{table}\n\n{NOTES}\n")
-  summary = {"config": config.variant, "batch": args.batch, "overrides": args.set,
-             "device": device.device_kind, "platform": device.platform, "torch_device": torch_name,
-             "jax": jax.__version__, "torch": torch.__version__, "total_s": total_s,
-             "budget_s": args.budget_s, "rows": rows, "table": table}
+  summary = {
+      "config": config.variant, "batch": args.batch, "overrides": args.set,
+      "device": device.device_kind, "platform": device.platform, "torch_device": torch_name,
+      "jax": jax.__version__, "torch": torch.__version__, "total_s": total_s,
+      "budget_s": args.budget_s, "rows": rows, "table": table
+  }
   print(json.dumps(summary))
   if args.json:
     with open(args.json, "w") as f:
@@ -254,7 +264,10 @@ def markdown_table(rows: list[dict]) -> str:
       continue
     est = r.get("estimate") or {}
     cells = [
-        r["dtype"], r["framework"], f"{1e3 * r['median_s']:.2f}", f"{r['examples_per_s']:.1f}",
+        r["dtype"],
+        r["framework"],
+        f"{1e3 * r['median_s']:.2f}",
+        f"{r['examples_per_s']:.1f}",
         f"{r['tflops']:.3f}",
         f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
         f"{r['torch_vs_jax']:.2f}" if "torch_vs_jax" in r else "-",

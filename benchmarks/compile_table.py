@@ -19,18 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from mpma_jax.configs import pretrain
 from mpma_jax import aot
+from mpma_jax.configs import pretrain
 
 # (row name, variant, dtype, topology, global batch): 16 examples per chip, the paper's 256 at 16.
-ROWS = [
-    (f"{v}-{'f32' if d == 'float32' else 'bf16'}-{name}", v, d, topo, batch)
-    for v in ("base",)
-    for d in ("bfloat16", "float32")
-    for name, topo, batch in (("v5e16", "v5e:4x4", 256), ("v5e64", "v5e:8x8", 1024),
-                              ("v5e256", "v5e:16x16", 4096), ("v5p128", "v5p:4x4x4", 1024),
-                              ("v432", "v4:2x2x4", 256), ("h100x8", "h100:8", 256))
-]
+ROWS = [(f"{v}-{'f32' if d == 'float32' else 'bf16'}-{name}", v, d, topo, batch) for v in ("base",)
+        for d in ("bfloat16", "float32")
+        for name, topo, batch in (("v5e16", "v5e:4x4", 256), ("v5e64", "v5e:8x8", 1024),
+                                  ("v5e256", "v5e:16x16", 4096), ("v5p128", "v5p:4x4x4", 1024),
+                                  ("v432", "v4:2x2x4", 256), ("h100x8", "h100:8", 256))]
 START, END = "<!-- compile-table:start -->", "<!-- compile-table:end -->"
 
 
@@ -46,15 +43,19 @@ def run_row(name, variant, dtype, topology, batch, max_compiles, results) -> dic
   recorded with its message."""
   path = os.path.join(results, f"{name}.json")
   if not os.path.exists(path):
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rows", name, "--results",
-                           results, "--max_compiles", str(max_compiles), "--child"],
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([
+        sys.executable,
+        os.path.abspath(__file__), "--rows", name, "--results", results, "--max_compiles",
+        str(max_compiles), "--child"
+    ], stderr=subprocess.PIPE, text=True)
     if proc.returncode and not os.path.exists(path):
       failed = [l for l in proc.stderr.splitlines() if "Check failed" in l or "Error" in l]
-      result = {"name": name, "variant": variant, "dtype": dtype, "topology": topology,
-                "global_batch": batch, "command": command(variant, dtype, topology, batch),
-                "error": (failed or proc.stderr.splitlines()[-1:] or ["?"])[-1].strip(),
-                "fits": [], "tried": []}
+      result = {
+          "name": name, "variant": variant, "dtype": dtype, "topology": topology,
+          "global_batch": batch, "command": command(variant, dtype, topology, batch),
+          "error": (failed or proc.stderr.splitlines()[-1:] or ["?"])
+                   [-1].strip(), "fits": [], "tried": []
+      }
       os.makedirs(results, exist_ok=True)
       with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -70,8 +71,8 @@ def compile_row(name, variant, dtype, topology, batch, max_compiles, results) ->
   print(f"== {name}: {command(variant, dtype, topology, batch)}", flush=True)
   result = aot.suggest(config, topology, max_compiles=max_compiles, max_fits=1,
                        log=lambda line: print(line, flush=True))
-  result.update(name=name, variant=variant, dtype=dtype, command=command(variant, dtype, topology,
-                                                                          batch))
+  result.update(name=name, variant=variant, dtype=dtype,
+                command=command(variant, dtype, topology, batch))
   os.makedirs(results, exist_ok=True)
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
@@ -109,13 +110,16 @@ def render(results: list[dict]) -> str:
         f" GiB | {b['compile_seconds']:.0f} | {1e3 * est['step_s']:.0f} | {100 * est['mfu']:.0f}% | "
         f"{est['examples_per_s']:,.0f} | {comm} |")
   commands = "\n".join(f"    {r['command']}" for r in results)
-  return "\n".join([head, *rows, "", "Each row's command (python benchmarks/compile_table.py ran "
-                    "them and wrote this table):", "", commands])
+  return "\n".join([
+      head, *rows, "", "Each row's command (python benchmarks/compile_table.py ran "
+      "them and wrote this table):", "", commands
+  ])
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", default="", help="comma-separated row names (default: all TPU rows)")
+  parser.add_argument("--rows", default="",
+                      help="comma-separated row names (default: all TPU rows)")
   parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "compile_results"))
   parser.add_argument("--max_compiles", type=int, default=3,
                       help="per row; a row stops at its first fitting setting")

@@ -12,8 +12,8 @@ last row is the default in-process setting (16 threads).
 import argparse
 import json
 import os
-import tempfile
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 # pylint: disable=g-import-not-at-top
 from mpma_jax.configs.pretrain import get_config
-from mpma_jax.data import builders, images, pipeline, synthetic, tokenizer as tokenizers
+from mpma_jax.data import builders, images, pipeline, synthetic
+from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.data.builders import base
 
 
@@ -78,8 +79,10 @@ def main():
   data_dir, tok_dir = os.path.join(root, "data"), os.path.join(root, "tok")
   t = time.perf_counter()
   b, _ = builders.build("bench_jpegs", root, data_dir)
-  print(f"built {args.examples} JPEGs in {time.perf_counter() - t:.1f}s "
-        f"(mean {np.mean([len(b.as_data_source('train')[i]['image']) for i in range(16)]) / 1e3:.0f} kB)")
+  print(
+      f"built {args.examples} JPEGs in {time.perf_counter() - t:.1f}s "
+      f"(mean {np.mean([len(b.as_data_source('train')[i]['image']) for i in range(16)]) / 1e3:.0f} kB)"
+  )
   tokenizers.train_wordpiece(synthetic.report_corpus(2000), 4096, tok_dir)
 
   config = get_config("base")
@@ -97,15 +100,18 @@ def main():
     pipe_rate = full(config, tok_dir, data_dir, n)
     base_rate = (base_rate + bare(source, args.size, args.examples // 2)) / 2  # before + after
     per_worker = pipe_rate / max(workers, 1)
-    results.append({"workers": workers, "threads": threads,
-                    "bare_decode_per_s": round(base_rate, 1), "pipeline_per_s": round(pipe_rate, 1),
-                    "pipeline_per_worker_per_s": round(per_worker, 1),
-                    "per_worker_ratio_to_bare": round(per_worker / base_rate, 3)})
-    print(f"workers={workers} threads={threads:2d}: bare decode+resize {base_rate:6.1f}/s | "
-          f"full pipeline {pipe_rate:6.1f}/s = {per_worker:6.1f}/s per worker = "
-          f"{per_worker / base_rate:.2f} x bare", flush=True)
-  print(json.dumps({"size": args.size, "batch": args.batch, "cpus": os.cpu_count(),
-                    "results": results}))
+    results.append({
+        "workers": workers, "threads": threads, "bare_decode_per_s": round(base_rate, 1),
+        "pipeline_per_s": round(pipe_rate, 1), "pipeline_per_worker_per_s": round(per_worker, 1),
+        "per_worker_ratio_to_bare": round(per_worker / base_rate, 3)
+    })
+    print(
+        f"workers={workers} threads={threads:2d}: bare decode+resize {base_rate:6.1f}/s | "
+        f"full pipeline {pipe_rate:6.1f}/s = {per_worker:6.1f}/s per worker = "
+        f"{per_worker / base_rate:.2f} x bare", flush=True)
+  print(
+      json.dumps(
+          {"size": args.size, "batch": args.batch, "cpus": os.cpu_count(), "results": results}))
 
 
 if __name__ == "__main__":

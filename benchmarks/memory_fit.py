@@ -44,14 +44,14 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-from mpma_jax.configs.pretrain import get_config
 from mpma_jax import optim, sharding, train
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax.data import pipeline
 from mpma_jax.models.mpma import MPMA
 
 NUM_DEVICES = 8
 TARGET = 0.15  # fsdp=8 (params + opt) bytes per device / fsdp=1
-MIB = 2 ** 20
+MIB = 2**20
 # CompiledMemoryStats fields worth printing (those this jax version has are kept).
 XLA_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
               "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
@@ -82,9 +82,11 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, mesh) -> 
   """ShapeDtypeStructs of a global batch, sharded like sharding.global_batch would place it."""
   batch_sharding = sharding.batch_sharding(mesh)
   # dtypes canonicalised as device arrays get them (int64 'index' -> int32 without jax_enable_x64)
-  return {k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype),
-                                  sharding=batch_sharding)
-          for k, v in pipeline.dummy_batch(config, batch_size).items()}
+  return {
+      k: jax.ShapeDtypeStruct(
+          v.shape, jax.dtypes.canonicalize_dtype(v.dtype),
+          sharding=batch_sharding) for k, v in pipeline.dummy_batch(config, batch_size).items()
+  }
 
 
 def replicated_params(config: ml_collections.ConfigDict, abstract_params) -> list[dict]:
@@ -93,16 +95,21 @@ def replicated_params(config: ml_collections.ConfigDict, abstract_params) -> lis
   model = MPMA.from_config(config)
   boxed = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
   logical = nn.get_partition_spec(boxed)
-  logical_leaves = dict(jax.tree_util.tree_flatten_with_path(
-      logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+  logical_leaves = dict(
+      jax.tree_util.tree_flatten_with_path(
+          logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-    axes = [a for entry in x.sharding.spec if entry is not None
-            for a in (entry if isinstance(entry, tuple) else (entry,))]
+    axes = [
+        a for entry in x.sharding.spec if entry is not None
+        for a in (entry if isinstance(entry, tuple) else (entry,))
+    ]
     if "fsdp" not in axes:
-      out.append({"param": "/".join(str(k.key) for k in path),
-                  "logical": tuple(logical_leaves.get(path, ())), "shape": tuple(x.shape),
-                  "bytes": math.prod(x.shape) * x.dtype.itemsize})
+      out.append({
+          "param": "/".join(str(k.key) for k in path),
+          "logical": tuple(logical_leaves.get(path, ())), "shape": tuple(x.shape),
+          "bytes": math.prod(x.shape) * x.dtype.itemsize
+      })
   return sorted(out, key=lambda r: -r["bytes"])
 
 
@@ -148,9 +155,11 @@ def measure(config: ml_collections.ConfigDict, fsdp: int, batch_size: int,
 
 def markdown_table(rows: list[dict], reference_bytes: int) -> str:
   mib = lambda r, k: f"{r[k] / MIB:,.1f}" if k in r else "-"
-  lines = ["| fsdp | data | params MiB/dev | optimizer MiB/dev | (params+opt) / fsdp=1 | "
-           "XLA argument MiB | XLA temp MiB | XLA output MiB | XLA alias MiB | compile s |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+      "| fsdp | data | params MiB/dev | optimizer MiB/dev | (params+opt) / fsdp=1 | "
+      "XLA argument MiB | XLA temp MiB | XLA output MiB | XLA alias MiB | compile s |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  ]
   for r in rows:
     ratio = (r["params_bytes"] + r["opt_bytes"]) / reference_bytes
     compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
@@ -164,9 +173,10 @@ def markdown_table(rows: list[dict], reference_bytes: int) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="base", help="variant of configs/pretrain.py")
-  parser.add_argument("--batch_size", type=int, default=0,
-                      help="global batch, divisible by 8 (0 = the config's train.batch_size); "
-                      "only XLA's temp depends on it")
+  parser.add_argument(
+      "--batch_size", type=int, default=0,
+      help="global batch, divisible by 8 (0 = the config's train.batch_size); "
+      "only XLA's temp depends on it")
   parser.add_argument("--fsdp", default="1,2,4,8", help="comma-separated fsdp sizes")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype (params and optimizer state stay float32)")
@@ -187,9 +197,10 @@ def main():
     raise SystemExit(f"--batch_size {args.batch_size} must be divisible by {NUM_DEVICES} "
                      "(the batch is split over data x fsdp)")
   settings = [int(k) for k in args.fsdp.split(",")]
-  print(f"config={args.config} dtype={args.dtype} global batch={args.batch_size} "
-        f"devices={len(jax.devices())} x {jax.devices()[0].platform} (jax {jax.__version__})",
-        flush=True)
+  print(
+      f"config={args.config} dtype={args.dtype} global batch={args.batch_size} "
+      f"devices={len(jax.devices())} x {jax.devices()[0].platform} (jax {jax.__version__})",
+      flush=True)
 
   t_all = time.perf_counter()
   rows = []
@@ -244,11 +255,13 @@ def main():
 
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"config": args.config, "dtype": args.dtype, "batch_size": args.batch_size,
-                 "devices": NUM_DEVICES, "target": TARGET, "fsdp8_ratio": ratio, "pass": passed,
-                 "results": rows, "replicated_over_fsdp": [
-                     {**p, "logical": [str(a) for a in p["logical"]]} for p in replicated]},
-                f, indent=2)
+      json.dump(
+          {
+              "config": args.config, "dtype": args.dtype, "batch_size": args.batch_size,
+              "devices": NUM_DEVICES, "target": TARGET, "fsdp8_ratio": ratio, "pass": passed,
+              "results": rows, "replicated_over_fsdp":
+                  [{**p, "logical": [str(a) for a in p["logical"]]} for p in replicated]
+          }, f, indent=2)
 
 
 if __name__ == "__main__":

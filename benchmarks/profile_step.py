@@ -63,8 +63,8 @@ def hlo_ops(hlo_text: str) -> dict:
     name, opcode, rest = m.groups()
     kind = _KIND.search(rest)
     op_name = _OP_NAME.search(rest)
-    out[name] = (f"{opcode}:{kind.group(1)[1:].lower()}" if opcode == "fusion" and kind
-                 else opcode, op_name.group(1) if op_name else "")
+    out[name] = (f"{opcode}:{kind.group(1)[1:].lower()}" if opcode == "fusion" and kind else opcode,
+                 op_name.group(1) if op_name else "")
     operands[name] = _OPERAND.findall(rest.split(")", 1)[0])
     for operand in operands[name]:
       users.setdefault(operand, []).append(name)
@@ -139,11 +139,13 @@ def report(parsed: dict, hlo: dict, num_steps: int, top: int) -> str:
   step_s = sorted(parsed["steps"])[len(parsed["steps"]) // 2] if parsed["steps"] else float("nan")
   total = sum(parsed["ops"].values())
   pct = lambda t: 100.0 * t / num_steps / step_s
-  lines = [f"step wall time (median of {len(parsed['steps'])} traced): {1e3 * step_s:.1f} ms; "
-           f"op self time per step: {1e3 * total / num_steps:.1f} ms "
-           f"({pct(total):.0f}% of the step; > 100% = ops overlapping)", "",
-           "| op | kind | phase | part | ms / step | % of step | source (op_name) |",
-           "|---|---|---|---|---:|---:|---|"]
+  lines = [
+      f"step wall time (median of {len(parsed['steps'])} traced): {1e3 * step_s:.1f} ms; "
+      f"op self time per step: {1e3 * total / num_steps:.1f} ms "
+      f"({pct(total):.0f}% of the step; > 100% = ops overlapping)", "",
+      "| op | kind | phase | part | ms / step | % of step | source (op_name) |",
+      "|---|---|---|---|---:|---:|---|"
+  ]
   for name, t in parsed["ops"].most_common(top):
     kind, op_name = hlo.get(name, ("?", ""))
     phase, part = label(op_name)
@@ -207,9 +209,10 @@ def main(argv=None) -> str:
   p.add_argument("--top", type=int, default=25, help="rows of the op table")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--features_from", default="clean", choices=("clean", "masked"))
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override (--set model.gla.chunk=32) or XLA option "
-                      "(--set xla_cpu_enable_fast_math=True); repeatable")
+  p.add_argument(
+      "--set", action="append", default=[], metavar="KEY=VALUE",
+      help="config override (--set model.gla.chunk=32) or XLA option "
+      "(--set xla_cpu_enable_fast_math=True); repeatable")
   p.add_argument("--trace_dir", default="", help="where the trace goes (default: a temp dir)")
   args = p.parse_args(argv)
   config = get_config(args.config)

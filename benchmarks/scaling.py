@@ -49,19 +49,21 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 from benchmarks import memory_fit as memory
-from mpma_jax.configs.pretrain import get_config
 from mpma_jax import flops, masking, optim, sharding, train
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax.models.mpma import MPMA
 
-GIB, MIB, GB = 2 ** 30, 2 ** 20, 1e9
+GIB, MIB, GB = 2**30, 2**20, 1e9
 F32 = 4  # bytes: parameters, gradients, AdamW moments and the GLA embeddings are float32
 DEVICES = (8, 256, 2048)
 # Global batches considered per device count (256: the paper's); at least one example per device.
 BATCHES = {8: (256, 1024), 256: (256, 1024, 4096), 2048: (4096, 16384)}
 # XLA temp bytes of the base train step on one CPU device (float32 compute), recorded on this
 # machine with measure_temp (jax 0.10.2); used with --no_measure, and for remat=full by default.
-RECORDED = {"none": {2: 5_207_211_712, 4: 5_987_212_736, 8: 8_406_756_864},
-            "full": {2: 5_208_000_576, 4: 6_085_510_976, 8: 8_598_806_720}}
+RECORDED = {
+    "none": {2: 5_207_211_712, 4: 5_987_212_736, 8: 8_406_756_864},
+    "full": {2: 5_208_000_576, 4: 6_085_510_976, 8: 8_598_806_720}
+}
 RECORDED_BF16 = {4: 6_069_521_792}  # model.dtype=bfloat16, remat=none: no saving on CPU
 
 
@@ -101,8 +103,9 @@ def param_leaves(config: ml_collections.ConfigDict) -> list[Leaf]:
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]:
     spec = tuple(names.get(path, ()))
-    out.append(Leaf("/".join(str(k.key) for k in path), tuple(x.shape), x.dtype.itemsize,
-                    spec + (None,) * (len(x.shape) - len(spec))))
+    out.append(
+        Leaf("/".join(str(k.key) for k in path), tuple(x.shape), x.dtype.itemsize,
+             spec + (None,) * (len(x.shape) - len(spec))))
   return out
 
 
@@ -114,16 +117,16 @@ def analytic_param_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
   ln = lambda w: 2 * w
   mlp = lambda w, f: w * f + f + f * w + w
   pre_ln = lambda w, f: ln(w) + attn(w) + ln(w) + mlp(w, f)  # ViT / MAE-decoder block
-  post_ln = lambda w, f, cross: (attn(w) + ln(w) + (attn(w) + ln(w) if cross else 0)
-                                 + mlp(w, f) + ln(w))  # BERT layer (+ cross-attention)
+  post_ln = lambda w, f, cross: (attn(w) + ln(w) + (attn(w) + ln(w) if cross else 0) + mlp(w, f) +
+                                 ln(w))  # BERT layer (+ cross-attention)
   dense = lambda a, b: a * b + b
-  num_patches = (i.size // i.patch) ** 2
+  num_patches = (i.size // i.patch)**2
   pixels = i.patch * i.patch * 3
   out = {
-      "image_encoder": (pixels * i.width + i.width + (1 + num_patches) * i.width + ln(i.width)
-                        + i.layers * pre_ln(i.width, int(i.width * i.mlp_ratio)) + ln(i.width)),
-      "text_encoder": ((t.vocab_size + t.max_positions + t.type_vocab_size) * t.width + ln(t.width)
-                       + t.layers * post_ln(t.width, t.mlp_dim, False)),
+      "image_encoder": (pixels * i.width + i.width + (1 + num_patches) * i.width + ln(i.width) +
+                        i.layers * pre_ln(i.width, int(i.width * i.mlp_ratio)) + ln(i.width)),
+      "text_encoder": ((t.vocab_size + t.max_positions + t.type_vocab_size) * t.width +
+                       ln(t.width) + t.layers * post_ln(t.width, t.mlp_dim, False)),
       "image_proj": dense(i.width, d),
       "text_proj": dense(t.width, d),
       "modality_type": 2 * d,
@@ -131,9 +134,9 @@ def analytic_param_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
       "text_pooler": dense(d, d),
       "image_pooler": dense(d, d),
       "gla": 2 * dense(d, m.gla.dim) + 2,  # two heads + two log-temperatures
-      "mim_decoder": (dense(d, m.mim.width) + m.mim.width
-                      + m.mim.depth * pre_ln(m.mim.width, 4 * m.mim.width) + ln(m.mim.width)
-                      + dense(m.mim.width, pixels)),
+      "mim_decoder": (dense(d, m.mim.width) + m.mim.width +
+                      m.mim.depth * pre_ln(m.mim.width, 4 * m.mim.width) + ln(m.mim.width) +
+                      dense(m.mim.width, pixels)),
       "mlm_head": dense(d, d) + ln(d) + dense(d, t.vocab_size),
       "itm_head": dense(2 * d, 2),
   }
@@ -194,10 +197,10 @@ class Hardware:
 # 100 GB/s each way; DCN between v5e-256 slices 50 Gbps per chip; H100 SXM NVLink 4 900 GB/s
 # bidirectional = 450 GB/s each way; between nodes 8 x 400 Gb/s NICs (one per GPU) = 50 GB/s.
 HARDWARE = {
-    "v5e": Hardware("TPU v5e", "TPU v5 lite", 197.0, 16.0, 256, "ICI", 100.0, 2.0,
-                    "DCN", 6.25, 25.0, torus_side=16),
-    "h100": Hardware("H100 SXM (8 per node)", "NVIDIA H100 80GB HBM3", 989.0, 80.0, 8,
-                     "NVLink 4", 450.0, 3.0, "InfiniBand", 50.0, 10.0),
+    "v5e": Hardware("TPU v5e", "TPU v5 lite", 197.0, 16.0, 256, "ICI", 100.0, 2.0, "DCN", 6.25,
+                    25.0, torus_side=16),
+    "h100": Hardware("H100 SXM (8 per node)", "NVIDIA H100 80GB HBM3", 989.0, 80.0, 8, "NVLink 4",
+                     450.0, 3.0, "InfiniBand", 50.0, 10.0),
 }
 
 
@@ -243,9 +246,10 @@ def collective(hw: Hardware, op: str, size: float, group: int, inner: int,
   fast = passes * (inner - 1) / inner * size
   slow = passes * (outer - 1) / outer * size / inner
   # Latency: ring steps in the fast domain, a tree (log2 steps) across domains.
-  seconds = (fast / (hw.fast_gbs * GB * efficiency) + slow / (hw.slow_gbs * GB * efficiency)
-             + passes * (_ring_steps(hw, inner) * hw.fast_alpha_us
-                         + math.ceil(math.log2(outer)) * hw.slow_alpha_us) * 1e-6)
+  seconds = (
+      fast / (hw.fast_gbs * GB * efficiency) + slow / (hw.slow_gbs * GB * efficiency) + passes *
+      (_ring_steps(hw, inner) * hw.fast_alpha_us + math.ceil(math.log2(outer)) * hw.slow_alpha_us) *
+      1e-6)
   return Traffic(fast, slow, seconds)
 
 
@@ -253,16 +257,17 @@ def groups(hw: Hardware, data: int, fsdp: int) -> dict[str, tuple[int, int]]:
   """(group size, members per fast domain) of the fsdp, data and batch (data x fsdp) groups: the
   fsdp axis is the inner, contiguous one (jax.make_mesh puts the last mesh axis nearest)."""
   n = data * fsdp
-  return {"fsdp": (fsdp, min(fsdp, hw.domain)),
-          "data": (data, min(data, max(1, hw.domain // fsdp))),
-          "batch": (n, min(n, hw.domain))}
+  return {
+      "fsdp": (fsdp, min(fsdp, hw.domain)), "data": (data, min(data, max(1, hw.domain // fsdp))),
+      "batch": (n, min(n, hw.domain))
+  }
 
 
 def gla_gather_bytes(config: ml_collections.ConfigDict, batch: int) -> int:
   """Full size of the GLA embeddings the contrastive losses need from every device: image
   [B, 1+P, G] and text [B, L, G], float32 (P: all patches with gla.features_from='clean')."""
   m = config.model
-  num_patches = (m.image.size // m.image.patch) ** 2
+  num_patches = (m.image.size // m.image.patch)**2
   keep = masking.num_kept_patches(num_patches, config.masking.image_ratio)
   p = num_patches if m.gla.features_from == "clean" else keep
   return batch * (1 + p + config.data.max_len) * m.gla.dim * F32
@@ -274,7 +279,7 @@ def topk_gather_bytes(config: ml_collections.ConfigDict, batch: int) -> int:
   m = config.model
   if not m.memory.enabled:
     return 0
-  num_patches = (m.image.size // m.image.patch) ** 2
+  num_patches = (m.image.size // m.image.patch)**2
   keep = masking.num_kept_patches(num_patches, config.masking.image_ratio)
   text_reads = m.fusion.layers if m.memory.placement == "every_text_layer" else 1
   tokens = 1 + keep + text_reads * config.data.max_len
@@ -324,9 +329,10 @@ def measure_temp(config, batches, remat: str) -> dict[int, int]:
     t = time.perf_counter()
     r = memory.measure(config, 1, b, devices=jax.devices()[:1])
     out[b] = r["temp_size_in_bytes"]
-    print(f"  remat={remat} batch={b}: XLA temp {out[b] / GIB:.3f} GiB "
-          f"(compile {r['compile_s']:.0f}s, total {time.perf_counter() - t:.0f}s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"  remat={remat} batch={b}: XLA temp {out[b] / GIB:.3f} GiB "
+        f"(compile {r['compile_s']:.0f}s, total {time.perf_counter() - t:.0f}s)", file=sys.stderr,
+        flush=True)
   return out
 
 
@@ -342,7 +348,7 @@ def block_input_bytes(config) -> int:
   """Per example: the inputs of every transformer block of the step (float32), which a
   remat='full' step keeps for the backward pass: the part rematerialisation cannot remove."""
   m = config.model
-  num_patches = (m.image.size // m.image.patch) ** 2
+  num_patches = (m.image.size // m.image.patch)**2
   keep = masking.num_kept_patches(num_patches, config.masking.image_ratio)
   length = config.data.max_len
   clean = m.gla.features_from == "clean"
@@ -427,8 +433,8 @@ def vit_block(inputs: Inputs) -> dict:
   config = inputs.config
   m = config.model
   fwd = flops.forward_flops(config, 1)
-  patches = (m.image.size // m.image.patch) ** 2
-  patch_embed = 2.0 * patches * m.image.patch ** 2 * 3 * m.image.width
+  patches = (m.image.size // m.image.patch)**2
+  patch_embed = 2.0 * patches * m.image.patch**2 * 3 * m.image.width
   f = fwd["image_encoder_masked"] - patch_embed + fwd.get("image_encoder_clean", 0.0)
   size = sum(x.size * x.itemsize for x in inputs.leaves if x.group == "image_encoder/block_0")
   return {"bytes": size, "fwd_flops": f / m.image.layers}
@@ -462,8 +468,8 @@ def step_row(inputs: Inputs, hw: Hardware, data: int, fsdp: int, batch: int) -> 
   a, b = inputs.fit
   # The one-device intercept a (gradients, update temporaries) scales with the shards; FSDP's
   # gathered weights are counted in full (XLA:CPU keeps them all; an upper bound).
-  mem = (state["params"] + state["adamw"] + a * state["params"] / inputs.param_bytes
-         + (inputs.param_bytes if fsdp > 1 else 0) + b * per_dev)
+  mem = (state["params"] + state["adamw"] + a * state["params"] / inputs.param_bytes +
+         (inputs.param_bytes if fsdp > 1 else 0) + b * per_dev)
   mem_asis = mem + topk_gather_bytes(config, batch)
   # Overlap check: one ViT block's collective against its own compute (the forward pass for
   # FSDP's all-gather, the backward pass = 2 x forward for DP's gradient all-reduce).
@@ -477,16 +483,28 @@ def step_row(inputs: Inputs, hw: Hardware, data: int, fsdp: int, batch: int) -> 
     block_compute = 2 * block["fwd_flops"] * per_dev / peak
   gb = lambda t: (t.fast_bytes + t.slow_bytes) / GB
   return {
-      "hw": hw, "n": n, "data": data, "fsdp": fsdp, "batch": batch, "per_dev": per_dev,
-      "tflop": step_flops / 1e12, "compute_ms": compute * 1e3,
-      "param_gb": gb(traffic["params"]), "slow_gb": traffic["params"].slow_bytes / GB,
-      "gla_gb": gb(traffic["gla"]), "topk_gb": gb(traffic["topk"]),
+      "hw": hw,
+      "n": n,
+      "data": data,
+      "fsdp": fsdp,
+      "batch": batch,
+      "per_dev": per_dev,
+      "tflop": step_flops / 1e12,
+      "compute_ms": compute * 1e3,
+      "param_gb": gb(traffic["params"]),
+      "slow_gb": traffic["params"].slow_bytes / GB,
+      "gla_gb": gb(traffic["gla"]),
+      "topk_gb": gb(traffic["topk"]),
       "param_ms": traffic["params"].seconds * 1e3,
-      "comm_ms": fixed_comm * 1e3, "comm_asis_ms": asis_comm * 1e3,
-      "ratio": fixed_comm / compute, "ratio_asis": asis_comm / compute,
+      "comm_ms": fixed_comm * 1e3,
+      "comm_asis_ms": asis_comm * 1e3,
+      "ratio": fixed_comm / compute,
+      "ratio_asis": asis_comm / compute,
       "block_ratio": block_comm.seconds / block_compute,
-      "mem_gib": mem / GIB, "mem_asis_gib": mem_asis / GIB,
-      "fits": mem <= hw.hbm_gib * GIB, "fits_asis": mem_asis <= hw.hbm_gib * GIB,
+      "mem_gib": mem / GIB,
+      "mem_asis_gib": mem_asis / GIB,
+      "fits": mem <= hw.hbm_gib * GIB,
+      "fits_asis": mem_asis <= hw.hbm_gib * GIB,
       "step_ms": (max(compute, fixed_comm) * 1e3, (compute + fixed_comm) * 1e3),
       "ex_s": batch / max(compute, fixed_comm),
       "uneven": fsdp > 1 and bool(uneven_split(inputs, fsdp)),
@@ -518,8 +536,10 @@ def recommend(rows: list[dict], hw: Hardware, n: int) -> Optional[dict]:
 # --- Markdown -------------------------------------------------------------------------------------
 def _table(header: list[str], rows: list[list], align: str = "") -> str:
   align = align or "l" + "r" * (len(header) - 1)
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+  lines = [
+      "| " + " | ".join(header) + " |",
+      "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"
+  ]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
 
@@ -535,36 +555,41 @@ def params_section(inputs: Inputs) -> str:
     counts[x.component] += x.size
   analytic = analytic_param_counts(inputs.config)
   total = sum(counts.values())
-  rows = [[k, f"{v:,}", f"{analytic.get(k, 0):,}" + ("" if analytic.get(k) == v else " (differs)"),
-           f"{v * F32 / MIB:,.1f}", f"{v / total:.1%}"]
-          for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
-  rows.append(["**total**", f"**{total:,}**", f"{sum(analytic.values()):,}",
-               f"**{total * F32 / MIB:,.1f}**", "100%"])
+  rows = [[
+      k, f"{v:,}", f"{analytic.get(k, 0):,}" + ("" if analytic.get(k) == v else " (differs)"),
+      f"{v * F32 / MIB:,.1f}", f"{v / total:.1%}"
+  ] for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+  rows.append([
+      "**total**", f"**{total:,}**", f"{sum(analytic.values()):,}", f"**{total * F32 / MIB:,.1f}**",
+      "100%"
+  ])
   return _table(["component", "parameters (eval_shape)", "analytic (config)", "MiB fp32", "share"],
                 rows)
 
 
 def state_section(inputs: Inputs) -> str:
   rows = []
-  for label, data, fsdp in [("DP (replicated), any N", 1, 1), ("FSDP 8", 1, 8),
-                            ("FSDP 16", 1, 16), ("FSDP 128", 1, 128), ("FSDP 256", 1, 256),
-                            ("FSDP 2048", 1, 2048)]:
+  for label, data, fsdp in [("DP (replicated), any N", 1, 1), ("FSDP 8", 1, 8), ("FSDP 16", 1, 16),
+                            ("FSDP 128", 1, 128), ("FSDP 256", 1, 256), ("FSDP 2048", 1, 2048)]:
     st = state_per_device(inputs.leaves, inputs.rules, data, fsdp)
     uneven = uneven_split(inputs, fsdp) if fsdp > 1 else []
     note = f"{len(uneven)} tensors split unevenly (padded)" if uneven else ""
     ideal = 4 * inputs.param_bytes / fsdp
-    rows.append([label, f"{st['params'] / MIB:,.1f}", f"{st['adamw'] / MIB:,.1f}",
-                 f"{st['grads'] / MIB:,.1f}", f"{st['total'] / MIB:,.1f}",
-                 f"{st['total'] / ideal:.3f}", note])
-  return _table(["layout (fsdp = N)", "params MiB/dev", "AdamW MiB/dev", "grads MiB/dev",
-                 "total MiB/dev", "total / (4 P / N)", "note"], rows, "lrrrrrl")
+    rows.append([
+        label, f"{st['params'] / MIB:,.1f}", f"{st['adamw'] / MIB:,.1f}",
+        f"{st['grads'] / MIB:,.1f}", f"{st['total'] / MIB:,.1f}", f"{st['total'] / ideal:.3f}", note
+    ])
+  return _table([
+      "layout (fsdp = N)", "params MiB/dev", "AdamW MiB/dev", "grads MiB/dev", "total MiB/dev",
+      "total / (4 P / N)", "note"
+  ], rows, "lrrrrrl")
 
 
 def activations_section(measured: dict, fits: dict, recorded: set) -> str:
   batches = sorted({b for pts in measured.values() for b in pts})
-  header = ["per-device batch"] + [f"XLA temp GiB, remat={k}" + (" (recorded)" if k in recorded
-                                                                  else "")
-                                   for k in measured]
+  header = ["per-device batch"] + [
+      f"XLA temp GiB, remat={k}" + (" (recorded)" if k in recorded else "") for k in measured
+  ]
   rows = [[b] + [f"{measured[k][b] / GIB:.3f}" if b in measured[k] else "-" for k in measured]
           for b in batches]
   rows.append(["fit a (GiB)"] + [f"{fits[k][0] / GIB:.3f}" for k in measured])
@@ -579,10 +604,13 @@ def flops_section(config) -> str:
     step = flops.train_step_flops(config, b)
     local = fwd.get("gla_local", 0.0) + fwd.get("gla_global", 0.0)
     per_dev = [f"{step / n / 1e12:,.2f}" if b >= n else "-" for n in DEVICES]
-    rows.append([f"{b:,}", f"{step / 1e15:,.3f}", f"{fwd['total'] / b / 1e9:,.1f}",
-                 f"{local / fwd['total']:.1%}"] + per_dev)
-  return _table(["global batch", "PFLOP / step", "forward GFLOP / example",
-                 "GLA contrastive share"] + [f"TFLOP / device, N={n}" for n in DEVICES], rows)
+    rows.append([
+        f"{b:,}", f"{step / 1e15:,.3f}", f"{fwd['total'] / b / 1e9:,.1f}",
+        f"{local / fwd['total']:.1%}"
+    ] + per_dev)
+  return _table(
+      ["global batch", "PFLOP / step", "forward GFLOP / example", "GLA contrastive share"] +
+      [f"TFLOP / device, N={n}" for n in DEVICES], rows)
 
 
 def hlo_section(inputs: Inputs, hlo: dict) -> str:
@@ -595,32 +623,50 @@ def hlo_section(inputs: Inputs, hlo: dict) -> str:
   mib = lambda v: f"{v / MIB:,.1f}"
   get = lambda f, k: mib(hlo[f].get(k, 0.0))
   rows = [
-      ["gradient all-reduce (DP) / all-reduce + reduce-scatter (FSDP)", mib(total),
-       get(1, "all-reduce param"),
-       f"{get(8, 'all-reduce param')} + {get(8, 'reduce-scatter param')}"],
-      ["parameter all-gather (FSDP)", f"{mib(split)} (fsdp only)", get(1, "all-gather param"),
-       get(8, "all-gather param")],
-      ["memory top-k scores all-gather", mib(topk_gather_bytes(config, 16)),
-       get(1, "all-gather other"), get(8, "all-gather other")],
-      ["GLA embeddings (gather + scatter) and small tensors", mib(2 * gla_gather_bytes(config, 16)),
-       f"{get(1, 'all-reduce other')} (all-reduce)",
-       f"{get(8, 'all-reduce other')} (all-reduce) + {get(8, 'all-to-all other')} (all-to-all)"],
+      [
+          "gradient all-reduce (DP) / all-reduce + reduce-scatter (FSDP)",
+          mib(total),
+          get(1, "all-reduce param"),
+          f"{get(8, 'all-reduce param')} + {get(8, 'reduce-scatter param')}"
+      ],
+      [
+          "parameter all-gather (FSDP)", f"{mib(split)} (fsdp only)",
+          get(1, "all-gather param"),
+          get(8, "all-gather param")
+      ],
+      [
+          "memory top-k scores all-gather",
+          mib(topk_gather_bytes(config, 16)),
+          get(1, "all-gather other"),
+          get(8, "all-gather other")
+      ],
+      [
+          "GLA embeddings (gather + scatter) and small tensors",
+          mib(2 * gla_gather_bytes(config, 16)), f"{get(1, 'all-reduce other')} (all-reduce)",
+          f"{get(8, 'all-reduce other')} (all-reduce) + {get(8, 'all-to-all other')} (all-to-all)"
+      ],
   ]
-  return _table(["collective (result bytes, whole step)", "analytic MiB",
-                 "XLA:CPU MiB, DP (8, 1, 1)", "XLA:CPU MiB, FSDP (1, 8, 1)"], rows, "lrrr")
+  return _table([
+      "collective (result bytes, whole step)", "analytic MiB", "XLA:CPU MiB, DP (8, 1, 1)",
+      "XLA:CPU MiB, FSDP (1, 8, 1)"
+  ], rows, "lrrr")
 
 
 def hardware_section(inputs: Inputs) -> str:
   rows = []
   for hw in HARDWARE.values():
     table_peak = flops.PEAK_TFLOPS[hw.device_kind]["bfloat16"]
-    rows.append([hw.name, f"{hw.peak_tflops:g} (flops.PEAK_TFLOPS: {table_peak:g})",
-                 f"{hw.hbm_gib:g}", hw.domain, f"{hw.fast} {hw.fast_gbs:g} GB/s, "
-                 f"{hw.fast_alpha_us:g} us", f"{hw.slow} {hw.slow_gbs:g} GB/s, "
-                 f"{hw.slow_alpha_us:g} us"])
-  return _table(["device", "peak bf16 TFLOP/s", "HBM GiB", "fast domain (devices)",
-                 "fast link: per device per direction, latency per step",
-                 "between domains: per device per direction, latency per step"], rows, "lrrrll")
+    rows.append([
+        hw.name, f"{hw.peak_tflops:g} (flops.PEAK_TFLOPS: {table_peak:g})", f"{hw.hbm_gib:g}",
+        hw.domain, f"{hw.fast} {hw.fast_gbs:g} GB/s, "
+        f"{hw.fast_alpha_us:g} us", f"{hw.slow} {hw.slow_gbs:g} GB/s, "
+        f"{hw.slow_alpha_us:g} us"
+    ])
+  return _table([
+      "device", "peak bf16 TFLOP/s", "HBM GiB", "fast domain (devices)",
+      "fast link: per device per direction, latency per step",
+      "between domains: per device per direction, latency per step"
+  ], rows, "lrrrll")
 
 
 def step_section(rows: list[dict], hw: Hardware) -> str:
@@ -629,19 +675,23 @@ def step_section(rows: list[dict], hw: Hardware) -> str:
     lo, hi = r["step_ms"]
     fits = "yes" if r["fits"] else "**no**"
     fits += "" if r["fits_asis"] else " (as is: no)"
-    out.append([r["n"], _layout(r) + (" ⚠uneven" if r["uneven"] else ""), f"{r['batch']:,}",
-                r["per_dev"], f"{r['tflop']:.2f}", f"{r['compute_ms']:.1f}",
-                f"{r['mem_gib']:.1f} / {r['mem_asis_gib']:.1f}", fits,
-                f"{r['param_gb']:.2f} ({r['slow_gb']:.2f})", f"{r['gla_gb']:.2f}",
-                f"{r['topk_gb']:.1f}", f"{r['comm_ms']:.1f} / {r['comm_asis_ms']:.1f}",
-                f"**{r['ratio']:.2f}** / {r['ratio_asis']:.2f}", f"{r['block_ratio']:.2f}",
-                f"{lo:.0f}-{hi:.0f}", f"{r['ex_s']:,.0f}"])
-  return _table(["N", "mesh (data, fsdp, tensor)", "global batch", "per dev", "TFLOP/dev",
-                 "compute ms", "memory GiB/dev (top-k fixed / as is)", f"fits {hw.hbm_gib:g} GiB",
-                 "params+grads GB/dev (slow link)", "GLA GB/dev", "top-k GB/dev (as is)",
-                 "comm ms (fixed / as is)", "comm / compute (fixed / as is)",
-                 "ViT-block comm / compute", "step ms (overlapped-serial)", "examples/s"],
-                out, "rlrrrrrlrrrrrrrr")
+    out.append([
+        r["n"],
+        _layout(r) + (" ⚠uneven" if r["uneven"] else ""), f"{r['batch']:,}", r["per_dev"],
+        f"{r['tflop']:.2f}", f"{r['compute_ms']:.1f}",
+        f"{r['mem_gib']:.1f} / {r['mem_asis_gib']:.1f}", fits,
+        f"{r['param_gb']:.2f} ({r['slow_gb']:.2f})", f"{r['gla_gb']:.2f}", f"{r['topk_gb']:.1f}",
+        f"{r['comm_ms']:.1f} / {r['comm_asis_ms']:.1f}",
+        f"**{r['ratio']:.2f}** / {r['ratio_asis']:.2f}", f"{r['block_ratio']:.2f}",
+        f"{lo:.0f}-{hi:.0f}", f"{r['ex_s']:,.0f}"
+    ])
+  return _table([
+      "N", "mesh (data, fsdp, tensor)", "global batch", "per dev", "TFLOP/dev", "compute ms",
+      "memory GiB/dev (top-k fixed / as is)", f"fits {hw.hbm_gib:g} GiB",
+      "params+grads GB/dev (slow link)", "GLA GB/dev", "top-k GB/dev (as is)",
+      "comm ms (fixed / as is)", "comm / compute (fixed / as is)", "ViT-block comm / compute",
+      "step ms (overlapped-serial)", "examples/s"
+  ], out, "rlrrrrrlrrrrrrrr")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -653,17 +703,20 @@ def summary_table(rows: list[dict]) -> str:
         out.append([hw.name, n, "nothing fits (needs train.grad_accum or remat)"] + ["-"] * 6)
         continue
       lo, hi = r["step_ms"]
-      out.append([hw.name, n, _layout(r), f"{r['batch']:,}", r["per_dev"],
-                  f"{r['ratio']:.2f}", f"{r['ratio_asis']:.2f}", f"{lo:.0f}-{hi:.0f}",
-                  f"{r['ex_s']:,.0f}"])
-  return _table(["hardware", "N", "best layout (data, fsdp, tensor)", "global batch", "per dev",
-                 "comm / compute (top-k fixed)", "as is", "step ms", "examples/s"], out,
-                "lrlrrrrrr")
+      out.append([
+          hw.name, n,
+          _layout(r), f"{r['batch']:,}", r["per_dev"], f"{r['ratio']:.2f}",
+          f"{r['ratio_asis']:.2f}", f"{lo:.0f}-{hi:.0f}", f"{r['ex_s']:,.0f}"
+      ])
+  return _table([
+      "hardware", "N", "best layout (data, fsdp, tensor)", "global batch", "per dev",
+      "comm / compute (top-k fixed)", "as is", "step ms", "examples/s"
+  ], out, "lrlrrrrrr")
 
 
 def _find(rows, hw, data, fsdp, batch):
-  return next(r for r in rows if r["hw"] is hw and (r["data"], r["fsdp"], r["batch"]) ==
-              (data, fsdp, batch))
+  return next(r for r in rows
+              if r["hw"] is hw and (r["data"], r["fsdp"], r["batch"]) == (data, fsdp, batch))
 
 
 def render(inputs: Inputs, measured: dict, recorded: set, hlo: Optional[dict], rows: list[dict],
@@ -680,7 +733,7 @@ def render(inputs: Inputs, measured: dict, recorded: set, hlo: Optional[dict], r
   ex_gflop = 3 * fwd256["total"] / 256 / 1e9
   topk_ex = topk_gather_bytes(config, 1)
   gla_ex = gla_gather_bytes(config, 1)
-  patches = (m.image.size // m.image.patch) ** 2
+  patches = (m.image.size // m.image.patch)**2
   keep = masking.num_kept_patches(patches, config.masking.image_ratio)
   rec_tpu, rec_gpu = recommend(rows, v5e, 256), recommend(rows, h100, 8)
   length = config.data.max_len
@@ -689,7 +742,8 @@ def render(inputs: Inputs, measured: dict, recorded: set, hlo: Optional[dict], r
   gdim = m.gla.dim
   none = measured["none"]
   slopes = ", ".join(f"{(none[y] - none[x]) / (y - x) / MIB:,.0f} ({x}->{y})"
-                     for x, y in zip(sorted(none), sorted(none)[1:]))
+                     for x, y in zip(sorted(none),
+                                     sorted(none)[1:]))
   dp_tpu = _find(rows, v5e, 256, 1, rec_tpu["batch"])
   paper_tpu = min((r for r in rows if r["hw"] is v5e and r["n"] == 256 and r["batch"] == 256),
                   key=lambda r: r["comm_ms"])
@@ -699,19 +753,21 @@ def render(inputs: Inputs, measured: dict, recorded: set, hlo: Optional[dict], r
   hours = [config.train.steps * t / 3.6e6 for t in rec_gpu["step_ms"]]
   per_ex_ms = lambda hw: 3 * fwd256["total"] / 256 / (hw.peak_tflops * 1e12 * inputs.mfu) * 1e3
   hide = lambda r: r["param_ms"] / per_ex_ms(r["hw"])  # examples per device to hide it
-  local_share = lambda batch: (lambda f: f.get("gla_local", 0.0) / f["total"])(
-      flops.forward_flops(config, batch))
+  local_share = lambda batch: (lambda f: f.get("gla_local", 0.0) / f["total"])(flops.forward_flops(
+      config, batch))
   rec_b = rec_tpu["batch"]
   steps_equal = config.train.steps * config.train.batch_size // rec_b
-  first_no_fit = min((r["batch"] for r in rows if r["hw"] is v5e and r["n"] == 256
-                      and r["fits"] and not r["fits_asis"]), default=None)
-  measured_names = ", ".join(f"remat={k}" + (" (recorded)" if k in recorded else "")
-                             for k in measured)
+  first_no_fit = min(
+      (r["batch"]
+       for r in rows if r["hw"] is v5e and r["n"] == 256 and r["fits"] and not r["fits_asis"]),
+      default=None)
+  measured_names = ", ".join(
+      f"remat={k}" + (" (recorded)" if k in recorded else "") for k in measured)
   hlo_text = ""
   if hlo is not None:
     dp_reduce = hlo[1].get("all-reduce param", 0) / _shallow_bytes(inputs)
-    other_reduce = (hlo[1].get("all-reduce other", 0)
-                    / (2 * gla_gather_bytes(shallow_config(config), 16)))
+    other_reduce = (hlo[1].get("all-reduce other", 0) /
+                    (2 * gla_gather_bytes(shallow_config(config), 16)))
     hlo_text = f"""
 ### Checked against XLA: collectives of the compiled step (measured, CPU)
 
@@ -1011,9 +1067,10 @@ def reflow(text: str, width: int = 100) -> str:
 
   def flush():
     if words:
-      out.append(textwrap.fill(" ".join(words), width, initial_indent=prefix,
-                               subsequent_indent=" " * len(prefix), break_long_words=False,
-                               break_on_hyphens=False))
+      out.append(
+          textwrap.fill(" ".join(words), width, initial_indent=prefix,
+                        subsequent_indent=" " * len(prefix), break_long_words=False,
+                        break_on_hyphens=False))
     words.clear()
 
   for line in text.splitlines():
@@ -1065,7 +1122,7 @@ def _tp_bytes(config, tensor: int = 2) -> float:
   the forward pass (attention, MLP; fusion layers three with cross-attention) and as many in the
   backward pass, ring factor 2 (T-1)/T."""
   m = config.model
-  patches = (m.image.size // m.image.patch) ** 2
+  patches = (m.image.size // m.image.patch)**2
   keep = masking.num_kept_patches(patches, config.masking.image_ratio)
   length = config.data.max_len
   values = 2 * m.image.layers * (1 + keep + 1 + patches) * m.image.width  # masked + clean passes

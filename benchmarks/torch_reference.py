@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpma_jax import masking, optim
-from mpma_jax.interop import torch_mpma
+from mpma_jax import losses, masking, optim
 from mpma_jax.data import pipeline
-from mpma_jax import losses
+from mpma_jax.interop import torch_mpma
 
 IGNORE = masking.IGNORE
 _NEG = -1e9  # as mpma_jax.models.gla: a finite -inf
@@ -49,7 +48,7 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
   length ([CLS] words [SEP], then padding), paired MAE / BERT masks from masking.paired_masks."""
   m = config.model
   length, vocab = config.data.max_len, m.text.vocab_size
-  num_patches = (m.image.size // m.image.patch) ** 2
+  num_patches = (m.image.size // m.image.patch)**2
   if length < 5 or vocab <= NUM_SPECIAL + 1:
     raise ValueError(f"random_batch needs data.max_len >= 5 and vocab > {NUM_SPECIAL + 1}, "
                      f"got {length} and {vocab}")
@@ -65,11 +64,12 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
     text[1:n_words + 1] = rng.choice(random_ids, n_words)
     word = np.zeros(length, np.int32)
     word[1:n_words + 1] = 1
-    masks = masking.paired_masks(
-        seed, 0, b, num_patches=num_patches, image_mask_ratio=config.masking.image_ratio,
-        input_ids=text, candidate_mask=word.astype(bool),
-        text_mask_ratio=config.masking.text_ratio, mask_id=ids["mask"], random_ids=random_ids,
-        mask_prob=config.masking.mask_prob, random_prob=config.masking.random_prob)
+    masks = masking.paired_masks(seed, 0, b, num_patches=num_patches,
+                                 image_mask_ratio=config.masking.image_ratio, input_ids=text,
+                                 candidate_mask=word.astype(bool),
+                                 text_mask_ratio=config.masking.text_ratio, mask_id=ids["mask"],
+                                 random_ids=random_ids, mask_prob=config.masking.mask_prob,
+                                 random_prob=config.masking.random_prob)
     batch["text_ids"][b], batch["word_mask"][b] = text, word
     batch["text_mask"][b] = (np.arange(length) < n_words + 2).astype(np.int32)
     for k in ("image_keep", "image_restore", "mlm_ids", "mlm_labels"):
@@ -98,7 +98,7 @@ def mim_loss(pred, images, restore, num_kept: int, patch: int, norm_pix: bool = 
     mean = target.mean(-1, keepdim=True)
     var = target.var(-1, unbiased=False, keepdim=True)
     target = (target - mean) / torch.sqrt(var + eps)
-  per_patch = ((pred.float() - target) ** 2).mean(-1)  # [B, N]
+  per_patch = ((pred.float() - target)**2).mean(-1)  # [B, N]
   masked = restore >= num_kept  # [B, N]
   total = torch.where(masked, per_patch, torch.zeros_like(per_patch)).sum()
   return total / masked.sum().clamp(min=1).float()
@@ -170,8 +170,8 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
     metrics["mlm"], metrics["mlm_acc"] = mlm_loss(out["mlm_logits"], batch["mlm_labels"])
   if w["mim"]:
     metrics["mim"] = mim_loss(out["mim_pred"], torch_mpma.normalize_images(batch["image"]),
-                              batch["image_restore"], batch["image_keep"].shape[1],
-                              m.image.patch, m.mim.norm_pix)
+                              batch["image_restore"], batch["image_keep"].shape[1], m.image.patch,
+                              m.mim.norm_pix)
   if w["global"]:
     image, text = out["image_gla"][:, 0].float(), out["text_gla"][:, 0].float()
     logits = image @ text.T / out["temperature_global"]  # [B, B]
@@ -214,8 +214,11 @@ def param_groups(config: ml_collections.ConfigDict, model: torch.nn.Module) -> l
     encoder = path[0] in set(o.encoder_modules)
     decay = path[-1] not in optim.NO_DECAY_LEAVES
     key = ("encoder" if encoder else "new", decay)
-    groups.setdefault(key, {"params": [], "names": [], "lr": o.lr * (1.0 if encoder else o.lr_mult),
-                            "weight_decay": o.weight_decay if decay else 0.0})
+    groups.setdefault(
+        key, {
+            "params": [], "names": [], "lr": o.lr * (1.0 if encoder else o.lr_mult),
+            "weight_decay": o.weight_decay if decay else 0.0
+        })
     groups[key]["params"].append(p)
     groups[key]["names"].append(name)
   return [groups[k] for k in sorted(groups)]
@@ -234,8 +237,8 @@ def make_optimizer(config: ml_collections.ConfigDict, model: torch.nn.Module,
 # --- the step -------------------------------------------------------------------------------------
 def make_torch_step(config: ml_collections.ConfigDict, model: torch_mpma.MPMATorch,
                     compile: bool = False, optimizer: str = "foreach",
-                    compile_mode: Optional[str] = None, amp: bool = False
-                    ) -> Callable[[dict], dict]:
+                    compile_mode: Optional[str] = None,
+                    amp: bool = False) -> Callable[[dict], dict]:
   """step(batch of torch tensors) -> metrics (0-d tensors): forward, losses, backward, global
   gradient norm (+ clipping), AdamW update and schedule step; `model` is updated in place.
 
@@ -291,4 +294,3 @@ def num_threads() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:  # not on Linux
     return os.cpu_count() or 1
-

@@ -53,9 +53,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference
-from mpma_jax.configs.pretrain import get_config
 from mpma_jax import flops, optim, sharding, train
 from mpma_jax import overrides as overrides_lib
+from mpma_jax.configs.pretrain import get_config
 from mpma_jax.interop import torch_mpma
 from mpma_jax.models.mpma import MPMA
 
@@ -103,7 +103,6 @@ class JaxStep:
   """The compiled JAX train step on one device, its state and one batch on that device;
   xla_options: XLA compiler options for this compilation only; compiled: the step's executable
   compiled elsewhere for this device (aot.compile_step(config, 'local:1')), run instead."""
-
   def __init__(self, config: ml_collections.ConfigDict, batch: dict, device,
                xla_options: Optional[dict] = None, compiled: Any = None):
     self.config = config
@@ -132,7 +131,6 @@ class JaxStep:
 # --- PyTorch --------------------------------------------------------------------------------------
 class TorchStep:
   """One PyTorch variant: its own copy of the model, optimizer and the batch on `device`."""
-
   def __init__(self, config: ml_collections.ConfigDict, params: Any, batch: dict, device: str,
                variant: str):
     if variant not in TORCH_VARIANTS:
@@ -173,12 +171,12 @@ def matmul_tflops(n: int, dtype: str, reps: int = 10) -> dict:
   b = jax.random.normal(jax.random.key(1), (n, n), jdt)
   f = jax.jit(lambda x, y: x @ y)
   f(a, b).block_until_ready()
-  out = {"jax": 2.0 * n ** 3 / _median_time(lambda: f(a, b).block_until_ready(), reps) / 1e12}
+  out = {"jax": 2.0 * n**3 / _median_time(lambda: f(a, b).block_until_ready(), reps) / 1e12}
   tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   ta = torch.randn(n, n, dtype=tdt)
   tb = torch.randn(n, n, dtype=tdt)
   torch.mm(ta, tb)
-  out["torch"] = 2.0 * n ** 3 / _median_time(lambda: torch.mm(ta, tb), reps) / 1e12
+  out["torch"] = 2.0 * n**3 / _median_time(lambda: torch.mm(ta, tb), reps) / 1e12
   return out
 
 
@@ -193,9 +191,8 @@ def runnable_threads() -> Optional[int]:
     return None
 
 
-def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
-                  log: Callable[[str], None], load: Optional[dict] = None,
-                  cpu: Optional[dict] = None) -> dict:
+def time_variants(variants: dict, steps: int, warmup: int, rounds: int, log: Callable[[str], None],
+                  load: Optional[dict] = None, cpu: Optional[dict] = None) -> dict:
   """{name: callable} -> {name: per-step seconds}; warm-up, then interleaved rounds. `load`, if
   given, receives {name: [runnable threads sampled before each timed step]}, `cpu` {name: [CPU
   seconds of this process (all its threads) per step]}."""
@@ -216,8 +213,8 @@ def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
         fn()
         times[name].append(time.perf_counter() - t)
         cpu_times[name].append(time.process_time() - c)
-    log(f"  round {r + 1}/{rounds}: " + ", ".join(
-        f"{k} {statistics.median(v[-per_round:]):.3f}s" for k, v in times.items()))
+    log(f"  round {r + 1}/{rounds}: " +
+        ", ".join(f"{k} {statistics.median(v[-per_round:]):.3f}s" for k, v in times.items()))
   if load is not None:
     load.update(samples)
   if cpu is not None:
@@ -226,8 +223,10 @@ def time_variants(variants: dict, steps: int, warmup: int, rounds: int,
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| variant | features_from | median step s | min step s | CPU s / step | examples/s | "
-           "TFLOP/s | MFU | time / JAX |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+      "| variant | features_from | median step s | min step s | CPU s / step | examples/s | "
+      "TFLOP/s | MFU | time / JAX |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+  ]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['variant']} | {r['features_from']} | {r['error']} | | | | | | |")
@@ -283,9 +282,11 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
     t = time.perf_counter()
     jstep()  # every variant takes one untimed first step, so all run the same number of steps
     variants[name] = jstep
-    meta[name] = {"features_from": ff, "flops": step_flops, "xla_flops": jstep.xla_flops,
-                  "compile_s": jstep.compile_s, "first_step_s": time.perf_counter() - t,
-                  "impl": "jax", "jax_name": baseline, "overrides": overrides}
+    meta[name] = {
+        "features_from": ff, "flops": step_flops, "xla_flops": jstep.xla_flops,
+        "compile_s": jstep.compile_s, "first_step_s": time.perf_counter() - t, "impl": "jax",
+        "jax_name": baseline, "overrides": overrides
+    }
     if overrides or (ff != args.features_from and not args.compare_torch):
       continue  # PyTorch runs next to the JAX baseline(s) only
     for tv in torch_variants:
@@ -304,8 +305,10 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
         rows.append({"variant": tname, "features_from": ff, "error": f"failed: {reason}"})
         continue
       variants[tname] = tstep
-      meta[tname] = {"features_from": ff, "flops": step_flops, "impl": "torch",
-                     "jax_name": name, "first_step_s": time.perf_counter() - t}
+      meta[tname] = {
+          "features_from": ff, "flops": step_flops, "impl": "torch", "jax_name": name,
+          "first_step_s": time.perf_counter() - t
+      }
 
   load = {}
   cpu = {}
@@ -315,27 +318,29 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
   for name, t in medians.items():
     m = meta[name]
     tput = flops.throughput(m["flops"], t, 1, peak)
-    rows.append({"variant": name, "features_from": m["features_from"], "median_s": t,
-                 "examples_per_s": args.batch / t, "tflops": tput["tflops_per_device"],
-                 "mfu": tput.get("mfu"), "time_vs_jax": t / medians[m["jax_name"]],
-                 "min_s": min(times[name]), "steps": len(times[name]),
-                 "median_cpu_s": statistics.median(cpu[name]),
-                 "final_loss": losses[name], "overrides": m.get("overrides", []),
-                 "runnable_threads": _mean(load[name]),
-                 **{k: m[k] for k in ("xla_flops", "compile_s", "first_step_s") if k in m}})
+    rows.append({
+        "variant": name, "features_from": m["features_from"], "median_s": t,
+        "examples_per_s": args.batch / t, "tflops": tput["tflops_per_device"],
+        "mfu": tput.get("mfu"), "time_vs_jax": t / medians[m["jax_name"]],
+        "min_s": min(times[name]), "steps": len(times[name]
+                                               ), "median_cpu_s": statistics.median(cpu[name]),
+        "final_loss": losses[name], "overrides": m.get("overrides",
+                                                       []), "runnable_threads": _mean(load[name]),
+        **{k: m[k] for k in ("xla_flops", "compile_s", "first_step_s") if k in m}
+    })
   rows.sort(key=lambda r: order.index(r["variant"]))
   log("final loss per variant: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
   if any(_mean(v) is not None for v in load.values()):
     log(f"runnable threads during the timed steps (mean; {os.cpu_count()} cores; more = the "
         "machine was shared): " + ", ".join(f"{k} {_mean(v):.1f}" for k, v in load.items()))
   log("\n" + markdown_table(rows) + "\n")
-  summary = {"config": config.variant, "batch": args.batch, "dtype": args.dtype,
-             "device": device.device_kind, "platform": device.platform, "cpu": cpu_model,
-             "cores": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-             "peak_tflops": peak / 1e12 if peak else None,
-             "matmul_tflops": mm, "flops_per_step": {k: m["flops"] for k, m in meta.items()
-                                                     if m["impl"] == "jax"},
-             "rows": rows}
+  summary = {
+      "config": config.variant, "batch": args.batch, "dtype": args.dtype,
+      "device": device.device_kind, "platform": device.platform, "cpu": cpu_model,
+      "cores": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+      "peak_tflops": peak / 1e12 if peak else None, "matmul_tflops": mm,
+      "flops_per_step": {k: m["flops"] for k, m in meta.items() if m["impl"] == "jax"}, "rows": rows
+  }
   log(json.dumps(summary))
   if args.json:
     with open(args.json, "w") as f:
@@ -397,13 +402,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="time the JAX step with gla.features_from = clean and = masked")
   p.add_argument("--compare_torch", action="store_true",
                  help="with --compare_features_from: PyTorch for both settings too")
-  p.add_argument("--torch", default="auto",
-                 help="comma-separated PyTorch variants among eager, compile, amp, compile_amp "
-                      "(auto: eager,compile on CPU, all four on GPU)")
+  p.add_argument(
+      "--torch", default="auto",
+      help="comma-separated PyTorch variants among eager, compile, amp, compile_amp "
+      "(auto: eager,compile on CPU, all four on GPU)")
   p.add_argument("--no_torch", action="store_true", help="JAX only")
-  p.add_argument("--jax_variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                 help="one more JAX row with these config overrides, e.g. "
-                      "gather:model.memory.impl=gather (repeatable)")
+  p.add_argument(
+      "--jax_variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+      help="one more JAX row with these config overrides, e.g. "
+      "gather:model.memory.impl=gather (repeatable)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set model.memory.impl=gather (repeatable)")
   p.add_argument("--peak_size", type=int, default=2048, help="CPU peak: matmul size n")

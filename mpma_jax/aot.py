@@ -32,7 +32,7 @@ import ml_collections
 
 from mpma_jax import flops, optim, sharding, train
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +55,26 @@ class Chip:
 # drives 2 links one-way; TPUs with more ports may do better for collectives over several axes,
 # which this model ignores (conservative). NVLink 4: 18 links x 25 GB/s one-way through NVSwitch.
 CHIPS = {
-    "v5e": Chip("TPU v5e", "TPU v5 lite", 16 * GiB, 819.0, 50.0, 2,
-                "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM at 819 GB/s, "
-                "400 GB/s bidirectional ICI per chip over 4 ports"),
-    "v5p": Chip("TPU v5p", "TPU v5", 95 * GiB, 2765.0, 100.0, 2,
-                "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM at 2,765 GB/s, "
-                "1,200 GB/s bidirectional ICI per chip over 6 ports"),
-    "v4": Chip("TPU v4", "TPU v4", 32 * GiB, 1200.0, 45.0, 2,
-               "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM at 1,200 GB/s; ICI "
-               "45 GB/s one-way per link, 6 links (jax-ml scaling book, 'How to think about TPUs')"),
-    "v6e": Chip("TPU v6e", "TPU v6 lite", 32 * GiB, 1640.0, 100.0, 2,
-                "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1,640 GB/s, "
-                "800 GB/s bidirectional ICI per chip over 4 ports"),
-    "h100": Chip("NVIDIA H100 SXM", "NVIDIA H100 80GB HBM3", 84978434048.0, 3350.0, 25.0, 18,
-                 "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense (495 TF32), 80 GB HBM3 at "
-                 "3.35 TB/s, NVLink 900 GB/s bidirectional (18 links)"),
+    "v5e": Chip(
+        "TPU v5e", "TPU v5 lite", 16 * GiB, 819.0, 50.0, 2,
+        "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM at 819 GB/s, "
+        "400 GB/s bidirectional ICI per chip over 4 ports"),
+    "v5p": Chip(
+        "TPU v5p", "TPU v5", 95 * GiB, 2765.0, 100.0, 2,
+        "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM at 2,765 GB/s, "
+        "1,200 GB/s bidirectional ICI per chip over 6 ports"),
+    "v4": Chip(
+        "TPU v4", "TPU v4", 32 * GiB, 1200.0, 45.0, 2,
+        "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM at 1,200 GB/s; ICI "
+        "45 GB/s one-way per link, 6 links (jax-ml scaling book, 'How to think about TPUs')"),
+    "v6e": Chip(
+        "TPU v6e", "TPU v6 lite", 32 * GiB, 1640.0, 100.0, 2,
+        "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1,640 GB/s, "
+        "800 GB/s bidirectional ICI per chip over 4 ports"),
+    "h100": Chip(
+        "NVIDIA H100 SXM", "NVIDIA H100 80GB HBM3", 84978434048.0, 3350.0, 25.0, 18,
+        "NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense (495 TF32), 80 GB HBM3 at "
+        "3.35 TB/s, NVLink 900 GB/s bidirectional (18 links)"),
     "cpu": Chip("CPU (host)", "cpu", 0.0, 0.0, 0.0, 0, "no roofline: compile check only"),
 }
 # Fixed cost per collective (launch and synchronisation): an assumption, not a measurement; it
@@ -93,9 +98,10 @@ def parse_topology(topology: str) -> tuple[str, str]:
 
 # jax.Device.device_kind -> CHIPS key, for 'local:N' targets (the devices this process has): each
 # chip's own kind, and other names of the same chips.
-DEVICE_KINDS = {**{c.device_kind: key for key, c in CHIPS.items() if key != "cpu"},
-                "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v6e": "v6e", "NVIDIA H100": "h100",
-                "NVIDIA H200": "h100"}
+DEVICE_KINDS = {
+    **{c.device_kind: key for key, c in CHIPS.items() if key != "cpu"}, "TPU v5e": "v5e",
+    "TPU v5p": "v5p", "TPU v6e": "v6e", "NVIDIA H100": "h100", "NVIDIA H200": "h100"
+}
 
 
 def chip_for(topology: str, devices) -> "Chip":
@@ -224,7 +230,7 @@ class Compiled:
   lower_seconds: float
   compile_seconds: float  # wall time of XLA's compile
   compile_cpu_seconds: float  # CPU time of this process during it (all threads; moves less than
-                              # the wall time when other work shares the machine)
+  # the wall time when other work shares the machine)
 
 
 def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None) -> Compiled:
@@ -240,8 +246,10 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None)
     abstract, shardings = train.abstract_state(config, model, tx, mesh, rule_table)
     step = train.make_train_step(config, model, tx, shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in train.dummy_batch(config, config.train.batch_size).items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        for k, v in train.dummy_batch(config, config.train.batch_size).items()
+    }
     lowered = step.lower(abstract, batch)
     t1, c1 = time.perf_counter(), time.process_time()
     executable = lowered.compile(compiler_options=compiler_options(topology))
@@ -254,11 +262,13 @@ def memory(executable) -> dict[str, float]:
   """Per-device bytes from XLA's buffer assignment. 'peak' = arguments + outputs - aliased
   (donated state written in place) + temporaries + generated code: what the step needs resident."""
   m = executable.memory_analysis()
-  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-         "generated_code": m.generated_code_size_in_bytes}
-  out["peak"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-                 + out["generated_code"])
+  out = {
+      "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+      "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+      "generated_code": m.generated_code_size_in_bytes
+  }
+  out["peak"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] +
+                 out["generated_code"])
   return {k: float(v) for k, v in out.items()}
 
 
@@ -270,12 +280,16 @@ def cost(executable) -> dict[str, float]:
   c = executable.cost_analysis()
   c = c[0] if isinstance(c, (list, tuple)) else c
   c = c or {}
-  return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+  return {
+      "flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))
+  }
 
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+    "s4": 0.5, "u4": 0.5
+}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*(->.*)?\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
@@ -372,14 +386,17 @@ def parse_hlo(hlo_text: str) -> Hlo:
           if callee in computations:
             sequences.add(callee)
             visit(callee, times)
+
   visit(entry, 1)
   return Hlo(computations, runs, sequences)
 
 
 # Instructions that move no data through HBM themselves (views, control flow, bookkeeping).
-_NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call",
-               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
-               "copy-start", "copy-done", "add-dependency"}
+_NO_TRAFFIC = {
+    "parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call",
+    "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start",
+    "copy-done", "add-dependency"
+}
 
 
 def _operands(line: str) -> list[str]:
@@ -493,8 +510,8 @@ def collective_seconds(c: Collective, chip: Chip) -> float:
   if c.group <= 1:
     return 0.0
   bw = chip.link_gbps * 1e9 * chip.ring_links
-  share = {"all-reduce": 2 * (c.group - 1) / c.group, "collective-permute": 1.0}.get(
-      c.kind, (c.group - 1) / c.group)
+  share = {"all-reduce": 2 * (c.group - 1) / c.group,
+           "collective-permute": 1.0}.get(c.kind, (c.group - 1) / c.group)
   return c.count * (c.bytes * share / bw + COLLECTIVE_LATENCY_S)
 
 
@@ -522,11 +539,12 @@ def estimate(config, compiled_cost: dict, step_bytes: float, found: list[Collect
   hbm = step_bytes / (chip.hbm_gbps * 1e9)
   comm = sum(collective_seconds(c, chip) for c in found)
   step = max(compute, hbm) + comm
-  return {"compute_s": compute, "hbm_s": hbm, "collectives_s": comm, "step_s": step,
-          "overlapped_step_s": max(compute, hbm, comm),
-          "mfu": model_flops / num_devices / peak / step,
-          "examples_per_s": config.train.batch_size / step,
-          "model_flops_per_device": model_flops / num_devices}
+  return {
+      "compute_s": compute, "hbm_s": hbm, "collectives_s": comm, "step_s": step,
+      "overlapped_step_s": max(compute, hbm, comm), "mfu": model_flops / num_devices / peak / step,
+      "examples_per_s": config.train.batch_size / step,
+      "model_flops_per_device": model_flops / num_devices
+  }
 
 
 def report(config, compiled: Compiled, hbm_bytes: float = 0.0) -> dict:
@@ -541,20 +559,28 @@ def report(config, compiled: Compiled, hbm_bytes: float = 0.0) -> dict:
   found = collectives(hlo, len(compiled.devices))
   step_bytes = step_hbm_bytes(hlo)
   out = {
-      "topology": compiled.topology, "chip": chip.name, "devices": len(compiled.devices),
-      "mesh": compiled.mesh, "dtype": config.model.dtype, "remat": config.model.remat,
-      "scan": bool(config.model.get("scan", False)), "global_batch": config.train.batch_size,
+      "topology": compiled.topology,
+      "chip": chip.name,
+      "devices": len(compiled.devices),
+      "mesh": compiled.mesh,
+      "dtype": config.model.dtype,
+      "remat": config.model.remat,
+      "scan": bool(config.model.get("scan", False)),
+      "global_batch": config.train.batch_size,
       "grad_accum": config.train.grad_accum,
-      "micro_batch_per_device": config.train.batch_size // config.train.grad_accum
-                                // (compiled.mesh["data"] * compiled.mesh["fsdp"]),
-      "lower_seconds": compiled.lower_seconds, "compile_seconds": compiled.compile_seconds,
+      "micro_batch_per_device": config.train.batch_size // config.train.grad_accum //
+                                (compiled.mesh["data"] * compiled.mesh["fsdp"]),
+      "lower_seconds": compiled.lower_seconds,
+      "compile_seconds": compiled.compile_seconds,
       "compile_cpu_seconds": compiled.compile_cpu_seconds,
-      "memory": mem, "hbm_bytes": chip.hbm_bytes,
+      "memory": mem,
+      "hbm_bytes": chip.hbm_bytes,
       "fits": bool(chip.hbm_bytes == 0 or mem["peak"] <= chip.hbm_bytes),
       "headroom_bytes": chip.hbm_bytes - mem["peak"] if chip.hbm_bytes else None,
-      "xla_cost": cst, "hbm_bytes_per_step": step_bytes,
-      "analytic_flops_per_device": flops.train_step_flops(config, config.train.batch_size)
-                                   / len(compiled.devices),
+      "xla_cost": cst,
+      "hbm_bytes_per_step": step_bytes,
+      "analytic_flops_per_device": flops.train_step_flops(config, config.train.batch_size) /
+                                   len(compiled.devices),
       "collectives": collective_summary(found),
       "estimate": estimate(config, cst, step_bytes, found, chip, len(compiled.devices)),
   }
@@ -576,9 +602,9 @@ def format_report(r: dict) -> str:
       f"(grad_accum {r['grad_accum']}, micro-batch {r['micro_batch_per_device']}/device)",
       f"compile: lower {r['lower_seconds']:.1f} s, XLA compile {r['compile_seconds']:.1f} s "
       f"({r['compile_cpu_seconds']:.1f} s CPU)",
-      "memory per device (XLA): " + ", ".join(
-          f"{k} {_gib(m[k])}" for k in ("arguments", "outputs", "aliased", "temporaries",
-                                        "generated_code")),
+      "memory per device (XLA): " +
+      ", ".join(f"{k} {_gib(m[k])}"
+                for k in ("arguments", "outputs", "aliased", "temporaries", "generated_code")),
   ]
   if r["hbm_bytes"]:
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
@@ -596,14 +622,16 @@ def format_report(r: dict) -> str:
     lines.append(f"per device per step: analytic model FLOPs "
                  f"{r['analytic_flops_per_device'] / 1e12:.3f} TFLOP (no XLA cost analysis), "
                  f"{r['hbm_bytes_per_step'] / 1e9:.2f} GB (HLO, loops in full)")
-  lines.append("collectives per step: " + ", ".join(
-      f"{k} {v['ops']} ops {v['bytes'] / 1e6:.1f} MB" for k, v in r["collectives"].items()
-      if v["ops"]) or "none")
+  lines.append(
+      "collectives per step: " + ", ".join(f"{k} {v['ops']} ops {v['bytes'] / 1e6:.1f} MB"
+                                           for k, v in r["collectives"].items() if v["ops"]) or
+      "none")
   if est:
-    lines.append(f"estimate: step {est['step_s'] * 1e3:.1f} ms (compute {est['compute_s'] * 1e3:.1f}"
-                 f", HBM {est['hbm_s'] * 1e3:.1f}, collectives {est['collectives_s'] * 1e3:.1f} ms;"
-                 f" {est['overlapped_step_s'] * 1e3:.1f} ms if they overlap), "
-                 f"MFU {100 * est['mfu']:.1f}%, {est['examples_per_s']:,.0f} examples/s")
+    lines.append(
+        f"estimate: step {est['step_s'] * 1e3:.1f} ms (compute {est['compute_s'] * 1e3:.1f}"
+        f", HBM {est['hbm_s'] * 1e3:.1f}, collectives {est['collectives_s'] * 1e3:.1f} ms;"
+        f" {est['overlapped_step_s'] * 1e3:.1f} ms if they overlap), "
+        f"MFU {100 * est['mfu']:.1f}%, {est['examples_per_s']:,.0f} examples/s")
   return "\n".join(lines)
 
 
@@ -676,8 +704,10 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
   for data, fsdp, tensor in mesh_candidates(config, len(devices)):
     state = state_bytes_per_device(params, fsdp, tensor)
     if limit and state > limit:
-      tried.append({"setting": _setting(data, fsdp, tensor, "-", 0), "fits": False,
-                    "skipped": f"state alone {_gib(state)} > {_gib(limit)}"})
+      tried.append({
+          "setting": _setting(data, fsdp, tensor, "-", 0), "fits": False,
+          "skipped": f"state alone {_gib(state)} > {_gib(limit)}"
+      })
       continue
     for remat, accum in MEMORY_LADDER:
       if batch % accum or (batch // accum) % (data * fsdp):
@@ -701,21 +731,26 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
         break  # more remat or accumulation would only be slower
     if max_fits and sum(1 for r in tried if r.get("fits")) >= max_fits:
       break
-  fits = sorted((r for r in tried if r["fits"]),
-                key=lambda r: r["estimate"].get("step_s", 0.0) if r["estimate"] else 0.0)
-  return {"topology": topology, "global_batch": batch, "hbm_bytes": limit,
-          "compiles": compiles, "tried": tried, "fits": fits}
+  fits = sorted((r for r in tried if r["fits"]), key=lambda r: r["estimate"].get("step_s", 0.0)
+                if r["estimate"] else 0.0)
+  return {
+      "topology": topology, "global_batch": batch, "hbm_bytes": limit, "compiles": compiles,
+      "tried": tried, "fits": fits
+  }
 
 
 def _setting(data, fsdp, tensor, remat, accum) -> dict:
-  return {"mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "remat": remat,
-          "grad_accum": accum}
+  return {
+      "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor}, "remat": remat, "grad_accum": accum
+  }
 
 
 def format_suggestions(result: dict) -> str:
   """Settings that fit, fastest first, then what was tried and did not fit."""
-  head = ("| rank | mesh (data, fsdp, tensor) | remat | grad_accum | micro-batch/device | "
-          "peak / HBM | est. step ms | MFU | examples/s |\n|---:|:---|:---|---:|---:|---:|---:|---:|---:|")
+  head = (
+      "| rank | mesh (data, fsdp, tensor) | remat | grad_accum | micro-batch/device | "
+      "peak / HBM | est. step ms | MFU | examples/s |\n|---:|:---|:---|---:|---:|---:|---:|---:|---:|"
+  )
   rows = []
   for i, r in enumerate(result["fits"], 1):
     s, est = r["setting"], r["estimate"]
@@ -724,8 +759,10 @@ def format_suggestions(result: dict) -> str:
                 f"{r['micro_batch_per_device']} | {_gib(r['memory']['peak'])} / "
                 f"{_gib(result['hbm_bytes'])} | {1e3 * est.get('step_s', 0):.1f} | "
                 f"{100 * est.get('mfu', 0):.1f}% | {est.get('examples_per_s', 0):,.0f} |")
-  out = [f"{result['topology']}, global batch {result['global_batch']}: "
-         f"{len(result['fits'])} fitting setting(s) from {result['compiles']} compile(s)"]
+  out = [
+      f"{result['topology']}, global batch {result['global_batch']}: "
+      f"{len(result['fits'])} fitting setting(s) from {result['compiles']} compile(s)"
+  ]
   out += [head, *rows] if rows else ["nothing fits: raise the device count or lower the batch"]
   misses = [r for r in result["tried"] if not r.get("fits")]
   for r in misses:

@@ -42,7 +42,6 @@ class Checkpointer:
   `save` refuses a state that is not finite, so every checkpoint here is a good one and Orbax's
   rotation (train.keep_checkpoints) can only ever replace good checkpoints by newer good ones.
   """
-
   def __init__(self, directory: str, config: ml_collections.ConfigDict):
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
@@ -57,12 +56,12 @@ class Checkpointer:
     if not jax.jit(all_finite)(state):
       latest = self.latest_step()
       raise NonFiniteLossError(
-          f"refusing to checkpoint step {step}: the train state is not finite; "
-          + (f"the last good checkpoint is step {latest}" if latest is not None else
-             "there is no checkpoint yet"))
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_iterator.get_state())))
+          f"refusing to checkpoint step {step}: the train state is not finite; " +
+          (f"the last good checkpoint is step {latest}"
+           if latest is not None else "there is no checkpoint yet"))
+    self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(data_iterator.get_state())))
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """The state saved at `step`, laid out as `abstract_state` says; the data iterator (when
@@ -95,9 +94,9 @@ def restore_params(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
   Only the train state is read; both items get their handler so that Orbax can read the step's
   metadata without warning about the one left alone (the data iterator's)."""
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                 "data": ocp.JsonCheckpointHandler()})
+  manager = ocp.CheckpointManager(
+      directory, item_names=("state", "data"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -142,14 +141,12 @@ def load_init(path: str) -> tuple[ml_collections.ConfigDict, Any, int, str]:
 class BestCheckpoint:
   """A fine-tuning protocol's checkpoints/: the parameters of the epoch with the best selection
   metric (higher is better), the only one kept."""
-
   def __init__(self, directory: str, metric: str):
     self.metric = metric
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[metric], best_mode="max",
-            enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[metric],
+                                             best_mode="max", enable_async_checkpointing=False))
 
   def save(self, epoch: int, params: Any, value: float) -> None:
     self.manager.save(epoch, args=ocp.args.StandardSave(params), metrics={self.metric: value})

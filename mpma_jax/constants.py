@@ -23,7 +23,7 @@ def sincos_2d(grid: int, width: int) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding [1 + grid*grid, width] (MAE); the CLS row is zeros."""
   if width % 4:
     raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
-  omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))  # [W/4]
+  omega = 1.0 / 10000**(np.arange(width // 4, dtype=np.float64) / (width // 4))  # [W/4]
   ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
                        indexing="ij")
   parts = []

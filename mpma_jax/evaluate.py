@@ -20,8 +20,9 @@ def evaluate_finetuned(run_dir: str, protocol: str, split: str = "test") -> dict
     init = json.load(f)
   pdir = os.path.join(run_dir, protocol)
   if not os.path.isdir(os.path.join(pdir, "checkpoints")):
-    raise FileNotFoundError(f"{pdir}/checkpoints not found: protocols run in {run_dir}: "
-                            f"{[p for p in config.protocols if os.path.isdir(os.path.join(run_dir, p))]}")
+    raise FileNotFoundError(
+        f"{pdir}/checkpoints not found: protocols run in {run_dir}: "
+        f"{[p for p in config.protocols if os.path.isdir(os.path.join(run_dir, p))]}")
   with open(os.path.join(pdir, "plan.json")) as f:
     plan = json.load(f)
   vocab = []
@@ -47,10 +48,12 @@ def evaluate_finetuned(run_dir: str, protocol: str, split: str = "test") -> dict
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           jax.eval_shape(lambda: nn.meta.unbox(init())), shardings)
     params, step = checkpoint.restore_selected(os.path.join(pdir, "checkpoints"), target)
-    rows = finetune.predict_split(config, finetune.make_predict(model, mesh), params,
-                                  downstream.eval_batches(config, builder, plan[role]["split"],
-                                                          np.asarray(plan[role]["indices"]),
-                                                          decode), mesh)
+    rows = finetune.predict_split(
+        config, finetune.make_predict(model, mesh), params,
+        downstream.eval_batches(config, builder, plan[role]["split"],
+                                np.asarray(plan[role]["indices"]), decode), mesh)
   result = task.score(rows, config.data.labels or class_names)
-  return {"run": os.path.abspath(run_dir), "protocol": protocol, "split": split,
-          "checkpoint": step, **result}
+  return {
+      "run": os.path.abspath(run_dir), "protocol": protocol, "split": split, "checkpoint": step,
+      **result
+  }

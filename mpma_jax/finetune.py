@@ -29,7 +29,6 @@ from mpma_jax.models import vit
 from mpma_jax.models.heads import Downstream
 
 
-
 # --- the pre-trained model -----------------------------------------------------------------------
 def model_config(config: ml_collections.ConfigDict, pre_model: ml_collections.ConfigDict):
   """The pre-training model config with the fine-tuning overrides (image size, dtype, remat)."""
@@ -101,6 +100,7 @@ def param_groups(params: Any, config: ml_collections.ConfigDict) -> Any:
     if config.linear_probe:
       return "frozen"
     return "encoder" if names[1] in encoders else "fusion"
+
   return jax.tree_util.tree_map_with_path(group, params)
 
 
@@ -121,10 +121,11 @@ def build_model(config, model_cfg, num_outputs: int) -> Downstream:
 
 def dummy_batch(config, model_cfg, num_outputs: int, batch_size: int = 2) -> dict:
   s, length = model_cfg.image.size, config.data.max_len
-  batch = {"image": np.zeros((batch_size, s, s, 3), np.uint8),
-           "text_ids": np.zeros((batch_size, length), np.int32),
-           "text_mask": np.ones((batch_size, length), np.int32),
-           "valid": np.ones((batch_size,), np.int32)}
+  batch = {
+      "image": np.zeros((batch_size, s, s, 3), np.uint8), "text_ids": np.zeros(
+          (batch_size, length), np.int32), "text_mask": np.ones((batch_size, length), np.int32),
+      "valid": np.ones((batch_size,), np.int32)
+  }
   batch.update(tasks.get(config.task).batch_fields(batch_size, num_outputs))
   return batch
 
@@ -133,7 +134,8 @@ def init_state(config, model: Downstream, model_cfg, num_outputs, pretrained, tx
   """(params, opt_state, shardings of both, notes): the head freshly initialised, the rest from
   the pre-trained parameters, placed directly in their shardings."""
   batch = dummy_batch(config, model_cfg, num_outputs)
-  init = lambda: model.init(jax.random.key(config.seed), batch, method=Downstream.init_all)["params"]
+  init = lambda: model.init(jax.random.key(config.seed), batch, method=Downstream.init_all)["params"
+                                                                                           ]
   boxed = jax.eval_shape(init)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   # Only the head keeps fresh values (`transfer` replaces every other leaf), so only the head is
@@ -141,13 +143,14 @@ def init_state(config, model: Downstream, model_cfg, num_outputs, pretrained, tx
   fresh = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
                        is_leaf=lambda x: isinstance(x, nn.Partitioned))  # shapes
   if "head" in fresh:
-    fresh["head"] = jax.device_get(jax.jit(lambda: nn.meta.unbox(init()["head"]),
-                                           out_shardings=param_sh["head"])())
+    fresh["head"] = jax.device_get(
+        jax.jit(lambda: nn.meta.unbox(init()["head"]), out_shardings=param_sh["head"])())
   host, notes = transfer(fresh, pretrained, model_cfg)
 
   def place(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
   params = jax.tree.map(place, host, param_sh)
   opt_state = jax.jit(tx.init)(params)  # moments laid out like the parameters
   return params, opt_state, param_sh, notes
@@ -163,6 +166,7 @@ def make_train_step(config, model: Downstream, tx, param_sh, mesh):
     def loss_fn(p):
       out = model.apply({"params": p}, batch, deterministic=False, rngs={"dropout": rng})
       return tasks.loss(config.task, out, batch)
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
 
     def apply(_):
@@ -231,8 +235,10 @@ def itm_rerank(config, model: Downstream, params, rows: dict, mesh) -> dict:
       i, t = image[start:start + size], text[start:start + size]
       pad = size - len(i)
       i, t = np.pad(i, (0, pad)), np.pad(t, (0, pad))
-      batch = {"image": rows["image"][i], "text_ids": rows["text_ids"][t],
-               "text_mask": rows["text_mask"][t]}
+      batch = {
+          "image": rows["image"][i], "text_ids": rows["text_ids"][t], "text_mask": rows["text_mask"]
+                                                                                   [t]
+      }
       probs.append(np.asarray(jax.device_get(itm(params, device_batch(batch, mesh))))[:size - pad])
     reranked = s.copy()
     reranked[query, cand] = 2.0 + np.concatenate(probs)  # above every cosine similarity
@@ -255,8 +261,8 @@ def pictures(config, model_cfg, params, test_rows: dict, tokenizer_dir: str, wor
     n = min(100, len(test_rows["image"]))
     pairs = {k: test_rows[k][:n] for k in ("image", "text_ids", "text_mask")}
     paths.append(os.path.join(out, "retrieval.png"))
-    images["retrieval"] = visualize.retrieval_examples(
-        model_cfg, jax.device_get(params["mpma"]), pairs, tok, paths[-1])
+    images["retrieval"] = visualize.retrieval_examples(model_cfg, jax.device_get(params["mpma"]),
+                                                       pairs, tok, paths[-1])
   if images:
     visualize.to_tensorboard(os.path.join(workdir, "tb"), images, step)
   return paths
@@ -284,8 +290,10 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
   os.makedirs(workdir, exist_ok=True)
   builder = downstream.open_builder(config.dataset, config.data_dir)
   plan = downstream.plan(builder, config, protocol)
-  source = {role: builder if name == config.dataset else
-            downstream.open_builder(name, config.data_dir) for role, name in plan.datasets.items()}
+  source = {
+      role: builder if name == config.dataset else downstream.open_builder(name, config.data_dir)
+      for role, name in plan.datasets.items()
+  }
   class_names = list(builder.info.metadata.get("class_names", ()))
   task = tasks.get(config.task)
   num_outputs = task.num_outputs(config, plan.vocab, class_names)
@@ -299,10 +307,14 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
   total_steps = max(config.train.epochs * steps_per_epoch, 1)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "plan.json"), "w") as f:
-      json.dump({"protocol": protocol, "notes": plan.notes,
-                 **{role: {"split": s, "num": len(i), "indices": i.tolist()}
-                    for role, (s, i) in (("train", plan.train), ("select", plan.select),
-                                         ("test", plan.test))}}, f)
+      json.dump(
+          {
+              "protocol": protocol, "notes": plan.notes, **{
+                  role: {
+                      "split": s, "num": len(i), "indices": i.tolist()
+                  } for role, (s, i) in (("train", plan.train), ("select", plan.select), ("test", plan.test))
+              }
+          }, f)
     if plan.vocab:
       with open(os.path.join(workdir, "vocab.json"), "w") as f:
         json.dump(plan.vocab, f)
@@ -332,9 +344,9 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
     history = []
     if config.train.epochs == 0:  # zero-shot: the pre-trained model as it is
       best_ckpt.save(0, params, 0.0)
-    data = (downstream.train_dataset(config, source["train"], train_idx, decode,
-                                     jax.process_index(), jax.process_count())
-            if config.train.epochs else None)
+    data = (downstream.train_dataset(config,
+                                     source["train"], train_idx, decode, jax.process_index(),
+                                     jax.process_count()) if config.train.epochs else None)
     step = 0
     nonfinite = train.NonFiniteSteps(config.train, 0)
 
@@ -355,13 +367,20 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       why = nonfinite.update([int(bad) for _, bad in running], step - len(running) + 1)
       if why:
         raise checkpoint.NonFiniteLossError(f"[{protocol}] stopped: {why}. The last good step is "
-                                       f"{nonfinite.last_good}")
+                                            f"{nonfinite.last_good}")
       skipped = sum(int(bad) for _, bad in running)
       val = evaluate(params, *plan.select)
-      history.append({"epoch": epoch, "step": step, "loss": mean_loss(running),
-                      **{k: v for k, v in val.items() if isinstance(v, float)}})
-      log.scalars(step, {"loss": history[-1]["loss"], "epoch": epoch,  # the epoch's mean
-                         "nonfinite_steps": skipped})
+      history.append({
+          "epoch": epoch, "step": step, "loss": mean_loss(running),
+          **{k: v for k, v in val.items() if isinstance(v, float)}
+      })
+      log.scalars(
+          step,
+          {
+              "loss": history[-1]["loss"],
+              "epoch": epoch,  # the epoch's mean
+              "nonfinite_steps": skipped
+          })
       log.scalars(step, {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
                   prefix="select")
       if skipped:
@@ -372,18 +391,22 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       best_ckpt.save(epoch, params, val[select_metric])
     params, best = best_ckpt.restore_best(params)
     rerank = config.task == "retrieval" and config.retrieval.rerank_k > 0
-    test_rows = predict_split(config, predict, params, downstream.eval_batches(
-        config, source["test"], *plan.test, decode), mesh,
-                              keep_inputs=config.task == "retrieval")
+    test_rows = predict_split(config, predict, params,
+                              downstream.eval_batches(config, source["test"], *plan.test, decode),
+                              mesh, keep_inputs=config.task == "retrieval")
     test = task.score(test_rows, scored)
     if rerank:
-      test = {**test, **{f"itm_{k}": v for k, v in
-                         itm_rerank(config, model, params, test_rows, mesh).items()}}
-  result = {"task": config.task, "dataset": config.dataset, "protocol": protocol,
-            "best_epoch": best, "selected_on": plan.select[0], "select_metric": select_metric,
-            "selected_on_test": plan.selected_on_test, "notes": plan.notes,
-            "num_train": len(train_idx), "num_select": len(plan.select[1]),
-            "num_test": int(test["n"]), "test": test, "history": history}
+      test = {
+          **test,
+          **{f"itm_{k}": v for k, v in itm_rerank(config, model, params, test_rows, mesh).items()}
+      }
+  result = {
+      "task": config.task, "dataset": config.dataset, "protocol": protocol, "best_epoch": best,
+      "selected_on": plan.select[0], "select_metric": select_metric,
+      "selected_on_test": plan.selected_on_test, "notes": plan.notes, "num_train": len(train_idx),
+      "num_select": len(plan.select[1]), "num_test": int(test["n"]), "test": test,
+      "history": history
+  }
   if config.task == "vqa":
     result["majority_baseline"] = majority_baseline(builder, plan, test_rows)
     result["num_answers"] = len(plan.vocab)
@@ -408,8 +431,11 @@ def finetune(config: ml_collections.ConfigDict, init: str, workdir: str, log_pri
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "init.json"), "w") as f:
-      json.dump({"init": os.path.abspath(init), "step": step,
-                 "model": model_config(config, pre_config.model).to_dict()}, f, indent=1)
+      json.dump(
+          {
+              "init": os.path.abspath(init), "step": step, "model": model_config(
+                  config, pre_config.model).to_dict()
+          }, f, indent=1)
   log_print(f"fine-tuning {config.dataset} ({config.task}) from {init} (step {step})")
   results = {}
   for protocol in config.protocols:

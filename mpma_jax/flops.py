@@ -148,10 +148,10 @@ def _fusion(b, image_tokens, length, config, last_image_layer: bool):
   False) K text layers and K - 1 image layers are counted.
   """
   f, d = config.model.fusion, config.model.hidden
-  text = (_attention(b, length, length, d) + _attention(b, length, image_tokens, d)
-          + _mlp(b, length, d, f.mlp_dim))
-  image = (_attention(b, image_tokens, image_tokens, d) + _attention(b, image_tokens, length, d)
-           + _mlp(b, image_tokens, d, f.mlp_dim))
+  text = (_attention(b, length, length, d) + _attention(b, length, image_tokens, d) +
+          _mlp(b, length, d, f.mlp_dim))
+  image = (_attention(b, image_tokens, image_tokens, d) + _attention(b, image_tokens, length, d) +
+           _mlp(b, image_tokens, d, f.mlp_dim))
   return f.layers * text + (f.layers - (0 if last_image_layer else 1)) * image
 
 
@@ -163,7 +163,7 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
   b = batch_size
   i, t = m.image, m.text
   d = m.hidden
-  num_patches = (i.size // i.patch) ** 2
+  num_patches = (i.size // i.patch)**2
   n_keep = masking.num_kept_patches(num_patches, config.masking.image_ratio)
   length = config.data.max_len
   pixels = i.patch * i.patch * 3
@@ -185,8 +185,8 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
   if clean:
     out["image_encoder_clean"] = vit(1 + num_patches)
     out["text_encoder_clean"] = text_encoder
-    out["projections_clean"] = (_dense(b, 1 + num_patches, i.width, d)
-                                + _dense(b, length, t.width, d))
+    out["projections_clean"] = (_dense(b, 1 + num_patches, i.width, d) +
+                                _dense(b, length, t.width, d))
   out["gla_heads"] = _dense(b, 1 + gla_patches, d, m.gla.dim) + _dense(b, length, d, m.gla.dim)
   out["memory"] = _memory(b, 1 + n_keep, length, config)
   if m.memory.enabled:  # the slots' key and value projections: the same for every read (CSE)
@@ -196,9 +196,9 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
   out["fusion"] = _fusion(b, 1 + n_keep, length, config,
                           last_image_layer=m.mim.layer == m.fusion.layers)
   # MIMDecoder's MLP is 4x its width (its mlp_ratio default; not a config field).
-  out["mim_decoder"] = (_dense(b, 1 + n_keep, d, m.mim.width)
-                        + m.mim.depth * _block(b, 1 + num_patches, m.mim.width, 4 * m.mim.width)
-                        + _dense(b, num_patches, m.mim.width, pixels))
+  out["mim_decoder"] = (_dense(b, 1 + n_keep, d, m.mim.width) +
+                        m.mim.depth * _block(b, 1 + num_patches, m.mim.width, 4 * m.mim.width) +
+                        _dense(b, num_patches, m.mim.width, pixels))
   out["mlm_head"] = _dense(b, length, d, d) + _dense(b, length, d, t.vocab_size)
 
   if config.loss.global_:
@@ -210,9 +210,9 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
     out["gla_local"] = b * b * pair * (1 if m.gla.local == "filip" else 2)
   if config.loss.itm > 0:
     itm_tokens = 1 + gla_patches  # ITM fuses the GLA's (clean or masked) features
-    out["itm"] = (_memory(b, itm_tokens, length, config)
-                  + _fusion(b, itm_tokens, length, config, last_image_layer=True)
-                  + 2 * _dense(b, 1, d, d) + _dense(b, 1, 2 * d, 2))  # poolers, head
+    out["itm"] = (_memory(b, itm_tokens, length, config) +
+                  _fusion(b, itm_tokens, length, config, last_image_layer=True) +
+                  2 * _dense(b, 1, d, d) + _dense(b, 1, 2 * d, 2))  # poolers, head
   out["total"] = sum(out.values())
   return out
 

@@ -32,8 +32,9 @@ class Logger:
       self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
     self.writer.flush()
     with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, "split": prefix,
-                          **{k: float(v) for k, v in values.items()}}) + "\n")
+      f.write(
+          json.dumps({"step": step, "split": prefix, **{k: float(v) for k, v in values.items()}}) +
+          "\n")
 
   def print(self, line: str) -> None:
     if jax.process_index() == 0:
@@ -43,8 +44,9 @@ class Logger:
 def format_metrics(metrics: dict) -> str:
   keys = [k for k in ("loss", *LOSS_NAMES, "mlm_acc", "itm_acc") if k in metrics]
   line = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
-  counts = [f"{k[5:]}={int(metrics[k])}" for k in ("data_bad_image", "data_truncated")
-            if metrics.get(k)]  # shown once non-zero
+  counts = [
+      f"{k[5:]}={int(metrics[k])}" for k in ("data_bad_image", "data_truncated") if metrics.get(k)
+  ]  # shown once non-zero
   if metrics.get("nonfinite_steps"):
     counts.append(f"nonfinite_steps={int(metrics['nonfinite_steps'])}")
   return " ".join([line] + counts)
@@ -54,8 +56,10 @@ def summarise(host_metrics: list[dict]) -> dict:
   """Per-step metrics of one log interval (on the host) -> interval means; steps whose loss was
   not finite are left out of the means and counted in 'nonfinite_steps'."""
   good = [m for m in host_metrics if not m["nonfinite"]] or host_metrics
-  out = {k: float(np.mean([m[k] for m in good])) for k in host_metrics[0]
-         if k != "nonfinite" and not k.startswith("data_")}
+  out = {
+      k: float(np.mean([m[k] for m in good])) for k in host_metrics[0]
+      if k != "nonfinite" and not k.startswith("data_")
+  }
   out["nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host_metrics))
   return out
 
@@ -63,7 +67,6 @@ def summarise(host_metrics: list[dict]) -> dict:
 class Throughput:
   """examples/s, model TFLOP/s per device and MFU over a log interval (analytic FLOPs, flops.py;
   peak per device from train.peak_tflops or the device table; MFU is left out when unknown)."""
-
   def __init__(self, config: ml_collections.ConfigDict):
     self.batch = config.train.batch_size
     self.step_flops = flops.train_step_flops(config, self.batch)

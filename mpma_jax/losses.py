@@ -28,7 +28,7 @@ def patchify(images, patch: int):
 def unpatchify(patches, patch: int, channels: int = 3):
   """patches [B, N, p*p*C] -> square images [B, H, W, C]; the inverse of `patchify`."""
   b, n, d = patches.shape
-  g = int(round(n ** 0.5))
+  g = int(round(n**0.5))
   if g * g != n:
     raise ValueError(f"{n} patches do not form a square grid")
   if d != patch * patch * channels:
@@ -53,7 +53,7 @@ def mim_loss(pred, images, image_restore, num_kept: int, patch: int, norm_pix: b
     mean = target.mean(axis=-1, keepdims=True)
     var = target.var(axis=-1, keepdims=True)
     target = (target - mean) / jnp.sqrt(var + eps)
-  per_patch = jnp.mean((pred - target) ** 2, axis=-1)  # [B, N]
+  per_patch = jnp.mean((pred - target)**2, axis=-1)  # [B, N]
   masked = image_restore >= num_kept  # [B, N]
   # `where`, not a product, so that visible predictions get an exactly zero gradient.
   total = jnp.sum(jnp.where(masked, per_patch, 0.0))
@@ -111,8 +111,10 @@ LOSS_NAMES = ("mlm", "mim", "global", "local", "itm")
 
 
 def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
-  return {"mlm": config.loss.mlm, "mim": config.loss.mim, "global": config.loss.global_,
-          "local": config.loss.local, "itm": config.loss.itm}
+  return {
+      "mlm": config.loss.mlm, "mim": config.loss.mim, "global": config.loss.global_,
+      "local": config.loss.local, "itm": config.loss.itm
+  }
 
 
 def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
@@ -126,11 +128,11 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
   if w["mim"]:
     num_kept = batch["image_keep"].shape[1]
     metrics["mim"] = mim_loss(out["mim_pred"], normalize_images(batch["image"]),
-                                     batch["image_restore"], num_kept, m.image.patch,
-                                     norm_pix=m.mim.norm_pix)
+                              batch["image_restore"], num_kept, m.image.patch,
+                              norm_pix=m.mim.norm_pix)
   if w["global"]:
-    metrics["global"] = global_alignment_loss(
-        out["image_gla"][:, 0], out["text_gla"][:, 0], out["temperature_global"])
+    metrics["global"] = global_alignment_loss(out["image_gla"][:, 0], out["text_gla"][:, 0],
+                                              out["temperature_global"])
   if w["local"]:
     image_local, text_local = out["image_gla"][:, 1:], out["text_gla"]  # patches, all tokens
     if m.gla.local == "filip":
@@ -141,7 +143,7 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
     else:
       raise ValueError(f"model.gla.local must be 'filip' or 'attention', got {m.gla.local!r}")
     metrics["local"] = symmetric_info_nce(i2t / out["temperature_local"],
-                                                 t2i / out["temperature_local"])
+                                          t2i / out["temperature_local"])
   if w["itm"]:
     metrics["itm"], metrics["itm_acc"] = itm_loss(out["itm_logits"], out["itm_labels"])
   total = sum(w[k] * metrics[k] for k in LOSS_NAMES if w[k])

@@ -97,5 +97,6 @@ def paired_masks(seed: int, epoch: int, index: int, *, num_patches: int, image_m
   mlm_ids, mlm_labels = mlm_mask(rng, input_ids, candidate_mask, mask_ratio=text_mask_ratio,
                                  mask_id=mask_id, random_ids=random_ids, mask_prob=mask_prob,
                                  random_prob=random_prob)
-  return {"image_keep": keep, "image_restore": restore, "mlm_ids": mlm_ids,
-          "mlm_labels": mlm_labels}
+  return {
+      "image_keep": keep, "image_restore": restore, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels
+  }

@@ -59,8 +59,10 @@ def vqa_accuracy(pred, accepted, closed) -> dict:
   def mean(mask):
     return float(correct[mask].mean()) if mask.any() and finite else math.nan
 
-  return {"open": mean(~closed), "closed": mean(closed), "overall": mean(np.ones(n, bool)),
-          "n_open": int((~closed).sum()), "n_closed": int(closed.sum()), "n": int(n)}
+  return {
+      "open": mean(~closed), "closed": mean(closed), "overall": mean(np.ones(n, bool)),
+      "n_open": int((~closed).sum()), "n_closed": int(closed.sum()), "n": int(n)
+  }
 
 
 def majority_answers(train_answer, train_closed, closed) -> np.ndarray:
@@ -209,7 +211,8 @@ def recall_at_k(sim, ks: Iterable[int] = (1, 5, 10), positives=None) -> dict:
 
 # --- reporting -----------------------------------------------------------------------------------
 def _is_number(v) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+  return isinstance(v,
+                    (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_fraction(v) -> bool:
@@ -230,9 +233,10 @@ def markdown_table(rows: list, columns: list, percent: Optional[Iterable[str]] =
 
   values = {c: [r.get(c) for r in rows] for c in columns}
   if percent is None:
-    fraction = {c for c in columns
-                if any(_is_number(v) and not missing(v) for v in values[c])
-                and all(_is_fraction(v) for v in values[c] if _is_number(v))}
+    fraction = {
+        c for c in columns if any(_is_number(v) and not missing(v) for v in values[c]) and all(
+            _is_fraction(v) for v in values[c] if _is_number(v))
+    }
   else:
     fraction = set(percent)
 
@@ -250,8 +254,10 @@ def markdown_table(rows: list, columns: list, percent: Optional[Iterable[str]] =
     return str(v).replace("|", "\\|")
 
   numeric = {c for c in columns if any(_is_number(v) for v in values[c])}
-  lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in columns) + " |",
-           "|" + "|".join(" ---: " if c in numeric else " --- " for c in columns) + "|"]
+  lines = [
+      "| " + " | ".join(str(c).replace("|", "\\|") for c in columns) + " |",
+      "|" + "|".join(" ---: " if c in numeric else " --- " for c in columns) + "|"
+  ]
   for i in range(len(rows)):
     lines.append("| " + " | ".join(fmt(c, values[c][i]) for c in columns) + " |")
   return "\n".join(lines)

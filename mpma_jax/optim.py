@@ -27,21 +27,21 @@ def param_groups(params: Any, encoder_modules) -> Any:
 
 def decay_mask(params: Any) -> Any:
   """Tree of bools: True where weight decay applies."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: _names(path)[-1] not in NO_DECAY_LEAVES, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _names(path)[-1] not in NO_DECAY_LEAVES,
+                                          params)
 
 
 def schedule(optim_config: ml_collections.ConfigDict, steps: int, peak_lr: float) -> optax.Schedule:
   """Linear warm-up over optim.warmup of `steps` to peak_lr, then linear decay to 0."""
   warmup = int(round(optim_config.warmup * steps))
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak_lr, max(warmup, 1)),
-       optax.linear_schedule(peak_lr, 0.0, max(steps - warmup, 1))], [warmup])
+  return optax.join_schedules([
+      optax.linear_schedule(0.0, peak_lr, max(warmup, 1)),
+      optax.linear_schedule(peak_lr, 0.0, max(steps - warmup, 1))
+  ], [warmup])
 
 
-def adamw(optim_config: ml_collections.ConfigDict, steps: int,
-          groups: Callable[[Any], Any], lr_mults: Mapping[str, Optional[float]]
-          ) -> optax.GradientTransformation:
+def adamw(optim_config: ml_collections.ConfigDict, steps: int, groups: Callable[[Any], Any],
+          lr_mults: Mapping[str, Optional[float]]) -> optax.GradientTransformation:
   """AdamW for pre-training and fine-tuning alike: `groups(params)` labels every leaf, and a group
   trains at optim.lr * lr_mults[group] on `schedule`, or not at all where the multiplier is None;
   no weight decay on NO_DECAY_LEAVES; global-norm clipping at optim.grad_clip (> 0)."""

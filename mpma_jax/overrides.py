@@ -32,15 +32,16 @@ def field_parent(config: ml_collections.ConfigDict, field: str, where: str):
     if part not in node:
       known = sorted(node.keys())
       close = difflib.get_close_matches(part, known, n=1)
-      hint = (f"did you mean {'.'.join(parts[:i] + close)!r}?" if close else
-              f"{path} has: {', '.join(known)}")
+      hint = (f"did you mean {'.'.join(parts[:i] + close)!r}?"
+              if close else f"{path} has: {', '.join(known)}")
       raise ValueError(f"{where}: unknown config field {field!r} ({path} has no {part!r}; {hint})")
     if i < len(parts) - 1:
       node = node[part]
   return node, parts[-1]
 
 
-def apply(config: ml_collections.ConfigDict, field: str, value: Any, where: str = "override") -> Any:
+def apply(config: ml_collections.ConfigDict, field: str, value: Any,
+          where: str = "override") -> Any:
   """Sets config.<field> = value in place; returns the value as the config stores it (an int given
   for a float field becomes a float). Raises ValueError naming `where` and the field on an unknown
   field or a value of the wrong type."""
@@ -63,8 +64,8 @@ def apply(config: ml_collections.ConfigDict, field: str, value: Any, where: str 
   return node[leaf]
 
 
-def apply_all(config: ml_collections.ConfigDict,
-              changes: Union[Mapping[str, Any], Iterable[str]], where: str = "override"):
+def apply_all(config: ml_collections.ConfigDict, changes: Union[Mapping[str, Any], Iterable[str]],
+              where: str = "override"):
   """Applies {field: value} or ['field=value', ...] to config in place; returns config."""
   items = changes.items() if isinstance(changes, Mapping) else (parse(c) for c in changes)
   for field, value in items:

@@ -10,7 +10,8 @@ KS = (1, 5, 10)
 
 
 def _global_embeddings(module: MPMA, image, text_ids, text_mask):
-  image_gla, text_gla = module.align(module.embed_image(image), module.embed_text(text_ids, text_mask))
+  image_gla, text_gla = module.align(module.embed_image(image),
+                                     module.embed_text(text_ids, text_mask))
   return image_gla[:, 0], text_gla[:, 0]  # [B, G] each, L2-normalised
 
 
@@ -21,8 +22,9 @@ def make_embed_fn(model: MPMA, mesh=None):
   parameters may be sharded over several hosts; the inputs are the same NumPy arrays on each).
   """
   out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(lambda params, image, ids, mask: model.apply(
-      {"params": params}, image, ids, mask, method=_global_embeddings), out_shardings=out)
+  return jax.jit(
+      lambda params, image, ids, mask: model.apply({"params": params}, image, ids, mask, method=
+                                                   _global_embeddings), out_shardings=out)
 
 
 def evaluate(embed_fn, params, pairs: dict, batch_size: int) -> dict:

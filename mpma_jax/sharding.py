@@ -8,9 +8,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over both, fsdp-major. Not ("data", "fsdp"): with that order XLA's
@@ -30,7 +31,8 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
     raise ValueError(f"at most one of mesh.{{data,fsdp,tensor}} may be -1, got {sizes}")
   fixed = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or num_devices % fixed:
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit {num_devices} devices")
+    raise ValueError(
+        f"mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit {num_devices} devices")
   sizes = [num_devices // fixed if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
     raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} uses {math.prod(sizes)} devices, "
@@ -48,8 +50,8 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 def rules(mesh_config: ml_collections.ConfigDict) -> tuple:
   """The rule table as a tuple of (logical, mesh axes) pairs."""
-  table = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                for name, axes in mesh_config.rules)
+  table = tuple(
+      (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_config.rules)
   batch = dict(table).get("batch")
   if batch != BATCH_AXES:
     raise ValueError(f"mesh.rules maps 'batch' to {batch!r}, expected {BATCH_AXES!r}: activations "
@@ -73,5 +75,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """This host's share of the batch (NumPy) -> global jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in local_batch.items()
+  }

@@ -7,8 +7,8 @@ import runpy
 import jax
 
 from mpma_jax import finetune, metrics
-from mpma_jax import tasks as task_table
 from mpma_jax import overrides as overrides_lib
+from mpma_jax import tasks as task_table
 from mpma_jax.data import builders
 
 # (task config, variant) of the suite, in the order of the table; each runs when its dataset is built.
@@ -36,8 +36,7 @@ def table_rows(name: str, results: dict) -> list[dict]:
   rows = []
   for protocol, r in results.items():
     t = r["test"]
-    row = {"task": name, "protocol": protocol, **{k: v for k, v in t.items()
-                                                   if k in TABLE_COLUMNS}}
+    row = {"task": name, "protocol": protocol, **{k: v for k, v in t.items() if k in TABLE_COLUMNS}}
     if "mean" in t:
       row["mean AUC"] = t["mean"]
     if "majority_baseline" in r:
@@ -61,7 +60,7 @@ def apply_overrides(config, label: str, overrides=None) -> None:
 
 
 def run(init: str, data_dir: str, workdir: str, tasks=SUITE, overrides=None,
-          log_print=print) -> tuple[str, list]:
+        log_print=print) -> tuple[str, list]:
   """Fine-tunes and tests every task of `tasks` whose dataset is built in data_dir; returns the
   Markdown table and the rows (also <workdir>/suite.md and suite.json). Tasks without data are
   listed under the table. overrides: config keys set on every task (`apply_overrides`)."""
@@ -71,9 +70,8 @@ def run(init: str, data_dir: str, workdir: str, tasks=SUITE, overrides=None,
     label = f"{config.dataset}" + (f":{variant}" if variant else "")
     config.data_dir = data_dir
     apply_overrides(config, label, overrides)
-    needed = [config.dataset] + ([config.data.train_dataset]
-                                 if task_table.get(config.task).other_train_dataset and config.train.epochs
-                                 else [])
+    needed = [config.dataset] + ([config.data.train_dataset] if task_table.get(
+        config.task).other_train_dataset and config.train.epochs else [])
     if not all(builders.builder(n, data_dir).is_prepared() for n in needed):
       missing.append(label)
       continue
@@ -81,8 +79,8 @@ def run(init: str, data_dir: str, workdir: str, tasks=SUITE, overrides=None,
     results = finetune.finetune(config, init, os.path.join(workdir, label.replace(":", "_")),
                                 log_print)
     rows += table_rows(label, results)
-  table = metrics.markdown_table(rows, [c for c in TABLE_COLUMNS
-                                        if any(c in r for r in rows)]) if rows else "(no task ran)"
+  table = metrics.markdown_table(
+      rows, [c for c in TABLE_COLUMNS if any(c in r for r in rows)]) if rows else "(no task ran)"
   if missing:
     table += "\n\nNot run (dataset not built in " + data_dir + "): " + ", ".join(missing)
   if jax.process_index() == 0:

@@ -102,8 +102,9 @@ def run_names(runs: list[Overrides]) -> list[str]:
   the runs (all fields for a single run), e.g. `lr=0.0001,topk=8`."""
   fields = list(dict.fromkeys(f for run in runs for f in run))  # first-appearance order
   missing = object()
-  varying = [f for f in fields if len(runs) == 1 or
-             len({repr(run.get(f, missing)) for run in runs}) > 1]
+  varying = [
+      f for f in fields if len(runs) == 1 or len({repr(run.get(f, missing)) for run in runs}) > 1
+  ]
   labels = _short_labels(fields)  # unique among all fields, so `image.layers` stays clear
   names, seen = [], set()
   for run in runs:
@@ -177,9 +178,12 @@ class Plan:
   runs: list[Run]
 
   def to_json(self) -> dict:
-    return {"config": self.config, "root": self.root, "fixed": self.fixed,
-            "runs": [{"name": r.name, "workdir": r.workdir, "overrides": r.overrides,
-                      "action": r.action, "command": r.command} for r in self.runs]}
+    return {
+        "config": self.config, "root": self.root, "fixed": self.fixed, "runs": [{
+            "name": r.name, "workdir": r.workdir, "overrides": r.overrides, "action": r.action,
+            "command": r.command
+        } for r in self.runs]
+    }
 
 
 def load_sweep(config_arg: str) -> list[Overrides]:
@@ -254,8 +258,9 @@ def run_logged(argv: list[str], log_path: str) -> int:
   # the virtualenv is not activated
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  with open(log_path, "a") as log, subprocess.Popen(
-      argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+  with open(log_path,
+            "a") as log, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, env=env) as proc:
     for line in proc.stdout:
       sys.stdout.write(line)
       log.write(line)
@@ -297,8 +302,8 @@ def run_local(plan: Plan, runner: Callable[[list[str], str], int]) -> int:
         statuses[run.name] = f"failed (exit {rc}){resumed}"
       elif run_state(run.workdir) != "skip":  # a clean early stop: SIGTERM, train.run_steps
         step = latest_step(run.workdir)
-        statuses[run.name] = (f"stopped at step {step}" if step is not None else
-                              "ended without eval.json")
+        statuses[run.name] = (f"stopped at step {step}"
+                              if step is not None else "ended without eval.json")
       else:
         statuses[run.name] = f"ok{resumed}"
   except KeyboardInterrupt:
@@ -306,8 +311,8 @@ def run_local(plan: Plan, runner: Callable[[list[str], str], int]) -> int:
   rows = [("run", "status", "i2t_r5 (%)")]
   for run in plan.runs:
     r5 = i2t_r5(run.workdir)
-    rows.append((run.name, statuses.get(run.name, "not run"),
-                 "-" if r5 is None else f"{100 * r5:.2f}"))
+    rows.append((run.name, statuses.get(run.name,
+                                        "not run"), "-" if r5 is None else f"{100 * r5:.2f}"))
   widths = [max(len(row[k]) for row in rows) for k in range(2)]
   lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
   print(f"sweep {plan.root} ({plan.config}):\n" + "\n".join(lines), flush=True)

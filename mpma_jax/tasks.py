@@ -68,20 +68,21 @@ class Task:
   other_train_dataset: bool = False  # trains on config.data.train_dataset (ROCO retrieval)
 
 
-TASKS = {t.name: t for t in (
-    Task("vqa", _vqa_loss, _vqa_score, "overall",
-         lambda config, vocab, names: len(vocab),
-         lambda b, n: {"accepted": np.zeros((b, n), np.float32), "closed": np.zeros((b,), np.int32)}),
-    Task("classification", _classification_loss, _classification_score, "accuracy",
-         lambda config, vocab, names: len(names),
-         lambda b, n: {"label": np.zeros((b,), np.int32)}),
-    Task("image_classification", _image_classification_loss, _image_classification_score, "mean",
-         lambda config, vocab, names: len(config.data.labels),
-         lambda b, n: {"targets": np.zeros((b, n), np.float32),
-                       "target_mask": np.ones((b, n), np.float32)}),
-    Task("retrieval", _retrieval_loss, _retrieval_score, "rsum",
-         lambda config, vocab, names: 0, lambda b, n: {}, other_train_dataset=True),
-)}
+TASKS = {
+    t.name: t for t in (
+        Task(
+            "vqa", _vqa_loss, _vqa_score, "overall", lambda config, vocab, names: len(vocab), lambda
+            b, n: {"accepted": np.zeros((b, n), np.float32), "closed": np.zeros((b,), np.int32)}),
+        Task("classification", _classification_loss, _classification_score, "accuracy", lambda
+             config, vocab, names: len(names), lambda b, n: {"label": np.zeros((b,), np.int32)}),
+        Task(
+            "image_classification", _image_classification_loss, _image_classification_score, "mean",
+            lambda config, vocab, names: len(config.data.labels), lambda b, n:
+            {"targets": np.zeros((b, n), np.float32), "target_mask": np.ones((b, n), np.float32)}),
+        Task("retrieval", _retrieval_loss, _retrieval_score, "rsum", lambda config, vocab, names: 0,
+             lambda b, n: {}, other_train_dataset=True),
+    )
+}
 
 
 def get(name: str) -> Task:

@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -30,6 +30,7 @@ from mpma_jax.data import pipeline
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.interop import pretrained
 from mpma_jax.models.mpma import MPMA
+
 
 # --- state ----------------------------------------------------------------------------------------
 @flax.struct.dataclass
@@ -43,17 +44,18 @@ class TrainState:
 def init_params(config: ml_collections.ConfigDict, model: MPMA, rng) -> Any:
   """Boxed (logically named) parameters of the whole model: the poolers and the ITM head are
   created even when the ITM loss is off, so that every checkpoint can be fine-tuned or exported."""
-  return model.init({"params": rng, "itm": rng}, pipeline.dummy_batch(config, 2), with_itm=True)["params"]
+  return model.init({"params": rng, "itm": rng}, pipeline.dummy_batch(config, 2),
+                    with_itm=True)["params"]
 
 
 def _init_boxed(config, model, tx):
   """() -> boxed TrainState. Keys are made inside, so that the function only ever runs traced (jit,
   eval_shape): nothing executes on the target devices, which need not exist (aot.py)."""
-
   def init():
     params = init_params(config, model, jax.random.key(config.seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+
   return init
 
 
@@ -118,8 +120,8 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     raise ValueError(f"train.grad_accum={accum} must be >= 1 and divide train.batch_size="
                      f"{config.train.batch_size}")
   schedule = optim.schedule(config.optim, config.train.steps, config.optim.lr)
-  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      None, sharding.BATCH_AXES))
+  micro_sharding = jax.sharding.NamedSharding(mesh,
+                                              jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
 
   def loss_and_grads(params, batch, rng):
     dropout_rng, itm_rng = jax.random.split(rng)
@@ -136,9 +138,10 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     """Mean metrics and gradients over `accum` micro-batches (a scan: one micro-batch live)."""
     # Row j*accum + i of the batch goes to micro-batch i, so each micro-batch keeps the batch's
     # sharding: [G, ...] -> [G/a, a, ...] -> [a, G/a, ...].
-    micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-        jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
-        micro_sharding), batch)
+    micro = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), micro_sharding
+        ), batch)
 
     def body(total, xs):
       i, mb = xs
@@ -172,10 +175,9 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     # rather than jnp.where(finite, new, old) per leaf: with the state donated, the where made XLA
     # copy every old leaf first (it is read after the new value overwrites its buffer): ~600
     # copies, the update ~2.5x slower on a CPU.
-    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-              & checkpoint.all_finite(apply(None)))
-    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state),
-                                     None)
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) &
+              checkpoint.all_finite(apply(None)))
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
     metrics["grad_norm"] = grad_norm
     metrics["lr"] = schedule(state.step)
     metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
@@ -196,7 +198,6 @@ class Preemption:
   by jax.distributed.initialize) catches SIGTERM on any host and picks one step at which
   `reached` is true on every host, so that all of them save the same step.
   """
-
   def __init__(self):
     self._flag = threading.Event()
     self._previous = None
@@ -224,7 +225,6 @@ class NonFiniteSteps:
   train.nonfinite='stop' at the first one, 'skip' once more than train.max_nonfinite_consecutive
   of them in a row or more than train.max_nonfinite_total in all (since this process started;
   0 = no limit) were left out. `start`: the step the run starts from (its state is good)."""
-
   def __init__(self, train_config: ml_collections.ConfigDict, start: int):
     self.policy = train_config.nonfinite
     if self.policy not in ("skip", "stop"):
@@ -318,8 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         latest = ckpt.latest_step()
         raise checkpoint.NonFiniteLossError(
             f"stopped: {why}. The last good step is {nonfinite.last_good}; " +
-            (f"the last good checkpoint is step {latest} in {workdir}/checkpoints" if latest
-             is not None else f"there is no checkpoint yet in {workdir}/checkpoints"))
+            (f"the last good checkpoint is step {latest} in {workdir}/checkpoints"
+             if latest is not None else f"there is no checkpoint yet in {workdir}/checkpoints"))
 
     with Preemption() as preemption:
       for step in range(start, stop_at):
@@ -359,14 +359,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       return {"stopped_at": saved, "reason": reason}
 
     trained = retrieval.evaluate(embed_fn, state.params, pairs, config.eval.batch_size)
-  result = {"num_pairs": config.eval.num_pairs, "steps": steps, "num_params": int(n_params),
-            "trained": trained, "untrained": untrained,
-            "chance": retrieval.chance(config.eval.num_pairs)}
+  result = {
+      "num_pairs": config.eval.num_pairs, "steps": steps, "num_params": int(n_params),
+      "trained": trained, "untrained": untrained, "chance": retrieval.chance(config.eval.num_pairs)
+  }
   log.scalars(steps, trained, prefix="eval")
   rows = {"trained": trained, "untrained": untrained, "chance": result["chance"]}
   log.print("zero-shot retrieval (%), GLA global similarity, "
-            f"{config.eval.num_pairs} held-out pairs:\n" + retrieval.format_table(
-                {k: v for k, v in rows.items() if v is not None}))
+            f"{config.eval.num_pairs} held-out pairs:\n" +
+            retrieval.format_table({k: v for k, v in rows.items() if v is not None}))
   if jax.process_index() == 0:
     # MIM, alignment, retrieval, curves (visualize.py). One process only: restoring the checkpoint
     # there would wait for the other processes, which have finished (run mpma-visualize after).

@@ -37,12 +37,10 @@ _NORM_PIX_EPS = 1e-6  # losses.mim_loss's eps, with which the norm_pix targets w
 # Colour of the masked patches in the "masked input" panel (no grey: the images mostly are).
 _MASK_FILL = np.array([70, 110, 170], np.uint8)
 _CURVE_PANELS = (  # (panel title, metrics.jsonl keys drawn in it)
-    ("total loss", ("loss",)), ("MLM", ("mlm",)), ("MIM", ("mim",)),
-    ("GLA global", ("global",)), ("GLA local", ("local",)), ("ITM", ("itm",)),
-    ("accuracy", ("mlm_acc", "itm_acc")),
-    ("temperature", ("temperature_global", "temperature_local")),
-    ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
-    ("examples / s", ("examples_per_sec",)))
+    ("total loss", ("loss",)), ("MLM", ("mlm",)), ("MIM", ("mim",)), ("GLA global", ("global",)),
+    ("GLA local", ("local",)), ("ITM", ("itm",)), ("accuracy", ("mlm_acc", "itm_acc")),
+    ("temperature", ("temperature_global", "temperature_local")), ("learning rate", ("lr",)),
+    ("gradient norm", ("grad_norm",)), ("examples / s", ("examples_per_sec",)))
 # Function words skipped when the alignment picture picks its words by themselves.
 _STOPWORDS = frozenset(
     "a an the of in on at to and or with without is are was were be been this that there these "
@@ -103,13 +101,15 @@ def mim_panels(model_config, params, images, text_ids, text_mask, seed: int = 0,
   """
   images = _check_images(model_config, images)
   b, p = len(images), model_config.image.patch
-  n = (model_config.image.size // p) ** 2
+  n = (model_config.image.size // p)**2
   masks = [masking.image_mask(masking.example_rng(seed, 0, i), n, mask_ratio) for i in range(b)]
   keep = np.stack([k for k, _ in masks])  # [B, n_keep]
   restore = np.stack([r for _, r in masks])  # [B, N]
   ids, mask = np.asarray(text_ids, np.int32), np.asarray(text_mask, np.int32)
-  batch = {"image": images, "image_keep": keep, "image_restore": restore, "text_ids": ids,
-           "mlm_ids": ids, "text_mask": mask}
+  batch = {
+      "image": images, "image_keep": keep, "image_restore": restore, "text_ids": ids,
+      "mlm_ids": ids, "text_mask": mask
+  }
   pred = np.asarray(_apply(model_config, params, None, batch)["mim_pred"], np.float32)  # [B,N,ppc]
 
   clip_pixels = (images.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD  # the model's input
@@ -121,17 +121,18 @@ def mim_panels(model_config, params, images, text_ids, text_mask, seed: int = 0,
   else:
     loss_target, pred_pixels = target, pred
   masked = restore >= keep.shape[1]  # [B, N]
-  per_patch = np.mean((pred - loss_target) ** 2, axis=-1)  # [B, N]
+  per_patch = np.mean((pred - loss_target)**2, axis=-1)  # [B, N]
   mim_loss = (per_patch * masked).sum(-1) / np.maximum(masked.sum(-1), 1)
 
   rgb = np.asarray(losses.unpatchify(pred_pixels, p)) * CLIP_STD + CLIP_MEAN  # [B, H, W, 3]
   prediction = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-  masked_pixels = np.asarray(losses.unpatchify(
-      np.repeat(masked[..., None], p * p * 3, axis=-1), p)).astype(bool)  # [B, H, W, 3]
-  return {"original": images,
-          "masked_input": np.where(masked_pixels, _MASK_FILL, images),
-          "reconstruction": np.where(masked_pixels, prediction, images),
-          "prediction": prediction, "masked": masked, "mim_loss": mim_loss}
+  masked_pixels = np.asarray(losses.unpatchify(np.repeat(masked[..., None], p * p * 3, axis=-1),
+                                               p)).astype(bool)  # [B, H, W, 3]
+  return {
+      "original": images, "masked_input": np.where(masked_pixels, _MASK_FILL, images),
+      "reconstruction": np.where(masked_pixels, prediction, images), "prediction": prediction,
+      "masked": masked, "mim_loss": mim_loss
+  }
 
 
 def mim_reconstructions(model_config, params, images, text_ids, text_mask,
@@ -145,9 +146,10 @@ def mim_reconstructions(model_config, params, images, text_ids, text_mask,
   header = 0.2 if model_config.mim.norm_pix else 0.0
   fig, axes = _grid(len(images), [1.9] * len(columns), 1.8, 0.4, header)
   if header:
-    fig.text(0.5, 1 - 0.05 / fig.get_figheight(), "norm_pix: each predicted patch is shown with "
-             "the mean and std of the original patch (as MAE shows them)", fontsize=7,
-             ha="center", va="top")
+    fig.text(
+        0.5, 1 - 0.05 / fig.get_figheight(), "norm_pix: each predicted patch is shown with "
+        "the mean and std of the original patch (as MAE shows them)", fontsize=7, ha="center",
+        va="top")
   for r in range(len(images)):
     for c, (key, title) in enumerate(columns):
       ax = axes[r, c]
@@ -261,8 +263,8 @@ def retrieval_examples(model_config, params, pairs: dict, tokenizer, path: Optio
   image i): the first num_queries reports and their top-k images, the true match framed green.
   Writes a PNG to path (when given); returns the picture uint8 [H, W, 3]."""
   images = pairs["image"]
-  sim, top = retrieval_ranking(model_config, params, images, pairs["text_ids"],
-                               pairs["text_mask"], k)
+  sim, top = retrieval_ranking(model_config, params, images, pairs["text_ids"], pairs["text_mask"],
+                               k)
   num_queries = min(num_queries, len(images))
   fig, axes = _grid(num_queries, [2.6] + [1.9] * k, 1.8, 0.25)
   for q in range(num_queries):
@@ -344,8 +346,7 @@ def training_curves(metrics_path: str, path: Optional[str] = None,
 
 
 # --- drawing and TensorBoard ----------------------------------------------------------------------
-def _grid(rows: int, widths: Sequence[float], axes_h: float, title_h: float,
-          header_h: float = 0.0):
+def _grid(rows: int, widths: Sequence[float], axes_h: float, title_h: float, header_h: float = 0.0):
   """A matplotlib Figure (not pyplot: no global state) of rows x len(widths) axes, sized in inches:
   each row is title_h of title above axes_h of axes, under a header_h strip for a caption.
   Returns (figure, axes [rows, cols])."""
@@ -353,9 +354,11 @@ def _grid(rows: int, widths: Sequence[float], axes_h: float, title_h: float,
   margin = 0.05
   w, h = sum(widths) + 2 * margin, header_h + rows * (title_h + axes_h) + 2 * margin
   fig = Figure(figsize=(w, h), dpi=100)
-  axes = fig.subplots(rows, len(widths), squeeze=False, gridspec_kw=dict(
-      width_ratios=widths, left=margin / w, right=1 - margin / w, bottom=margin / h,
-      top=1 - (margin + header_h + title_h) / h, hspace=title_h / axes_h, wspace=0.06))
+  axes = fig.subplots(
+      rows, len(widths), squeeze=False,
+      gridspec_kw=dict(width_ratios=widths, left=margin / w, right=1 - margin / w,
+                       bottom=margin / h, top=1 - (margin + header_h + title_h) / h,
+                       hspace=title_h / axes_h, wspace=0.06))
   return fig, axes
 
 
@@ -364,8 +367,8 @@ def _caption(ax, text: str, width: int, lines: int, footer: str = "") -> None:
   in place of an axes' picture."""
   ax.set_axis_off()
   text = "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder=" ..."))
-  ax.text(0.0, 0.5, text + (f"\n\n{footer}" if footer else ""), fontsize=7, va="center",
-          ha="left", transform=ax.transAxes)
+  ax.text(0.0, 0.5, text + (f"\n\n{footer}" if footer else ""), fontsize=7, va="center", ha="left",
+          transform=ax.transAxes)
 
 
 def _report(tokenizer, ids, mask) -> str:
@@ -402,8 +405,8 @@ def to_tensorboard(writer, pictures: dict[str, np.ndarray], step: int,
 
 
 # --- a run's checkpoint ---------------------------------------------------------------------------
-def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] = None,
-                  num: int = 6, gallery: int = 100) -> list[str]:
+def visualize_run(workdir: str, step: Optional[int] = None, out: Optional[str] = None, num: int = 6,
+                  gallery: int = 100) -> list[str]:
   """All four pictures for a checkpoint (default: the latest) of a pre-training run, on `num`
   held-out pairs of the run's first dataset (test split; retrieval ranks among `gallery` pairs).
   Writes <out or workdir/pictures>/{mim,alignment,retrieval,curves}_step<N>.png (curves, of the

@@ -64,7 +64,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   """A WordPiece tokenizer (512 ids) trained once per session on synthetic reports."""
-  from mpma_jax.data import synthetic, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import tokenizer as tokenizers
   out = str(tmp_path_factory.mktemp("tok"))
   tokenizers.train_wordpiece(synthetic.report_corpus(500), 512, out)
   return out
@@ -85,7 +86,8 @@ def pretrained_run(tmp_path_factory, data_dir):
   result = train.train_and_evaluate(config, workdir, tok, tok_dir, data_dir)
   # The end-of-run evaluation writes the pictures (visualize.py) for the last checkpoint.
   assert sorted(os.path.basename(p) for p in result["pictures"]) == [
-      f"{n}_step100.png" for n in ("alignment", "curves", "mim", "retrieval")]
+      f"{n}_step100.png" for n in ("alignment", "curves", "mim", "retrieval")
+  ]
   assert all(os.path.getsize(p) > 1000 for p in result["pictures"])
   return workdir
 

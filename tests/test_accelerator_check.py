@@ -34,8 +34,9 @@ def test_check_runs_both_dtypes_on_cpu(capsys):
     assert jax_row["estimate"] == {}  # no roofline for a CPU
     assert math.isfinite(jax_row["final_loss"])
   # Same parameters, batch and number of steps: in float32 the twin ends at JAX's loss.
-  assert rows["float32", "PyTorch"]["final_loss"] == pytest.approx(
-      rows["float32", "JAX"]["final_loss"], rel=1e-3)
+  assert rows["float32",
+              "PyTorch"]["final_loss"] == pytest.approx(rows["float32", "JAX"]["final_loss"],
+                                                        rel=1e-3)
 
   cells = _table_rows(out)
   twin = "PyTorch eager f32 (cpu: no AMP)"
@@ -52,13 +53,14 @@ def test_check_runs_both_dtypes_on_cpu(capsys):
 
 def _fake_pass(seconds: float, fail: tuple = ()):
   """A stand-in for run_dtype: takes `seconds`, raises for dtypes in `fail`, else one JAX row."""
-
   def run(config, dtype, args, device, time_left, log):
     time.sleep(seconds)
     if dtype in fail:
       raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
-    return [{"dtype": dtype, "framework": "JAX", "median_s": 0.1, "examples_per_s": 80.0,
-             "tflops": 1.0, "mfu": None, "compiled_peak_bytes": 2.0 ** 30, "estimate": {}}]
+    return [{
+        "dtype": dtype, "framework": "JAX", "median_s": 0.1, "examples_per_s": 80.0, "tflops": 1.0,
+        "mfu": None, "compiled_peak_bytes": 2.0**30, "estimate": {}
+    }]
 
   return run
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mpma_jax import aot, optim, sharding, train
-from tests.conftest import tiny_config
 from mpma_jax.data import pipeline
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 
@@ -123,8 +123,9 @@ def _scanned_tiny(data, fsdp):
   return config
 
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="TPU topologies need libtpu (pip install '.[aot]')")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="TPU topologies need libtpu (pip install '.[aot]')")
 
 
 @pytest.mark.slow
@@ -167,8 +168,9 @@ def _argument_bytes(config, devices) -> float:
   model, tx = MPMA.from_config(config), optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, _ = train.abstract_state(config, model, tx, mesh, rules)
-  state = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-              for x in jax.tree.leaves(abstract))
+  state = sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+      for x in jax.tree.leaves(abstract))
   split = config.mesh.data * config.mesh.fsdp
   batch = sum(v.nbytes for v in pipeline.dummy_batch(config, config.train.batch_size).values())
   return state + batch / split
@@ -199,8 +201,10 @@ def test_suggest_only_proposes_settings_whose_compile_fits():
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI_OVERRIDES = ["--config.model.scan=True", "--config.train.batch_size=8",
-                 "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
+CLI_OVERRIDES = [
+    "--config.model.scan=True", "--config.train.batch_size=8", "--config.mesh.data=-1",
+    "--config.mesh.fsdp=1", "--config.mesh.tensor=1"
+]
 
 
 @pytest.mark.slow
@@ -210,10 +214,10 @@ def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
   out, exe = tmp_path / "r.json", tmp_path / "step.exe"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
-  proc = subprocess.run(
-      [sys.executable, "-m", "mpma_jax.cli.compile", "--config", "configs/pretrain.py:tiny",
-       "--topology", "cpu:8", *CLI_OVERRIDES, "--hbm_gib=16", f"--json={out}", f"--save={exe}"],
-      capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+  proc = subprocess.run([
+      sys.executable, "-m", "mpma_jax.cli.compile", "--config", "configs/pretrain.py:tiny",
+      "--topology", "cpu:8", *CLI_OVERRIDES, "--hbm_gib=16", f"--json={out}", f"--save={exe}"
+  ], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "FITS" in proc.stdout and "collectives per step" in proc.stdout
   report = json.loads(out.read_text())
@@ -239,9 +243,10 @@ def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                got_state.params, want_state.params)
 
-  bad = subprocess.run(
-      [sys.executable, "-m", "mpma_jax.cli.compile", "--config", "configs/pretrain.py:tiny",
-       "--topology", "v9:2x2"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+  bad = subprocess.run([
+      sys.executable, "-m", "mpma_jax.cli.compile", "--config", "configs/pretrain.py:tiny",
+      "--topology", "v9:2x2"
+  ], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("mpma-compile: --topology 'v9:2x2'")
 

@@ -20,17 +20,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mpma_jax import optim, sharding, train
+from mpma_jax import checkpoint, losses, optim, overrides, sharding, train
 from mpma_jax.data import tokenizer as tokenizers
+from mpma_jax.models.mpma import MPMA
 from tests import train_worker
 from tests.conftest import tiny_config
-from mpma_jax import losses
-from mpma_jax import checkpoint
-from mpma_jax.models.mpma import MPMA
-from mpma_jax import overrides
 
-OVERRIDES = {"train.steps": 6, "train.ckpt_every": 2, "train.log_every": 1,
-             "eval.num_pairs": 16, "eval.batch_size": 16}
+OVERRIDES = {
+    "train.steps": 6, "train.ckpt_every": 2, "train.log_every": 1, "eval.num_pairs": 16,
+    "eval.batch_size": 16
+}
 
 
 def run_config(**extra):
@@ -111,7 +110,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tokenizer_dir, d
   """(c) A long run gets SIGTERM after a few steps: it checkpoints the step it is at (not an
   interval step) and exits 0; a restart continues from there."""
   workdir = str(tmp_path)
-  proc = worker(workdir, tokenizer_dir, data_dir, {"train.steps": 10_000, "train.ckpt_every": 10_000})
+  proc = worker(workdir, tokenizer_dir, data_dir,
+                {"train.steps": 10_000, "train.ckpt_every": 10_000})
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline and proc.poll() is None:
@@ -140,7 +140,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tokenizer_dir, d
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(straight, tmp_path, tokenizer_dir,
-                                                            data_dir):
+                                                             data_dir):
   """(d) The process is killed (SIGKILL) while checkpoint 4 is being written: checkpoint 2 stays
   the latest, the restart resumes from it and ends exactly where the straight run ended."""
   workdir = str(tmp_path)
@@ -170,6 +170,7 @@ def _poison(monkeypatch, position):
     total = jnp.where(bad, jnp.nan, total)
     metrics["loss"] = total
     return total, metrics
+
   monkeypatch.setattr(train, "compute_losses", poisoned)
 
 
@@ -188,8 +189,8 @@ def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data
 
   stop_dir = str(tmp_path / "stop")
   with pytest.raises(checkpoint.NonFiniteLossError, match="last good checkpoint is step 2"):
-    train.train_and_evaluate(run_config(**{"train.nonfinite": "stop"}),
-                             stop_dir, tok, tokenizer_dir, data_dir)
+    train.train_and_evaluate(run_config(**{"train.nonfinite": "stop"}), stop_dir, tok,
+                             tokenizer_dir, data_dir)
   assert sorted(os.listdir(os.path.join(stop_dir, "checkpoints"))) == ["2"]
 
 
@@ -199,8 +200,10 @@ def test_nonfinite_updates_are_skipped_and_never_checkpointed(tmp_path, tokenize
   'skip' (no limits): every step is counted, and the checkpoints (rotated, keep 2) hold the finite
   initial parameters. 'stop': the run raises at step 1, saying that there is no checkpoint yet."""
   tok = tokenizers.load_tokenizer(tokenizer_dir)
-  overrides = {"optim.lr": 1e39, "train.keep_checkpoints": 2,
-               "train.max_nonfinite_consecutive": 0, "train.max_nonfinite_total": 0}
+  overrides = {
+      "optim.lr": 1e39, "train.keep_checkpoints": 2, "train.max_nonfinite_consecutive": 0,
+      "train.max_nonfinite_total": 0
+  }
   skip_dir = str(tmp_path / "skip")
   train.train_and_evaluate(run_config(**overrides), skip_dir, tok, tokenizer_dir, data_dir)
   rows = train_rows(skip_dir)
@@ -213,8 +216,8 @@ def test_nonfinite_updates_are_skipped_and_never_checkpointed(tmp_path, tokenize
 
   stop_dir = str(tmp_path / "stop")
   with pytest.raises(checkpoint.NonFiniteLossError) as error:
-    train.train_and_evaluate(run_config(**overrides, **{"train.nonfinite": "stop"}), stop_dir,
-                             tok, tokenizer_dir, data_dir)
+    train.train_and_evaluate(run_config(**overrides, **{"train.nonfinite": "stop"}), stop_dir, tok,
+                             tokenizer_dir, data_dir)
   message = str(error.value)
   assert "non-finite step 1" in message and "last good step is 0" in message
   assert "there is no checkpoint yet" in message and "None" not in message
@@ -226,8 +229,9 @@ def _nan_learning_rate_from(monkeypatch, count):
   finite, the update does not. A skipped step does not advance the count, so every later step is
   non-finite too."""
   schedule = optim.schedule
-  monkeypatch.setattr(optim, "schedule", lambda config, peak: (
-      lambda n: jnp.where(n >= count, jnp.nan, schedule(config, peak)(n))))
+  monkeypatch.setattr(
+      optim, "schedule", lambda config, peak: (lambda n: jnp.where(n >= count, jnp.nan,
+                                                                   schedule(config, peak)(n))))
 
 
 def test_skip_limit_stops_naming_the_last_good_step_and_keeps_a_good_checkpoint(
@@ -254,15 +258,17 @@ def test_skip_limit_stops_naming_the_last_good_step_and_keeps_a_good_checkpoint(
 def test_nonfinite_steps_limits():
   """The host-side count: consecutive and total limits (0 = none), 'stop' at the first one."""
   def config(policy="skip", consecutive=0, total=0):
-    return ml_collections.ConfigDict({"nonfinite": policy, "max_nonfinite_consecutive":
-                                      consecutive, "max_nonfinite_total": total})
+    return ml_collections.ConfigDict({
+        "nonfinite": policy, "max_nonfinite_consecutive": consecutive, "max_nonfinite_total": total
+    })
+
   count = train.NonFiniteSteps(config(consecutive=2), start=10)
   assert count.update([0, 1, 1, 0, 1, 1], first=11) is None and count.last_good == 14
   assert "at step 17 > train.max_nonfinite_consecutive=2" in count.update([1], first=17)
   count = train.NonFiniteSteps(config(total=3), start=0)
   assert count.update([1, 0, 1, 0], first=1) is None
-  assert count.update([0, 1, 0, 1], first=5) == (
-      "4 non-finite steps by step 8 > train.max_nonfinite_total=3")
+  assert count.update([0, 1, 0, 1],
+                      first=5) == ("4 non-finite steps by step 8 > train.max_nonfinite_total=3")
   assert count.last_good == 7
   assert train.NonFiniteSteps(config(), 0).update([1] * 1000, first=1) is None
   assert "train.nonfinite='stop'" in train.NonFiniteSteps(config("stop"), 0).update([0, 1], 1)
@@ -273,8 +279,8 @@ def test_nonfinite_steps_limits():
 def test_checkpointer_refuses_a_non_finite_state(tmp_path):
   """Every checkpoint is a good one, so the rotation never drops the last good checkpoint."""
   ckpt = checkpoint.Checkpointer(str(tmp_path), tiny_config())
-  state = train.TrainState(step=jnp.array(1), params={"w": jnp.array([1.0, jnp.inf])},
-                           opt_state=(), rng=jnp.zeros(2, jnp.uint32))
+  state = train.TrainState(step=jnp.array(1), params={"w": jnp.array([1.0, jnp.inf])}, opt_state=(),
+                           rng=jnp.zeros(2, jnp.uint32))
   with pytest.raises(checkpoint.NonFiniteLossError, match="step 1: the train state is not finite; "
                      "there is no checkpoint yet"):
     ckpt.save(1, state, data_iterator=None)
@@ -284,7 +290,6 @@ def test_checkpointer_refuses_a_non_finite_state(tmp_path):
 
 class _Counter:
   """A data iterator's checkpointable part."""
-
   def get_state(self):
     return {"batches": 3}
 
@@ -302,4 +307,5 @@ def test_restore_params_reads_the_state_without_orbax_warnings(tmp_path, caplog)
   np.testing.assert_array_equal(got["w"], np.arange(4.0))
   np.testing.assert_array_equal(got["b"]["c"], np.ones((2, 3)))
   assert not [r for r in caplog.records if "could not be restored" in r.getMessage()], [
-      r.getMessage() for r in caplog.records]
+      r.getMessage() for r in caplog.records
+  ]

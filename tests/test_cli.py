@@ -29,7 +29,8 @@ def own_flags(module: str) -> list[str]:
   names = []
   for node in ast.walk(tree):
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-      if node.func.attr.startswith("DEFINE") and node.args and isinstance(node.args[0], ast.Constant):
+      if node.func.attr.startswith("DEFINE") and node.args and isinstance(
+          node.args[0], ast.Constant):
         names.append("--" + node.args[0].value)
       elif node.func.attr == "add_parser" and node.args:  # argparse sub-command
         names.append(node.args[0].value)
@@ -44,9 +45,9 @@ def test_every_console_script_lives_in_cli_and_documents_its_flags():
   for name, target in scripts.items():
     module = target.split(":")[0]
     assert module.startswith("mpma_jax.cli."), (name, target)
-    procs[name] = (module, subprocess.Popen([os.path.join(bin_dir, name), "--help"],
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True))
+    procs[name] = (module,
+                   subprocess.Popen([os.path.join(bin_dir, name), "--help"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True))
   for name, (module, proc) in procs.items():
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode in (0, 1) and "Traceback" not in out, (name, out[-2000:])  # absl: 1
@@ -60,8 +61,9 @@ def test_every_console_script_lives_in_cli_and_documents_its_flags():
 
 
 def test_import_graph_has_no_cycle_and_flags_live_in_cli():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "import_graph.py")],
-                        capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "import_graph.py")], capture_output=True,
+      text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   graph = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
   assert "0 layering problems" in proc.stderr
@@ -81,8 +83,8 @@ def test_import_graph_finds_a_cycle(tmp_path):
     import import_graph  # pylint: disable=g-import-not-at-top
   finally:
     sys.path.pop(0)
-  assert import_graph.cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [
-      ["a", "b", "c", "a"]]
+  assert import_graph.cycles({"a": ["b"], "b": ["c"], "c": ["a"],
+                              "d": ["a"]}) == [["a", "b", "c", "a"]]
   assert import_graph.cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
 
 
@@ -96,10 +98,11 @@ def test_config_names_resolve_to_packaged_configs(tmp_path):
   own = tmp_path / "pretrain.py"  # an existing file wins over the packaged one of that name
   own.write_text("")
   assert cli.config_path(f"{own}:base") == f"{own}:base"
-  assert cli.resolve_config_args(["x", "--config", "pretrain:tiny", "--config=finetune/slake",
-                                  "--workdir", "w"]) == [
-      "x", "--config", packaged + ":tiny",
-      "--config=" + os.path.join(cli.CONFIG_DIR, "finetune", "slake.py"), "--workdir", "w"]
+  assert cli.resolve_config_args(
+      ["x", "--config", "pretrain:tiny", "--config=finetune/slake", "--workdir", "w"]) == [
+          "x", "--config", packaged + ":tiny",
+          "--config=" + os.path.join(cli.CONFIG_DIR, "finetune", "slake.py"), "--workdir", "w"
+      ]
 
 
 @pytest.mark.slow
@@ -108,28 +111,34 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
   suite's task configs from a directory that is not the checkout."""
   target, source = tmp_path / "site", tmp_path / "source"
   # a copy, so that the build's own files (build/, *.egg-info) stay out of the checkout
-  shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
-      ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
-  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                  "--no-build-isolation", "--target", str(target), str(source)],
-                 check=True, capture_output=True, text=True, timeout=600)
+  shutil.copytree(
+      ROOT, source, symlinks=True,
+      ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                    ".pytest_cache"))
+  subprocess.run([
+      sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+      "--target",
+      str(target),
+      str(source)
+  ], check=True, capture_output=True, text=True, timeout=600)
   assert (target / "mpma_jax" / "configs" / "finetune" / "vqa_rad.py").exists()
   env = dict(os.environ, PYTHONPATH=str(target))
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                    cwd=elsewhere, timeout=300)
+  run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=elsewhere,
+                                    timeout=300)
   where = run(sys.executable, "-c", "import mpma_jax; print(mpma_jax.__file__)")
   assert where.stdout.strip().startswith(str(target)), where
   listed = run(str(target / "bin" / "mpma-data"), "list")
   assert listed.returncode == 0 and "vqa_rad" in listed.stdout, listed.stderr[-1000:]
   helped = run(str(target / "bin" / "mpma-pretrain"), "--help")
   assert "--workdir" in helped.stdout and "Traceback" not in helped.stderr, helped.stderr[-1000:]
-  tasks = run(sys.executable, "-c", "from mpma_jax import suite\n"
-              "for name, variant in suite.SUITE:\n"
-              "  c = suite.load_task_config(name, variant)\n"
-              "  assert c.dataset and c.task, (name, variant)\n"
-              "print(len(suite.SUITE), suite.CONFIG_DIR)")
+  tasks = run(
+      sys.executable, "-c", "from mpma_jax import suite\n"
+      "for name, variant in suite.SUITE:\n"
+      "  c = suite.load_task_config(name, variant)\n"
+      "  assert c.dataset and c.task, (name, variant)\n"
+      "print(len(suite.SUITE), suite.CONFIG_DIR)")
   assert tasks.returncode == 0, tasks.stderr[-2000:]
   count, config_dir = tasks.stdout.split()
   assert int(count) >= 10 and config_dir.startswith(str(target))

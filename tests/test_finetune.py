@@ -8,14 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from mpma_jax import evaluate, finetune
+from mpma_jax import checkpoint, evaluate, finetune, retrieval, suite
 from mpma_jax.data import builders, downstream
 from mpma_jax.data.builders import synthetic_downstream as sd
-from tests.conftest import tiny_config
-from mpma_jax import suite
-from mpma_jax import retrieval
-from mpma_jax import checkpoint
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
+
 
 def ft_config(name: str, data_dir: str, variant: str = ""):
   """configs/finetune/<name>.py[:variant] for the 32 px test model on data_dir."""
@@ -44,7 +42,8 @@ def test_prior_and_clean_plans(downstream_dir):
   # prior's vocabulary holds every split's answers; clean's only the training answers.
   everything = downstream.answer_vocab(b, ["train", "validation", "test"])
   assert prior.vocab == everything
-  assert clean.vocab == downstream.answer_vocab(b, ["train"]) and set(clean.vocab) <= set(everything)
+  assert clean.vocab == downstream.answer_vocab(b, ["train"]) and set(
+      clean.vocab) <= set(everything)
 
   # Without a validation split (VQA-RAD's layout): prior selects on test and says so; clean carves
   # whole images out of train with the seed, disjoint from what trains.
@@ -74,12 +73,11 @@ def test_prior_and_clean_plans(downstream_dir):
 
 class _WithoutValidation:
   """A built dataset seen without its validation split (the layout of VQA-RAD / CheXpert)."""
-
   def __init__(self, b):
     self._b = b
     self.name = b.name
-    self.info = type("Info", (), {"splits": {k: v for k, v in b.info.splits.items()
-                                             if k != "validation"}})()
+    self.info = type("Info", (),
+                     {"splits": {k: v for k, v in b.info.splits.items() if k != "validation"}})()
 
   def as_data_source(self, split):
     return self._b.as_data_source(split)
@@ -149,8 +147,10 @@ def test_vqa_runs_both_protocols_with_their_vocabularies_and_the_majority_baseli
     assert len(vocab) == r["num_answers"]
     # The majority baseline answers "yes"/"no" (whichever training majority) on every closed
     # question: its closed accuracy is that answer's share of the test's closed questions.
-    closed = [downstream.accepted_answers(test[i]["answer"])[0] for i in range(len(test))
-              if test[i]["answer_type"] == b"closed"]
+    closed = [
+        downstream.accepted_answers(test[i]["answer"])[0] for i in range(len(test))
+        if test[i]["answer_type"] == b"closed"
+    ]
     share = max(closed.count("yes"), closed.count("no")) / len(closed)
     assert base["closed"] in (pytest.approx(share), pytest.approx(1 - share))
   assert results["prior"]["num_answers"] >= results["clean"]["num_answers"]
@@ -191,7 +191,8 @@ def test_image_classification_finetune_and_linear_probe(pretrained_run, downstre
     config.train.update(epochs=2, batch_size=32)
     config.optim.lr = 1e-3
     workdir = tmp_path / variant
-    (r,) = finetune.finetune(config, pretrained_run, str(workdir), log_print=lambda s: None).values()
+    (r,) = finetune.finetune(config, pretrained_run, str(workdir),
+                             log_print=lambda s: None).values()
     auc = r["test"]
     assert set(sd.CHEST_CLASSES) <= set(auc) and 0 <= auc["mean"] <= 1 and r["num_test"] == 32
     ckpt = workdir / "clean" / "checkpoints" / str(r["best_epoch"])
@@ -209,7 +210,8 @@ def test_zero_shot_retrieval_equals_the_pretraining_evaluation_and_reranks(
     pretrained_run, data_dir, tmp_path):
   """roco.py:zero_shot on the synthetic pairs gives exactly the recall of evaluate.retrieval on
   the same pairs; ITM re-ranking reorders only each query's top-k."""
-  from mpma_jax.data import pipeline, tokenizer as tokenizers  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mpma_jax.data import tokenizer as tokenizers
   pre = tiny_config()
   name = f"synthetic/n{pre.data.num_train}_e{pre.data.num_eval}_s32_seed0"
   config = ft_config("roco", data_dir)
@@ -244,10 +246,12 @@ def test_vqa_image_cache_returns_the_same_examples_and_stays_bounded(downstream_
   cached = downstream.Decode("vqa", tokenizer_dir, 32, 16, ["yes", "no"], cache_images=2)
   plain = downstream.Decode("vqa", tokenizer_dir, 32, 16, ["yes", "no"], cache_images=0)
   for i in list(range(40)) + [0, 1, 2]:  # several questions per image, then images seen before
-    a, c = plain.map({"record": source[i], "index": i}), cached.map({"record": source[i], "index": i})
+    a, c = plain.map({"record": source[i],
+                      "index": i}), cached.map({"record": source[i], "index": i})
     for k in a:
       np.testing.assert_array_equal(a[k], c[k])
     assert len(cached._cache) <= 2
   c["image"][:] = 0  # a batch row is a copy: the cached image is untouched
   again = cached.map({"record": source[2], "index": 2})
-  np.testing.assert_array_equal(again["image"], plain.map({"record": source[2], "index": 2})["image"])
+  np.testing.assert_array_equal(again["image"],
+                                plain.map({"record": source[2], "index": 2})["image"])

@@ -17,14 +17,13 @@ import jax
 import numpy as np
 import pytest
 
+from mpma_jax import suite
 from mpma_jax.data import builders, downstream
 from mpma_jax.data.builders import chexpert, rsna_pneumonia
 from tests.data.builders import test_chexpert, test_roco, test_rsna_pneumonia, test_vqa_sets
-from mpma_jax import suite
 
 BATCH = 8  # train and eval batches split over conftest's 8 simulated devices
 _jpeg = lambda i: test_vqa_sets._jpeg(i % 12)  # pylint: disable=protected-access
-
 
 # --- the layouts ----------------------------------------------------------------------------------
 # Every VQA set below has the same 9 answers in train as in all its splits together (each answer on
@@ -41,14 +40,15 @@ def _vqa_rad(root):
   (root / "images").mkdir(parents=True)
 
   def record(qid, image, kind):
-    answer = {0: ("no", "Yes")[image % 2], 1: RAD_OPEN[image % 7],
-              2: RAD_OPEN[(image + 3) % 7]}[kind]
-    return {"qid": qid, "image_name": f"synpic{image}.jpg", "image_organ": "CHEST",
-            "answer": answer, "answer_type": ("CLOSED " if image % 4 == 1 else "CLOSED", "OPEN",
-                                              "OPEN")[kind],
-            "question_type": ("PRES", "ORGAN", "ABN")[kind], "phrase_type": "freeform",
-            "question": ("Is there an abnormality?", "What organ is shown?",
-                         "What is abnormal here?")[kind]}
+    answer = {0: ("no", "Yes")[image % 2], 1: RAD_OPEN[image % 7], 2: RAD_OPEN[
+        (image + 3) % 7]}[kind]
+    return {
+        "qid": qid, "image_name": f"synpic{image}.jpg", "image_organ": "CHEST", "answer": answer,
+        "answer_type": ("CLOSED " if image % 4 == 1 else "CLOSED", "OPEN", "OPEN")[kind],
+        "question_type": ("PRES", "ORGAN", "ABN")[kind], "phrase_type": "freeform", "question":
+            ("Is there an abnormality?", "What organ is shown?", "What is abnormal here?")[kind]
+    }
+
   for i in range(9):
     (root / "images" / f"synpic{i}.jpg").write_bytes(_jpeg(i))
   train = [record(3 * i + k, i, k) for i in range(7) for k in range(3)]
@@ -69,11 +69,12 @@ def _slake(root):
       img = f"xmlab{image}/source.jpg"
       (root / "imgs" / f"xmlab{image}").mkdir()
       (root / "imgs" / img).write_bytes(_jpeg(image))
-      records += [test_vqa_sets._slake_question(  # pylint: disable=protected-access
-                      1000 + 2 * image, img, "Is this normal?", ("No", "Yes")[image % 2],
-                      atype="CLOSED"),
-                  test_vqa_sets._slake_question(  # pylint: disable=protected-access
-                      1001 + 2 * image, img, "Which organ is shown?", organs[image % 5])]
+      records += [
+          test_vqa_sets._slake_question(  # pylint: disable=protected-access
+              1000 + 2 * image, img, "Is this normal?", ("No", "Yes")[image % 2], atype="CLOSED"),
+          test_vqa_sets._slake_question(  # pylint: disable=protected-access
+              1001 + 2 * image, img, "Which organ is shown?", organs[image % 5])
+      ]
       image += 1
     json.dump(records, open(root / f"{name}.json", "w"))
 
@@ -82,26 +83,30 @@ def _vqa_med_2019(root):
   """test_vqa_sets' VQA-Med-2019 copy + C1-C3 questions about 5 training, 2 validation and 2 test
   images; test answers carry '#' alternatives (each also a training answer)."""
   test_vqa_sets._vqa_med(root)  # pylint: disable=protected-access
-  qa = {"C1_Modality": ("what modality is shown?",
-                        ("mr - flair", "us", "us-d", "ct w/contrast", "ct noncontrast")),
-        "C2_Plane": ("what plane is this?", ("sagittal", "axial")),
-        "C3_Organ": ("what organ system is shown?", ("gastrointestinal", "gi"))}
-  for top, images, suffix, first, n in (
-      ("ImageClef-2019-VQA-Med-Training", "Train_images", "train", 10, 5),
-      ("ImageClef-2019-VQA-Med-Validation", "Val_images", "val", 20, 2)):
+  qa = {
+      "C1_Modality": ("what modality is shown?", ("mr - flair", "us", "us-d", "ct w/contrast",
+                                                  "ct noncontrast")),
+      "C2_Plane": ("what plane is this?", ("sagittal", "axial")),
+      "C3_Organ": ("what organ system is shown?", ("gastrointestinal", "gi"))
+  }
+  for top, images, suffix, first, n in (("ImageClef-2019-VQA-Med-Training", "Train_images", "train",
+                                         10, 5), ("ImageClef-2019-VQA-Med-Validation", "Val_images",
+                                                  "val", 20, 2)):
     for cat, (question, answers) in qa.items():
       with open(root / top / "QAPairsByCategory" / f"{cat}_{suffix}.txt", "a") as f:
-        f.write("".join(f"\nsynpic{i}|{question}|{answers[i % len(answers)]}"
-                        for i in range(first, first + n)))
+        f.write("".join(
+            f"\nsynpic{i}|{question}|{answers[i % len(answers)]}" for i in range(first, first + n)))
     for i in range(first, first + n):
       (root / top / images / f"synpic{i}.jpg").write_bytes(_jpeg(i))
   test = root / "VQAMed2019Test"
   lines = []
   for i in (30, 31):
     (test / "VQAMed2019_Test_Images" / f"synpic{i}.jpg").write_bytes(_jpeg(i))
-    lines += [f"synpic{i}|modality|what modality is shown?|ct noncontrast#ct w/contrast",
-              f"synpic{i}|plane|what plane is this?|{('axial', 'sagittal')[i % 2]}",
-              f"synpic{i}|organ|what organ system is shown?|gi#gastrointestinal"]
+    lines += [
+        f"synpic{i}|modality|what modality is shown?|ct noncontrast#ct w/contrast",
+        f"synpic{i}|plane|what plane is this?|{('axial', 'sagittal')[i % 2]}",
+        f"synpic{i}|organ|what organ system is shown?|gi#gastrointestinal"
+    ]
   with open(test / "VQAMed2019_Test_Questions_w_Ref_Answers.txt", "a") as f:
     f.write("\n" + "\n".join(lines))
 
@@ -140,8 +145,10 @@ def _rsna_pneumonia(root):
   quirks = {p: test_rsna_pneumonia.PATIENTS[p] for p in ("", "pid04", "pid10", "pid13")}
   ids = [f"rsna{i:03d}" for i in range(40)]
   order = sorted(ids + list(quirks))
-  order = [order[i] for i in
-           np.random.default_rng(rsna_pneumonia.RsnaPneumonia.SEED).permutation(len(order))]
+  order = [
+      order[i]
+      for i in np.random.default_rng(rsna_pneumonia.RsnaPneumonia.SEED).permutation(len(order))
+  ]
   box = test_rsna_pneumonia.BOX
   patients = dict(quirks)
   for rank, p in enumerate(q for q in order if q in ids):
@@ -158,20 +165,26 @@ def _roco(root):
               "Renal ultrasound shows mild hydronephrosis on the left.")
   pairs = lambda first, n: [(f"ROCO_{first + i:05d}", f"{captions[i % 4]} Case {first + i}.", "ok")
                             for i in range(n)]
-  test_roco._roco_split(root, "train", pairs(100, 10) + [  # pylint: disable=protected-access
-      ("ROCO_00197", captions[0], None), ("ROCO_00198", "CT scan", "ok"), ("ROCO_00199", None, "ok")])
+  test_roco._roco_split(
+      root,
+      "train",
+      pairs(100, 10) + [  # pylint: disable=protected-access
+          ("ROCO_00197", captions[0], None), ("ROCO_00198", "CT scan", "ok"),
+          ("ROCO_00199", None, "ok")
+      ])
   test_roco._roco_split(root, "validation", pairs(200, 4))  # pylint: disable=protected-access
   test_roco._roco_split(root, "test", pairs(300, 8) + [("ROCO_00399", "  ", "ok")])  # pylint: disable=protected-access
 
 
 # dataset -> its layout writer (roco_retrieval reads ROCO's manual_dir)
-LAYOUTS = {"vqa_rad": _vqa_rad, "slake": _slake, "vqa_med_2019": _vqa_med_2019,
-           "melinda": _melinda, "chexpert": _chexpert, "rsna_pneumonia": _rsna_pneumonia,
-           "roco": _roco}
+LAYOUTS = {
+    "vqa_rad": _vqa_rad, "slake": _slake, "vqa_med_2019": _vqa_med_2019, "melinda": _melinda,
+    "chexpert": _chexpert, "rsna_pneumonia": _rsna_pneumonia, "roco": _roco
+}
 # One task of each config file (the test split each reads, for the counts).
 TASKS = (("vqa_rad", ""), ("slake", ""), ("vqa_med_2019", ""), ("melinda", ""),
-         ("roco", "zero_shot"), ("roco", "finetune"), ("chexpert", "probe_10"),
-         ("rsna_pneumonia", "finetune_100"))
+         ("roco", "zero_shot"), ("roco", "finetune"), ("chexpert", "probe_10"), ("rsna_pneumonia",
+                                                                                 "finetune_100"))
 # table label -> (dataset whose build report counts the test records, its test split, protocols)
 EXPECTED = {
     "vqa_rad": ("vqa_rad", "test", ("prior", "clean")),
@@ -183,10 +196,17 @@ EXPECTED = {
     "chexpert:probe_10": ("chexpert", "validation", ("clean",)),  # valid.csv is the test set
     "rsna_pneumonia:finetune_100": ("rsna_pneumonia", "test", ("clean",)),
 }
-OVERRIDES = {"train.epochs": 1, "train.batch_size": BATCH, "eval.batch_size": BATCH,
-             "optim.lr": 1e-4,  # x head_mult 50 on VQA: the head moves in 2 steps
-             "image_size": 0, "data.max_len": 24, "data.read_threads": 2, "data.read_buffer": 8,
-             "rsna_pneumonia:finetune_100": {"image_size": 48}}  # resizes the position embedding
+OVERRIDES = {
+    "train.epochs": 1,
+    "train.batch_size": BATCH,
+    "eval.batch_size": BATCH,
+    "optim.lr": 1e-4,  # x head_mult 50 on VQA: the head moves in 2 steps
+    "image_size": 0,
+    "data.max_len": 24,
+    "data.read_threads": 2,
+    "data.read_buffer": 8,
+    "rsna_pneumonia:finetune_100": {"image_size": 48}
+}  # resizes the position embedding
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +230,11 @@ def suite_run(pretrained_run, real_layouts, tmp_path_factory):
   lines = []
   import time
   t0 = time.time()
+
   def log(line):
     lines.append(line)
     print(f"{time.time() - t0:7.1f} {line}", file=sys.stderr, flush=True)
+
   table, rows = suite.run(pretrained_run, data_dir, workdir, TASKS, OVERRIDES, log)
   print(table, file=sys.stderr)
   return workdir, table, rows, lines
@@ -222,20 +244,21 @@ def test_every_dataset_builds_from_its_layout_with_its_skips_counted(real_layout
   _, reports = real_layouts
   written = {name: {s: r["written"] for s, r in report.items()} for name, report in reports.items()}
   assert written == {
-      "vqa_rad": {"train": 21, "test": 8},
-      "slake": {"train": 19, "validation": 5, "test": 5},
-      "vqa_med_2019": {"train": 18, "validation": 7, "test": 8},
-      "melinda": {"train": 14, "validation": 4, "test": 4},
-      "chexpert": {"train": 90, "validation": 8},
-      "rsna_pneumonia": {"train": 33, "validation": 4, "test": 4},
-      "roco": {"train": 10, "validation": 4, "test": 8},
-      "roco_retrieval": {"test": 8}}
-  assert reports["slake"]["train"]["skipped"] == {"not English": 1, "unreadable image": 1,
-                                                  "missing image": 1}
+      "vqa_rad": {"train": 21, "test": 8}, "slake": {"train": 19, "validation": 5, "test": 5},
+      "vqa_med_2019": {"train": 18, "validation": 7,
+                       "test": 8}, "melinda": {"train": 14, "validation": 4, "test": 4},
+      "chexpert": {"train": 90,
+                   "validation": 8}, "rsna_pneumonia": {"train": 33, "validation": 4, "test": 4},
+      "roco": {"train": 10, "validation": 4, "test": 8}, "roco_retrieval": {"test": 8}
+  }
+  assert reports["slake"]["train"]["skipped"] == {
+      "not English": 1, "unreadable image": 1, "missing image": 1
+  }
   assert sum(reports["rsna_pneumonia"][s]["skipped"].get("missing image", 0)
              for s in ("train", "validation", "test")) == 1
-  assert reports["roco"]["train"]["skipped"] == {"missing image": 1, "text too short": 1,
-                                                 "malformed line": 1}
+  assert reports["roco"]["train"]["skipped"] == {
+      "missing image": 1, "text too short": 1, "malformed line": 1
+  }
   # Validation and test hold both classes of the binary task (its AUC is defined).
   data_dir, _ = real_layouts
   b = builders.builder("rsna_pneumonia", data_dir)
@@ -246,14 +269,15 @@ def test_every_dataset_builds_from_its_layout_with_its_skips_counted(real_layout
 
 def test_suite_has_one_row_per_task_and_protocol_with_metrics_in_range(suite_run):
   workdir, table, rows, _ = suite_run
-  assert [(r["task"], r["protocol"]) for r in rows] == [
-      (label, p) for label, (_, _, protocols) in EXPECTED.items() for p in protocols]
+  assert [(r["task"], r["protocol"]) for r in rows
+         ] == [(label, p) for label, (_, _, protocols) in EXPECTED.items() for p in protocols]
   # NaN only where a group is empty: VQA-Med-2019 has no closed questions.
   for r in rows:
     for column, value in r.items():
       if isinstance(value, float):
         if math.isnan(value):
-          assert r["task"] == "vqa_med_2019" and column in ("closed", "majority closed"), (r, column)
+          assert r["task"] == "vqa_med_2019" and column in ("closed", "majority closed"), (r,
+                                                                                           column)
         else:
           assert 0 <= value <= 1, (r, column)
   notes = {(r["task"], r["protocol"]): r.get("note") for r in rows}
@@ -284,8 +308,8 @@ def test_each_result_tests_every_record_of_its_test_split(suite_run, real_layout
   assert rad["clean"]["num_train"] + rad["clean"]["num_select"] == 21  # one image's 3 carved
   for label in ("vqa_rad", "slake", "vqa_med_2019"):
     results = json.load(open(os.path.join(workdir, label, "results.json")))
-    assert {p: r["num_answers"] for p, r in results.items()} == dict.fromkeys(
-        ("prior", "clean"), NUM_ANSWERS), label
+    assert {p: r["num_answers"] for p, r in results.items()} == dict.fromkeys(("prior", "clean"),
+                                                                             NUM_ANSWERS), label
     assert [h["step"] for r in results.values() for h in r["history"]] == [2, 2]  # 1 epoch
   chest = json.load(open(os.path.join(workdir, "chexpert_probe_10", "results.json")))["clean"]
   assert chest["num_select"] == 9 and chest["num_train"] == 8  # 10% of the 81 left to train
@@ -299,7 +323,7 @@ def test_each_result_tests_every_record_of_its_test_split(suite_run, real_layout
 
 
 def test_vqa_med_2019_is_all_open_and_accepts_every_alternative(suite_run, real_layouts,
-                                                               pretrained_run):
+                                                                pretrained_run):
   workdir, _, _, _ = suite_run
   data_dir, _ = real_layouts
   results = json.load(open(os.path.join(workdir, "vqa_med_2019", "results.json")))
@@ -319,8 +343,7 @@ def test_vqa_med_2019_is_all_open_and_accepts_every_alternative(suite_run, real_
   assert alternatives == 5  # us#us-d and four of the added questions
 
 
-def test_command_line_suite_and_eval_of_its_run(pretrained_run, real_layouts, suite_run,
-                                               tmp_path):
+def test_command_line_suite_and_eval_of_its_run(pretrained_run, real_layouts, suite_run, tmp_path):
   """`mpma-eval --suite --override ...` on a data_dir holding only VQA-RAD: the table, MELINDA
   under "Not run"; then `mpma-eval --run` on its VQA-RAD run recomputes the test metrics of
   results.json from the checkpoint. (After suite_run, with its overrides and devices: the
@@ -331,19 +354,24 @@ def test_command_line_suite_and_eval_of_its_run(pretrained_run, real_layouts, su
   os.symlink(os.path.join(data_dir, "vqa_rad"), only_rad / "vqa_rad")
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or ""}
   # `python -m mpma_jax.evaluate`, with conftest's one-computation-at-a-time setting for 8 devices.
-  cmd = [sys.executable, "-c", "import jax; jax.config.update('jax_cpu_enable_async_dispatch', "
-         "False); from mpma_jax import evaluate; evaluate.run()"]
+  cmd = [
+      sys.executable, "-c", "import jax; jax.config.update('jax_cpu_enable_async_dispatch', "
+      "False); from mpma_jax import evaluate; evaluate.run()"
+  ]
   overrides = [f"--override={k}={v!r}" for k, v in OVERRIDES.items() if not isinstance(v, dict)]
-  done = subprocess.run(cmd + ["--suite", "--init", pretrained_run, "--data_dir", str(only_rad),
-                               "--workdir", str(tmp_path / "w"), "--tasks", "vqa_rad,melinda"]
-                        + overrides, capture_output=True, text=True, env=env, timeout=300)
+  done = subprocess.run(
+      cmd + [
+          "--suite", "--init", pretrained_run, "--data_dir",
+          str(only_rad), "--workdir",
+          str(tmp_path / "w"), "--tasks", "vqa_rad,melinda"
+      ] + overrides, capture_output=True, text=True, env=env, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   table = open(tmp_path / "w" / "suite.md").read().strip()
   assert table in done.stdout
   lines = table.splitlines()
   assert lines[0].startswith("| task") and re.fullmatch(r"\|( *:?-+:? *\|)+", lines[1])
   assert [line.split("|")[1:3] for line in lines[2:4]] == [[" vqa_rad ", " prior "],
-                                                            [" vqa_rad ", " clean "]]
+                                                           [" vqa_rad ", " clean "]]
   assert lines[-1].startswith("Not run") and lines[-1].endswith(": melinda")
   run = tmp_path / "w" / "vqa_rad"
   config = json.load(open(run / "config.json"))

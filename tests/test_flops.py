@@ -7,11 +7,10 @@ import flax.linen as nn
 import jax
 import pytest
 
-from mpma_jax import flops, masking, train
-from tests.conftest import tiny_config
+from mpma_jax import flops, losses, masking, train
 from mpma_jax.data import pipeline
-from mpma_jax import losses
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 B = 8
 
@@ -52,13 +51,14 @@ def _variant(name):
 def _compiled_forward(config):
   """The jitted forward pass + losses (as in the train step), compiled for a batch of B."""
   model = MPMA.from_config(config)
-  params = nn.meta.unbox(jax.eval_shape(
-      lambda: train.init_params(config, model, jax.random.key(0))))  # shapes only
+  params = nn.meta.unbox(
+      jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0))))  # shapes only
   with_itm = config.loss.itm > 0
 
   def loss(p, batch):
     out = model.apply({"params": p}, batch, with_itm=with_itm, rngs={"itm": jax.random.key(0)})
     return losses.compute_losses(out, batch, config)[0]
+
   return jax.jit(loss).lower(params, pipeline.dummy_batch(config, B)).compile()
 
 
@@ -91,8 +91,8 @@ def _matmul_flops(hlo: str) -> float:
   return total
 
 
-@pytest.mark.parametrize("variant", ["clean_memory", "masked_no_memory_256",
-                                     "every_layer_gather_itm"])
+@pytest.mark.parametrize("variant",
+                         ["clean_memory", "masked_no_memory_256", "every_layer_gather_itm"])
 def test_forward_flops_match_xla(variant):
   config = _variant(variant)
   compiled = _compiled_forward(config)
@@ -115,7 +115,7 @@ def test_forward_flops_match_xla(variant):
 
 def test_breakdown_follows_the_config():
   c = wide_config()
-  n = (c.model.image.size // c.model.image.patch) ** 2
+  n = (c.model.image.size // c.model.image.patch)**2
   n_keep = masking.num_kept_patches(n, c.masking.image_ratio)
   clean = flops.forward_flops(c, B)
 

@@ -18,10 +18,10 @@ import transformers
 from mpma_jax import train
 from mpma_jax.interop import common, hf_clip, hf_text
 from mpma_jax.models.decoders import MLMHead
+from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.text import TextEncoder
 from mpma_jax.models.vit import VisionTransformer, normalize_images
 from tests.conftest import tiny_config
-from mpma_jax.models.mpma import MPMA
 
 TOL = 1e-4
 # tiny_config's model.image: 32 px, patch 8, width 64, 2 layers, 2 heads, mlp_ratio 4
@@ -31,23 +31,24 @@ CLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layer
 TEXT = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=128)
 FAMILY = {
-    "roberta": dict(config=transformers.RobertaConfig, base=transformers.RobertaModel,
-                    mlm=transformers.RobertaForMaskedLM,
-                    hf=dict(max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
-                            layer_norm_eps=1e-5),
-                    ours=dict(max_positions=66, type_vocab_size=1, pad_id=1,
-                              position_style="roberta", eps=1e-5)),
-    "bert": dict(config=transformers.BertConfig, base=transformers.BertModel,
-                 mlm=transformers.BertForMaskedLM,
-                 hf=dict(max_position_embeddings=64, type_vocab_size=2, pad_token_id=0,
-                         layer_norm_eps=1e-12),
-                 ours=dict(max_positions=64, type_vocab_size=2, pad_id=0,
-                           position_style="bert", eps=1e-12)),
+    "roberta": dict(
+        config=transformers.RobertaConfig, base=transformers.RobertaModel,
+        mlm=transformers.RobertaForMaskedLM, hf=dict(max_position_embeddings=66, type_vocab_size=1,
+                                                     pad_token_id=1, layer_norm_eps=1e-5),
+        ours=dict(max_positions=66, type_vocab_size=1, pad_id=1, position_style="roberta",
+                  eps=1e-5)),
+    "bert": dict(
+        config=transformers.BertConfig, base=transformers.BertModel,
+        mlm=transformers.BertForMaskedLM, hf=dict(max_position_embeddings=64, type_vocab_size=2,
+                                                  pad_token_id=0, layer_norm_eps=1e-12),
+        ours=dict(max_positions=64, type_vocab_size=2, pad_id=0, position_style="bert", eps=1e-12)),
 }
-MEDICAL = ["The chest radiograph shows a small left pleural effusion.",
-           "No acute cardiopulmonary abnormality.",
-           "Axial CT of the abdomen demonstrates a hypodense hepatic lesion measuring 2 cm, "
-           "most consistent with a simple cyst."]
+MEDICAL = [
+    "The chest radiograph shows a small left pleural effusion.",
+    "No acute cardiopulmonary abnormality.",
+    "Axial CT of the abdomen demonstrates a hypodense hepatic lesion measuring 2 cm, "
+    "most consistent with a simple cyst."
+]
 
 
 def _perturb(model, seed):
@@ -62,8 +63,8 @@ def _perturb(model, seed):
 def _abstract_tree(config):
   """The whole model's unboxed parameter tree as ShapeDtypeStructs (no compute)."""
   model = MPMA.from_config(config)
-  return nn.meta.unbox(jax.eval_shape(
-      lambda: train.init_params(config, model, jax.random.PRNGKey(0))))
+  return nn.meta.unbox(
+      jax.eval_shape(lambda: train.init_params(config, model, jax.random.PRNGKey(0))))
 
 
 def _vit(image_config):
@@ -174,14 +175,15 @@ def test_clip_import_matches_hf(clip_dirs, kind):
   tower_keys = {k for k in state if kind == "vision" or k.startswith("vision_model.")}
   assert set(report.skipped) == set(state) - tower_keys
   if kind == "clip":
-    assert {"logit_scale", "visual_projection.weight", "text_projection.weight"} <= set(
-        report.skipped)
+    assert {"logit_scale", "visual_projection.weight",
+            "text_projection.weight"} <= set(report.skipped)
     assert any(k.startswith("text_model.") for k in report.skipped)
   assert all(after[p] is before[p] for p in before if p not in vision_paths)
 
   images = _images(32)
-  ours = np.asarray(_vit(config.model.image).apply({"params": params["image_encoder"]},
-                                                   normalize_images(images)))  # [B, 17, 64]
+  ours = np.asarray(
+      _vit(config.model.image).apply({"params": params["image_encoder"]},
+                                     normalize_images(images)))  # [B, 17, 64]
   tokens, pooled = _clip_reference(tower, images)
   assert _max_diff(ours, tokens) <= TOL
   assert _max_diff(ours[:, 0], pooled) <= TOL
@@ -206,8 +208,8 @@ def test_clip_export_reproduces_checkpoint(clip_dirs, kind, tmp_path):
   model, info = transformers.CLIPVisionModel.from_pretrained(out, output_loading_info=True)
   _assert_loaded_cleanly(info)
   images = _images(32, seed=1)
-  ours = np.asarray(_vit(config.model.image).apply({"params": params["image_encoder"]},
-                                                   normalize_images(images)))
+  ours = np.asarray(
+      _vit(config.model.image).apply({"params": params["image_encoder"]}, normalize_images(images)))
   tokens, pooled = _clip_reference(model.eval(), images)
   assert _max_diff(ours, tokens) <= TOL and _max_diff(ours[:, 0], pooled) <= TOL
 
@@ -238,7 +240,8 @@ def test_text_import_matches_hf(text_dirs, family, kind):
   path, model = text_dirs[family, kind]
   assert hf_text.text_config_from_hf(path) == {
       "vocab_size": 512, "width": 64, "layers": 2, "heads": 2, "mlp_dim": 128,
-      **FAMILY[family]["ours"]}
+      **FAMILY[family]["ours"]
+  }
   config = _text_config(family)
   tree = _abstract_tree(config)
   params, report = hf_text.import_hf_text(path, tree, config.model.text)
@@ -324,13 +327,14 @@ def test_text_import_old_layer_norm_names(text_dirs, tmp_path):
   path, _ = text_dirs["bert", "base"]
   config = _text_config("bert")
   state = common.load_state_dict(path)
-  renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
-                                                                      "LayerNorm.beta"): v
-             for k, v in state.items()}
+  renamed = {
+      k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+      for k, v in state.items()
+  }
   assert renamed != state
   common.save_safetensors(renamed, str(tmp_path / "old.safetensors"))
-  params, report = hf_text.import_hf_text(str(tmp_path / "old.safetensors"),
-                                          _abstract_tree(config), config.model.text)
+  params, report = hf_text.import_hf_text(str(tmp_path / "old.safetensors"), _abstract_tree(config),
+                                          config.model.text)
   assert report.imported["text_encoder/embeddings_ln/scale"] == "embeddings.LayerNorm.gamma"
   reference, _ = hf_text.import_hf_text(path, _abstract_tree(config), config.model.text)
   for name, value in common.flatten(reference["text_encoder"]).items():
@@ -392,13 +396,16 @@ def test_real_minilm_matches_hf(tmp_path):
   text.update(hf_text.text_config_from_hf(path))
   assert (text.vocab_size, text.width, text.layers, text.position_style) == (30522, 384, 6, "bert")
   encoder, head = _text_modules(text)
-  tree = {"text_encoder": jax.eval_shape(encoder.init, jax.random.PRNGKey(0),
-                                         np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32)),
-          "mlm_head": jax.eval_shape(head.init, jax.random.PRNGKey(0), np.zeros((1, 1, 384)))}
+  tree = {
+      "text_encoder": jax.eval_shape(encoder.init, jax.random.PRNGKey(0), np.zeros((1, 4),
+                                                                                   np.int32),
+                                     np.ones((1, 4), np.int32)),
+      "mlm_head": jax.eval_shape(head.init, jax.random.PRNGKey(0), np.zeros((1, 1, 384)))
+  }
   tree = nn.meta.unbox({k: v["params"] for k, v in tree.items()})
   params, report = hf_text.import_hf_text(path, tree, text)
-  assert set(report.skipped) == {"embeddings.position_ids", "pooler.dense.bias",
-                                 "pooler.dense.weight"}
+  assert set(
+      report.skipped) == {"embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"}
   assert all(p.startswith("mlm_head/") for p in report.initialised)  # no MLM head in it
 
   tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))

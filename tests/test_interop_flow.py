@@ -12,15 +12,14 @@ import pytest
 import torch
 import transformers
 
-from mpma_jax import export, optim, sharding, train
+from mpma_jax import checkpoint, export, optim, sharding, train
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.interop import common, hf_clip, hf_text, pretrained
 from mpma_jax.interop.torch_mpma import MPMATorch
 from mpma_jax.models import mpma
+from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.vit import normalize_images
 from tests.conftest import tiny_config
-from mpma_jax import checkpoint
-from mpma_jax.models.mpma import MPMA
 
 TOL = 1e-4
 
@@ -28,12 +27,14 @@ TOL = 1e-4
 def _hf_dirs(root):
   """Tiny random CLIPVisionModel and BertForMaskedLM directories matching tiny_config()."""
   torch.manual_seed(0)
-  clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-      image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=256))
-  bert = transformers.BertForMaskedLM(transformers.BertConfig(
-      vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=128, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0))
+  clip = transformers.CLIPVisionModel(
+      transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=256))
+  bert = transformers.BertForMaskedLM(
+      transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=128,
+                              max_position_embeddings=64, type_vocab_size=2, pad_token_id=0))
   dirs = {}
   for name, model in (("clip", clip), ("bert", bert)):
     with torch.no_grad():  # HF's init has zero biases and unit LayerNorms: make every value count
@@ -158,8 +159,7 @@ def test_exported_encoders_match_the_trained_jax_model(exported_run):
                                                 add_pooling_layer=False).eval()
   jax_image = model.apply({"params": params}, images,
                           method=lambda m, x: m.image_encoder(normalize_images(x)))
-  jax_text = model.apply({"params": params}, ids, mask,
-                         method=lambda m, i, a: m.text_encoder(i, a))
+  jax_text = model.apply({"params": params}, ids, mask, method=lambda m, i, a: m.text_encoder(i, a))
   pixels = torch.from_numpy(np.asarray(normalize_images(images))).permute(0, 3, 1, 2)
   with torch.no_grad():
     hf_image = vision(pixel_values=pixels).last_hidden_state

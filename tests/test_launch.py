@@ -42,11 +42,14 @@ def test_scripts_parse_are_executable_and_start_with_usage(name):
 
 def _multiprocess(tmp_path, n, workdir, *flags, **env):
   fake = _executable(tmp_path / "fake_pretrain", FAKE_PRETRAIN)
-  env = {**os.environ, "MPMA_PRETRAIN": fake, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-         "KILL_AFTER": "5", **env}
-  return subprocess.run([os.path.join(LAUNCH, "multiprocess.sh"), str(n), "cfg.py:tiny",
-                         str(workdir), *flags], env=env, capture_output=True, text=True,
-                        timeout=60)
+  env = {
+      **os.environ, "MPMA_PRETRAIN": fake, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+      "KILL_AFTER": "5", **env
+  }
+  return subprocess.run(
+      [os.path.join(LAUNCH, "multiprocess.sh"),
+       str(n), "cfg.py:tiny",
+       str(workdir), *flags], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_multiprocess_starts_n_processes_with_their_ids_and_devices(tmp_path):
@@ -61,8 +64,9 @@ def test_multiprocess_starts_n_processes_with_their_ids_and_devices(tmp_path):
     assert argv[:5] == ["--config", "cfg.py:tiny", "--workdir", str(workdir), "--resume"]
     assert argv[6:] == ["--num_processes=3", f"--process_id={i}", "--config.seed=1"]
     coordinators.add(argv[5])
-    assert env.split() == ["env:", "JAX_PLATFORMS=cpu", "XLA_FLAGS=",
-                           "--xla_force_host_platform_device_count=2"]
+    assert env.split() == [
+        "env:", "JAX_PLATFORMS=cpu", "XLA_FLAGS=", "--xla_force_host_platform_device_count=2"
+    ]
   (coordinator,) = coordinators  # one coordinator for all
   assert coordinator.startswith("--coordinator_address=127.0.0.1:")
 
@@ -78,8 +82,10 @@ def test_multiprocess_splits_the_gpus(tmp_path):
 
   def run(n, **more_env):
     return subprocess.run(
-        [os.path.join(LAUNCH, "multiprocess.sh"), str(n), "c.py", str(tmp_path / "run")],
-        env={**env, **more_env}, capture_output=True, text=True, timeout=60)
+        [os.path.join(LAUNCH, "multiprocess.sh"),
+         str(n), "c.py",
+         str(tmp_path / "run")], env={**env,
+                                      **more_env}, capture_output=True, text=True, timeout=60)
 
   assert run(2).returncode == 0
   logs = [(tmp_path / "run" / "logs" / f"process_{i}.log").read_text().strip() for i in range(2)]
@@ -107,11 +113,15 @@ def _slurm(tmp_path, workdir, srun_body):
   _executable(bin_dir / "scontrol", "#!/usr/bin/env bash\necho \"scontrol $*\" >> \"$CALLS\"\n")
   calls = tmp_path / "calls"
   calls.write_text("")
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-         "SLURM_JOB_ID": "42", "WORKDIR": str(workdir)}
-  result = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "cfg.py:base",
-                           str(workdir), "--config.seed=1"], env=env, capture_output=True,
-                          text=True, timeout=60)
+  env = {
+      **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+      "SLURM_JOB_ID": "42", "WORKDIR": str(workdir)
+  }
+  result = subprocess.run([
+      "bash",
+      os.path.join(LAUNCH, "slurm.sbatch"), "cfg.py:base",
+      str(workdir), "--config.seed=1"
+  ], env=env, capture_output=True, text=True, timeout=60)
   return result.returncode, calls.read_text().splitlines()
 
 
@@ -120,8 +130,10 @@ def test_slurm_resumes_and_requeues_only_after_progress(tmp_path):
   # stopped at the time limit after a new checkpoint: requeue
   rc, calls = _slurm(tmp_path, workdir, 'mkdir -p "$WORKDIR/checkpoints/100"\n')
   assert rc == 0
-  assert calls == [f"--kill-on-bad-exit=1 mpma-pretrain --config cfg.py:base --workdir {workdir} "
-                   "--config.seed=1", "scontrol requeue 42"]
+  assert calls == [
+      f"--kill-on-bad-exit=1 mpma-pretrain --config cfg.py:base --workdir {workdir} "
+      "--config.seed=1", "scontrol requeue 42"
+  ]
   # the requeued job resumes; it finishes (eval.json): no requeue
   rc, calls = _slurm(tmp_path, workdir, 'mkdir -p "$WORKDIR/checkpoints/200"\n'
                      'touch "$WORKDIR/eval.json"\n')
@@ -143,22 +155,29 @@ def test_tpu_pod_command_reaches_every_worker_unchanged(tmp_path):
   repo = tmp_path / "repo"
   (repo / ".venv" / "bin").mkdir(parents=True)
   (repo / ".venv" / "bin" / "activate").write_text("")
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "c"),
-         "REPO_DIR": str(repo)}
-  flags = ["--config.optim.encoder_modules=('image_encoder', 'text encoder')",
-           "--config.data.name=roco:1,medicat:1", "--resume"]
+  env = {
+      **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "c"),
+      "REPO_DIR": str(repo)
+  }
+  flags = [
+      "--config.optim.encoder_modules=('image_encoder', 'text encoder')",
+      "--config.data.name=roco:1,medicat:1", "--resume"
+  ]
   script = os.path.join(LAUNCH, "tpu_pod.sh")
-  subprocess.run([script, "my-tpu", "us-central2-b", "configs/pretrain.py:base", "gs://b/run",
-                  *flags], env=env, check=True, capture_output=True, timeout=60)
+  subprocess.run(
+      [script, "my-tpu", "us-central2-b", "configs/pretrain.py:base", "gs://b/run", *flags],
+      env=env, check=True, capture_output=True, timeout=60)
   gcloud = (tmp_path / "c").read_text().splitlines()
-  assert gcloud[:8] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone", "us-central2-b",
-                        "--worker=all"]
+  assert gcloud[:8] == [
+      "compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone", "us-central2-b", "--worker=all"
+  ]
   assert gcloud[8] == "--command"
   remote = "\n".join(gcloud[9:])
   worker = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True,
                           check=True)
-  assert worker.stdout.splitlines() == ["--config", "configs/pretrain.py:base", "--workdir",
-                                        "gs://b/run", *flags]
+  assert worker.stdout.splitlines() == [
+      "--config", "configs/pretrain.py:base", "--workdir", "gs://b/run", *flags
+  ]
   relative = subprocess.run([script, "t", "z", "c.py", "runs/x"], env=env, capture_output=True,
                             text=True)
   assert relative.returncode == 2 and "shared mount" in relative.stderr

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpma_jax import losses, masking
-from mpma_jax import retrieval
+from mpma_jax import losses, masking, retrieval
 
 
 def _lse(x, axis=-1):
@@ -15,8 +14,9 @@ def _lse(x, axis=-1):
 
 
 def _restore_batch(b, n, ratio, seed=0):
-  return np.stack([masking.image_mask(masking.example_rng(seed, 0, i), n, ratio)[1]
-                   for i in range(b)])  # [B, N]
+  return np.stack([
+      masking.image_mask(masking.example_rng(seed, 0, i), n, ratio)[1] for i in range(b)
+  ])  # [B, N]
 
 
 # --- patchify ----------------------------------------------------------------------------------
@@ -25,8 +25,10 @@ def test_patchify_hand_checked():
   p = losses.patchify(jnp.asarray(img), 2)
   assert p.shape == (1, 4, 8)
   # Patch 1 = rows 0-1, columns 2-3 (row-major grid); inside: (row, col, channel).
-  expected = np.array([img[0, 0, 2, 0], img[0, 0, 2, 1], img[0, 0, 3, 0], img[0, 0, 3, 1],
-                       img[0, 1, 2, 0], img[0, 1, 2, 1], img[0, 1, 3, 0], img[0, 1, 3, 1]])
+  expected = np.array([
+      img[0, 0, 2, 0], img[0, 0, 2, 1], img[0, 0, 3, 0], img[0, 0, 3, 1], img[0, 1, 2, 0],
+      img[0, 1, 2, 1], img[0, 1, 3, 0], img[0, 1, 3, 1]
+  ])
   np.testing.assert_array_equal(p[0, 1], expected)
   np.testing.assert_array_equal(p[0, 2], img[0, 2:4, 0:2].reshape(-1))  # second grid row
 
@@ -72,10 +74,11 @@ def test_mim_without_norm_pix_is_hand_computation():
   images = rng.normal(size=(b, 4, 4, 3)).astype(np.float32)
   pred = rng.normal(size=(b, n, 12)).astype(np.float32)
   restore = np.array([[0, 3, 1, 2], [2, 0, 3, 1]])  # n_keep = 2: masked = restore >= 2
-  target = np.stack([images[:, 0:2, 0:2], images[:, 0:2, 2:4],
-                     images[:, 2:4, 0:2], images[:, 2:4, 2:4]], axis=1).reshape(b, n, 12)
+  target = np.stack(
+      [images[:, 0:2, 0:2], images[:, 0:2, 2:4], images[:, 2:4, 0:2], images[:, 2:4, 2:4]],
+      axis=1).reshape(b, n, 12)
   masked = [(0, 1), (0, 3), (1, 0), (1, 2)]
-  expected = np.mean([np.mean((pred[i, j] - target[i, j]) ** 2) for i, j in masked])
+  expected = np.mean([np.mean((pred[i, j] - target[i, j])**2) for i, j in masked])
   got = losses.mim_loss(jnp.asarray(pred), jnp.asarray(images), jnp.asarray(restore), 2, patch,
                         norm_pix=False)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -108,8 +111,8 @@ def test_mlm_loss_hand_computation():
   other = logits.copy()
   other[0, 0] += 50.0
   other[1, :4] = rng.normal(size=(4, 7)) * 10
-  np.testing.assert_allclose(losses.mlm_loss(jnp.asarray(other), jnp.asarray(labels))[0], loss,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.mlm_loss(jnp.asarray(other), jnp.asarray(labels))[0], loss, rtol=1e-6)
 
 
 def test_mlm_loss_without_chosen_positions_is_zero():
@@ -179,12 +182,14 @@ def test_bf16_inputs_give_float32_losses():
   restore = jnp.asarray(_restore_batch(2, 16, 0.75))
   images = jax.random.uniform(key, (2, 16, 16, 3)).astype(jnp.bfloat16)
   labels = jnp.asarray([[1, losses.IGNORE, 3], [losses.IGNORE, 0, losses.IGNORE]])
-  outs = [losses.mim_loss(bf((2, 16, 48)), images, restore, 4, 4),
-          *losses.mlm_loss(bf((2, 3, 11)), labels),
-          losses.info_nce(bf((4, 4))),
-          losses.symmetric_info_nce(bf((4, 4))),
-          losses.global_alignment_loss(bf((4, 8)), bf((4, 8)), jnp.bfloat16(0.07)),
-          *losses.itm_loss(bf((3, 2)), jnp.asarray([0, 1, 1]))]
+  outs = [
+      losses.mim_loss(bf((2, 16, 48)), images, restore, 4,
+                      4), *losses.mlm_loss(bf((2, 3, 11)), labels),
+      losses.info_nce(bf((4, 4))),
+      losses.symmetric_info_nce(bf((4, 4))),
+      losses.global_alignment_loss(bf((4, 8)), bf((4, 8)), jnp.bfloat16(0.07)),
+      *losses.itm_loss(bf((3, 2)), jnp.asarray([0, 1, 1]))
+  ]
   for out in outs:
     assert out.dtype == jnp.float32 and out.shape == ()
     assert jnp.isfinite(out)
@@ -193,23 +198,25 @@ def test_bf16_inputs_give_float32_losses():
 # --- retrieval ---------------------------------------------------------------------------------
 def test_retrieval_recall_known_ranking():
   # Rank of the positive per row: 0, 1, 2, 0 (i2t); per column: 0, 1, 0, 1 (t2i).
-  sim = np.array([[0.9, 0.1, 0.2, 0.0],
-                  [0.8, 0.5, 0.1, 0.0],
-                  [0.1, 0.6, 0.3, 0.7],
+  sim = np.array([[0.9, 0.1, 0.2, 0.0], [0.8, 0.5, 0.1, 0.0], [0.1, 0.6, 0.3, 0.7],
                   [0.0, 0.2, 0.1, 0.4]])
   r = retrieval.recall(sim, ks=(1, 2, 3))
-  assert r == {"i2t_r1": 0.5, "i2t_r2": 0.75, "i2t_r3": 1.0,
-               "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r3": 1.0}
+  assert r == {
+      "i2t_r1": 0.5, "i2t_r2": 0.75, "i2t_r3": 1.0, "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r3": 1.0
+  }
   assert all(isinstance(v, float) for v in r.values())
   assert retrieval.recall(jnp.asarray(sim), ks=(1, 2, 3)) == r  # jax arrays too
 
 
 def test_retrieval_recall_ties_are_pessimistic():
   assert retrieval.recall(np.ones((5, 5)), ks=(1, 4, 5)) == {
-      "i2t_r1": 0.0, "i2t_r4": 0.0, "i2t_r5": 1.0, "t2i_r1": 0.0, "t2i_r4": 0.0, "t2i_r5": 1.0}
-  sim = np.array([[0.5, 0.5, 0.1],   # tie with one other: rank 1
-                  [0.0, 0.9, 0.2],   # clear first
-                  [0.3, 0.3, 0.3]])  # tie with both: rank 2
+      "i2t_r1": 0.0, "i2t_r4": 0.0, "i2t_r5": 1.0, "t2i_r1": 0.0, "t2i_r4": 0.0, "t2i_r5": 1.0
+  }
+  sim = np.array([
+      [0.5, 0.5, 0.1],  # tie with one other: rank 1
+      [0.0, 0.9, 0.2],  # clear first
+      [0.3, 0.3, 0.3]
+  ])  # tie with both: rank 2
   r = retrieval.recall(sim, ks=(1, 2, 3))
   assert r["i2t_r1"] == pytest.approx(1 / 3)
   assert r["i2t_r2"] == pytest.approx(2 / 3)

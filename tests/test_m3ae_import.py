@@ -13,19 +13,24 @@ import transformers
 
 from mpma_jax import train
 from mpma_jax.interop import common, m3ae, pretrained
+from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.vit import resize_pos_embed
 from tests.conftest import tiny_config
-from mpma_jax.models.mpma import MPMA
 
 # M3AE-only tensors (fine-tuning head, RoBERTa's own pooler, CLIP text-tower leftovers, a buffer).
 EXTRA = {
-    "vqa_head.0.weight": (128, 128), "vqa_head.0.bias": (128,), "vqa_head.1.weight": (128,),
-    "vqa_head.1.bias": (128,), "vqa_head.3.weight": (7, 128), "vqa_head.3.bias": (7,),
+    "vqa_head.0.weight": (128, 128),
+    "vqa_head.0.bias": (128,),
+    "vqa_head.1.weight": (128,),
+    "vqa_head.1.bias": (128,),
+    "vqa_head.3.weight": (7, 128),
+    "vqa_head.3.bias": (7,),
     "language_encoder.pooler.dense.weight": (64, 64),
     "language_encoder.pooler.dense.bias": (64,),
     "vision_encoder.token_embedding.weight": (100, 64),
     "vision_encoder.positional_embedding": (16, 64),
-    "vision_encoder.ln_final.weight": (64,), "vision_encoder.ln_final.bias": (64,),
+    "vision_encoder.ln_final.weight": (64,),
+    "vision_encoder.ln_final.bias": (64,),
 }
 OWN = ("memory/", "gla/")  # MPMA-only subtrees
 
@@ -89,16 +94,19 @@ def test_text_encoder_matches_transformers_roberta(ckpt):
   c, a, path, saved = ckpt
   params, _ = m3ae.import_m3ae(path, a, c.model)
   t = c.model.text
-  config = transformers.RobertaConfig(
-      vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers,
-      num_attention_heads=t.heads, intermediate_size=t.mlp_dim,
-      max_position_embeddings=t.max_positions, type_vocab_size=t.type_vocab_size,
-      pad_token_id=t.pad_id, layer_norm_eps=t.eps, hidden_act="gelu")
+  config = transformers.RobertaConfig(vocab_size=t.vocab_size, hidden_size=t.width,
+                                      num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                                      intermediate_size=t.mlp_dim,
+                                      max_position_embeddings=t.max_positions,
+                                      type_vocab_size=t.type_vocab_size, pad_token_id=t.pad_id,
+                                      layer_norm_eps=t.eps, hidden_act="gelu")
   roberta = transformers.RobertaModel(config, add_pooling_layer=False).eval()
   prefix = "language_encoder."
-  roberta.load_state_dict({k[len(prefix):]: torch.from_numpy(v) for k, v in saved.items()
-                           if k.startswith(prefix) and k not in EXTRA and "position_ids" not in k},
-                          strict=True)
+  roberta.load_state_dict(
+      {
+          k[len(prefix):]: torch.from_numpy(v) for k, v in saved.items()
+          if k.startswith(prefix) and k not in EXTRA and "position_ids" not in k
+      }, strict=True)
   rng = np.random.default_rng(3)
   ids = rng.integers(3, t.vocab_size, (2, 12))
   mask = np.ones_like(ids)
@@ -117,9 +125,11 @@ def _clip_names(saved, layers, prefix):
   """M3AE's OpenAI-CLIP vision tensors renamed for transformers' CLIPVisionModel (whose names
   carry `prefix`: 'vision_model.' in transformers 4, '' in 5)."""
   v, out = m3ae.VISUAL, {}
-  plain = {"conv1.weight": "embeddings.patch_embedding.weight",
-           "class_embedding": "embeddings.class_embedding",
-           "positional_embedding": "embeddings.position_embedding.weight"}
+  plain = {
+      "conv1.weight": "embeddings.patch_embedding.weight",
+      "class_embedding": "embeddings.class_embedding",
+      "positional_embedding": "embeddings.position_embedding.weight"
+  }
   for ours, hf in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
     plain.update({f"{ours}.weight": f"{hf}.weight", f"{ours}.bias": f"{hf}.bias"})
   for i in range(layers):
@@ -130,8 +140,8 @@ def _clip_names(saved, layers, prefix):
         plain[f"{src}.{ours}.{p}"] = f"{dst}.{hf}.{p}"
     for p in ("weight", "bias"):
       q, k, val = np.split(saved[f"{v}{src}.attn.in_proj_{p}"], 3, axis=0)
-      out.update({f"{prefix}{dst}.self_attn.{n}_proj.{p}": x
-                  for n, x in (("q", q), ("k", k), ("v", val))})
+      out.update(
+          {f"{prefix}{dst}.self_attn.{n}_proj.{p}": x for n, x in (("q", q), ("k", k), ("v", val))})
   out.update({f"{prefix}{hf}": saved[v + ours] for ours, hf in plain.items()})
   return {k: torch.from_numpy(np.ascontiguousarray(x)) for k, x in out.items()}
 
@@ -140,10 +150,11 @@ def test_image_encoder_matches_transformers_clip(ckpt):
   c, a, path, saved = ckpt
   params, _ = m3ae.import_m3ae(path, a, c.model)
   i = c.model.image
-  config = transformers.CLIPVisionConfig(
-      hidden_size=i.width, intermediate_size=int(i.width * i.mlp_ratio),
-      num_hidden_layers=i.layers, num_attention_heads=i.heads, image_size=i.size,
-      patch_size=i.patch, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+  config = transformers.CLIPVisionConfig(hidden_size=i.width,
+                                         intermediate_size=int(i.width * i.mlp_ratio),
+                                         num_hidden_layers=i.layers, num_attention_heads=i.heads,
+                                         image_size=i.size, patch_size=i.patch,
+                                         hidden_act="quick_gelu", layer_norm_eps=1e-5)
   clip = transformers.CLIPVisionModel(config).eval()
   tower = getattr(clip, "vision_model", clip)
   prefix = "vision_model." if tower is not clip else ""
@@ -193,8 +204,9 @@ def test_checkpoint_without_heads_keeps_them_fresh(ckpt):
   with pytest.raises(KeyError, match="require_heads"):
     m3ae.import_m3ae_state_dict(bare, b, c.model, require_heads=True)
   out, report = m3ae.import_m3ae_state_dict(bare, b, c.model)
-  fresh = {p for p in common.flatten(b)
-           if p.startswith(OWN + ("mlm_head/", "mim_decoder/", "itm_head/"))}
+  fresh = {
+      p for p in common.flatten(b) if p.startswith(OWN + ("mlm_head/", "mim_decoder/", "itm_head/"))
+  }
   assert set(report.initialised) == fresh
   flat_out, flat_b = common.flatten(out), common.flatten(b)
   for p in fresh:
@@ -213,15 +225,18 @@ def test_position_embedding_is_resized(ckpt):
   np.testing.assert_array_equal(pos[0], pos_a[0])
   np.testing.assert_array_equal(pos, np.asarray(resize_pos_embed(pos_a, 6)))
   assert any("4x4" in n and "6x6" in n for n in report.notes)
-  np.testing.assert_array_equal(common.flatten(out)["image_encoder/patch_embed/kernel"],
-                                common.flatten(a)["image_encoder/patch_embed/kernel"])
+  np.testing.assert_array_equal(
+      common.flatten(out)["image_encoder/patch_embed/kernel"],
+      common.flatten(a)["image_encoder/patch_embed/kernel"])
 
 
 def test_full_lightning_checkpoint_loads(tmp_path, monkeypatch):
   """PL 1.x pickles callback classes (dict keys) and may store an AttributeDict beside the
   weights; load_state_dict reads them as stand-ins, where plain weights_only loading refuses."""
-  classes = {"pytorch_lightning.callbacks.model_checkpoint": ("ModelCheckpoint", object),
-             "pytorch_lightning.utilities.parsing": ("AttributeDict", dict)}
+  classes = {
+      "pytorch_lightning.callbacks.model_checkpoint": ("ModelCheckpoint", object),
+      "pytorch_lightning.utilities.parsing": ("AttributeDict", dict)
+  }
   made = {}
   with monkeypatch.context() as mp:
     for parent in ("pytorch_lightning", "pytorch_lightning.callbacks",
@@ -233,10 +248,13 @@ def test_full_lightning_checkpoint_loads(tmp_path, monkeypatch):
       setattr(mod, name, made[name])
       mp.setitem(sys.modules, module, mod)
     path = str(tmp_path / "full.ckpt")
-    torch.save({"state_dict": {"w": torch.ones(2, 3)}, "epoch": 1,
-                "callbacks": {made["ModelCheckpoint"]: {"best_model_score": torch.tensor(0.5),
-                                                        "dirpath": "ckpts"}},
-                "hyper_parameters": made["AttributeDict"](config={"mim_layer": 3})}, path)
+    torch.save(
+        {
+            "state_dict": {"w": torch.ones(2, 3)}, "epoch": 1, "callbacks": {
+                made["ModelCheckpoint"]:
+                    {"best_model_score": torch.tensor(0.5), "dirpath": "ckpts"}
+            }, "hyper_parameters": made["AttributeDict"](config={"mim_layer": 3})
+        }, path)
   assert "pytorch_lightning" not in sys.modules
   with pytest.raises(Exception, match="ModelCheckpoint|AttributeDict"):
     torch.load(path, weights_only=True)
@@ -257,8 +275,8 @@ def test_adapt_config_takes_the_sizes_from_the_checkpoint(ckpt):
   changes = pretrained.adapt_config(other)
   for section in ("image", "text", "fusion"):
     for field, value in c.model[section].items():
-      if field in ("layers", "heads", "mlp_ratio", "mlp_dim", "position_style", "pad_id",
-                   "width", "patch"):
+      if field in ("layers", "heads", "mlp_ratio", "mlp_dim", "position_style", "pad_id", "width",
+                   "patch"):
         assert other.model[section][field] == value, (section, field, changes)
   assert (other.model.mim.activation, other.model.mim.eps) == ("quick_gelu", 1e-5)  # CLIP blocks
   fresh = _random_params(other, seed=2)

@@ -73,8 +73,10 @@ def test_determinism():
   for other in (_paired(3, 2, 7), _paired(3, 1, 8), _paired(4, 1, 7)):
     assert not np.array_equal(a["image_restore"], other["image_restore"])
   # Text masks also change with the epoch (checked over several examples: a single one may collide).
-  same = [np.array_equal(_paired(0, 0, i)["mlm_labels"], _paired(0, 1, i)["mlm_labels"])
-          for i in range(10)]
+  same = [
+      np.array_equal(_paired(0, 0, i)["mlm_labels"],
+                     _paired(0, 1, i)["mlm_labels"]) for i in range(10)
+  ]
   assert not all(same)
 
 
@@ -136,9 +138,9 @@ def test_mlm_custom_probabilities():
                                     mask_id=MASK_ID, random_ids=RANDOM_IDS, mask_prob=1.0,
                                     random_prob=0.0)
   np.testing.assert_array_equal(masked[cand], MASK_ID)
-  masked, _ = masking.mlm_mask(masking.example_rng(0, 0, 0), ids, cand, mask_ratio=1.0,
-                               mask_id=MASK_ID, random_ids=RANDOM_IDS, mask_prob=0.0,
-                               random_prob=1.0)
+  masked, _ = masking.mlm_mask(masking.example_rng(0, 0,
+                                                   0), ids, cand, mask_ratio=1.0, mask_id=MASK_ID,
+                               random_ids=RANDOM_IDS, mask_prob=0.0, random_prob=1.0)
   assert np.isin(masked[cand], RANDOM_IDS).all()
 
 

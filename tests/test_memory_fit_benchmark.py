@@ -7,8 +7,8 @@ import pytest
 
 from benchmarks import memory_fit as memory
 from mpma_jax import train
-from tests.conftest import tiny_config
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
@@ -27,8 +27,9 @@ def test_fsdp8_state_bytes_are_an_eighth_up_to_the_unsplit_parameters():
   names = jax.tree.leaves(nn.get_partition_spec(boxed),
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   shapes = jax.tree.leaves(nn.meta.unbox(boxed))
-  want = sum(math.prod(x.shape) * x.dtype.itemsize // (8 if "embed" in spec else 1)
-             for spec, x in zip(names, shapes))
+  want = sum(
+      math.prod(x.shape) * x.dtype.itemsize // (8 if "embed" in spec else 1)
+      for spec, x in zip(names, shapes))
   assert eight["params_bytes"] == want
 
   # Adam keeps two moments per parameter (plus a few step counters).

@@ -5,24 +5,25 @@ import math
 import numpy as np
 import pytest
 
-from mpma_jax import metrics
-from mpma_jax import retrieval, tasks
+from mpma_jax import metrics, retrieval, tasks
 
 
 # --- Med-VQA ---------------------------------------------------------------------------------------
 def test_vqa_accuracy_by_type():
   accepted = np.zeros((6, 4), bool)  # [N, A]
-  accepted[0, 0] = True             # closed, right
-  accepted[1, 1] = True             # closed, wrong (pred 0)
-  accepted[2, [2, 3]] = True        # open, two accepted alternatives, pred the second: right
+  accepted[0, 0] = True  # closed, right
+  accepted[1, 1] = True  # closed, wrong (pred 0)
+  accepted[2, [2, 3]] = True  # open, two accepted alternatives, pred the second: right
   #                                   row 3: open, answer unseen in the vocabulary: always wrong
-  accepted[4, 2] = True             # open, right
-  accepted[5, 1] = True             # closed, no prediction (-1): wrong
+  accepted[4, 2] = True  # open, right
+  accepted[5, 1] = True  # closed, no prediction (-1): wrong
   pred = np.array([0, 0, 3, 2, 2, -1])
   closed = np.array([True, True, False, False, False, True])
   got = metrics.vqa_accuracy(pred, accepted, closed)
-  assert got == {"open": pytest.approx(2 / 3), "closed": pytest.approx(1 / 3), "overall": 0.5,
-                 "n_open": 3, "n_closed": 3, "n": 6}
+  assert got == {
+      "open": pytest.approx(2 / 3), "closed": pytest.approx(1 / 3), "overall": 0.5, "n_open": 3,
+      "n_closed": 3, "n": 6
+  }
   assert all(isinstance(got[k], float) for k in ("open", "closed", "overall"))
   # Float (soft) targets: any score > 0 is accepted.
   soft = metrics.vqa_accuracy([1, 0], [[0.0, 0.3], [0.0, 1.0]], [False, False])
@@ -106,13 +107,12 @@ def test_mean_auc_ignores_missing_and_uncertain_labels():
 # --- retrieval -------------------------------------------------------------------------------------
 def test_recall_at_k_identity_matches_losses():
   # Rank of the positive per row: 0, 1, 2, 0 (i2t); per column: 0, 1, 0, 1 (t2i).
-  sim = np.array([[0.9, 0.1, 0.2, 0.0],
-                  [0.8, 0.5, 0.1, 0.0],
-                  [0.1, 0.6, 0.3, 0.7],
+  sim = np.array([[0.9, 0.1, 0.2, 0.0], [0.8, 0.5, 0.1, 0.0], [0.1, 0.6, 0.3, 0.7],
                   [0.0, 0.2, 0.1, 0.4]])
   r = metrics.recall_at_k(sim, ks=(1, 2, 3))
-  assert r == {"i2t_r1": 0.5, "i2t_r2": 0.75, "i2t_r3": 1.0,
-               "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r3": 1.0}
+  assert r == {
+      "i2t_r1": 0.5, "i2t_r2": 0.75, "i2t_r3": 1.0, "t2i_r1": 0.5, "t2i_r2": 1.0, "t2i_r3": 1.0
+  }
   assert retrieval.recall(sim, ks=(1, 2, 3)) == r  # one implementation
   sim = np.random.default_rng(0).normal(size=(9, 9)).round(1)  # rounded: many ties
   assert retrieval.recall(sim) == metrics.recall_at_k(sim)
@@ -120,13 +120,13 @@ def test_recall_at_k_identity_matches_losses():
 
 def test_recall_at_k_ties_are_pessimistic():
   assert metrics.recall_at_k(np.ones((5, 5)), ks=(1, 4, 5)) == {
-      "i2t_r1": 0.0, "i2t_r4": 0.0, "i2t_r5": 1.0, "t2i_r1": 0.0, "t2i_r4": 0.0, "t2i_r5": 1.0}
+      "i2t_r1": 0.0, "i2t_r4": 0.0, "i2t_r5": 1.0, "t2i_r1": 0.0, "t2i_r4": 0.0, "t2i_r5": 1.0
+  }
 
 
 def test_recall_at_k_several_captions_per_image():
   # Image 0 has captions 0, 1; image 1 has captions 2, 3.
-  sim = np.array([[0.9, 0.1, 0.8, 0.2],
-                  [0.7, 0.3, 0.4, 0.6]])
+  sim = np.array([[0.9, 0.1, 0.8, 0.2], [0.7, 0.3, 0.4, 0.6]])
   pos = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], bool)
   r = metrics.recall_at_k(sim, ks=(1, 2), positives=pos)
   # i2t: image 0's best caption (0.9) is first; image 1's best (0.6) is behind caption 0 (0.7).
@@ -150,19 +150,20 @@ def test_recall_at_k_checks_shapes():
 def test_markdown_table_exact():
   rows = [{"task": "VQA-RAD", "open": 0.6723, "closed": 0.835, "n": 451},
           {"task": "SLAKE | en", "open": float("nan"), "n": np.int64(1061)}]
-  assert metrics.markdown_table(rows, ["task", "open", "closed", "n", "note"]) == (
-      "| task | open | closed | n | note |\n"
-      "| --- | ---: | ---: | ---: | --- |\n"
-      "| VQA-RAD | 67.2 | 83.5 | 451 | – |\n"
-      "| SLAKE \\| en | nan | – | 1061 | – |")
+  assert metrics.markdown_table(
+      rows, ["task", "open", "closed", "n", "note"]) == ("| task | open | closed | n | note |\n"
+                                                         "| --- | ---: | ---: | ---: | --- |\n"
+                                                         "| VQA-RAD | 67.2 | 83.5 | 451 | – |\n"
+                                                         "| SLAKE \\| en | nan | – | 1061 | – |")
 
 
 def test_markdown_table_non_fraction_floats_and_override():
   rows = [{"loss": 2.3456, "auc": np.float32(0.5)}, {"loss": 0.5, "auc": 1.0}]
-  assert metrics.markdown_table(rows, ["loss", "auc"]) == (
-      "| loss | auc |\n| ---: | ---: |\n| 2.346 | 50.0 |\n| 0.5 | 100.0 |")
-  assert metrics.markdown_table(rows[1:], ["loss", "auc"], percent=["auc"]).endswith(
-      "| 0.5 | 100.0 |")
+  assert metrics.markdown_table(
+      rows,
+      ["loss", "auc"]) == ("| loss | auc |\n| ---: | ---: |\n| 2.346 | 50.0 |\n| 0.5 | 100.0 |")
+  assert metrics.markdown_table(rows[1:], ["loss", "auc"],
+                                percent=["auc"]).endswith("| 0.5 | 100.0 |")
 
 
 # --- a diverged model ------------------------------------------------------------------------------
@@ -191,8 +192,8 @@ def test_metrics_of_non_finite_scores_are_nan_never_perfect():
 
   # Fine-tuning's scores and mpma-eval's rows (tasks.Task.score) carry the NaN.
   nan_out = np.full((3, 2), np.nan, np.float32)
-  assert math.isnan(tasks.get("classification").score({"out": nan_out, "label": [0, 1, 1]}, ())[
-      "accuracy"])
+  assert math.isnan(
+      tasks.get("classification").score({"out": nan_out, "label": [0, 1, 1]}, ())["accuracy"])
   roco = tasks.get("retrieval").score({"emb_image": emb, "emb_text": emb}, ())
   assert math.isnan(roco["i2t_r1"]) and math.isnan(roco["rsum"])
 

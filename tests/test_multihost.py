@@ -17,8 +17,10 @@ from tests.test_checkpoint import restore_state, run_config, train_rows
 
 # AdamW eps 1e-4: with a tiny eps Adam's early updates lr * g / (|g| + eps) turn float
 # reduction-order noise in near-zero gradient entries into visible parameter differences.
-STEPS = {"train.steps": 3, "train.ckpt_every": 3, "train.log_every": 1,
-         "eval.num_pairs": 16, "eval.batch_size": 16, "optim.eps": 1e-4}
+STEPS = {
+    "train.steps": 3, "train.ckpt_every": 3, "train.log_every": 1, "eval.num_pairs": 16,
+    "eval.batch_size": 16, "optim.eps": 1e-4
+}
 
 
 def _env(devices: int) -> dict:
@@ -37,11 +39,11 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
   single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
   single = train_worker.start(single_dir, tokenizer_dir, data_dir, STEPS, env=_env(4))
   port = _free_port()
-  multi = [train_worker.start(multi_dir, tokenizer_dir, data_dir, STEPS,
-                              "--coordinator_address", f"127.0.0.1:{port}",
-                              "--num_processes", "2", "--process_id", str(i),
-                              env=_env(2))
-           for i in range(2)]
+  multi = [
+      train_worker.start(multi_dir, tokenizer_dir, data_dir, STEPS, "--coordinator_address",
+                         f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
+                         env=_env(2)) for i in range(2)
+  ]
   outputs = train_worker.wait_all([single, *multi], timeout=540)
   for p, out in zip([single, *multi], outputs):
     assert p.returncode == 0, out[-3000:]
@@ -65,8 +67,8 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
                                err_msg=jax.tree_util.keystr(path))
   # one copy of the data-iterator state, valid for any number of hosts
   data_state = json.load(open(os.path.join(multi_dir, "checkpoints", "3", "data", "metadata")))
-  assert data_state == json.load(open(os.path.join(single_dir, "checkpoints", "3", "data",
-                                                   "metadata")))
+  assert data_state == json.load(
+      open(os.path.join(single_dir, "checkpoints", "3", "data", "metadata")))
 
 
 def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, tokenizer_dir, data_dir):
@@ -76,11 +78,11 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, tokenizer_dir
   import time  # pylint: disable=g-import-not-at-top
   workdir, port = str(tmp_path), _free_port()
   long_run = {**STEPS, "train.steps": 10_000, "train.ckpt_every": 10_000}
-  procs = [train_worker.start(workdir, tokenizer_dir, data_dir, long_run,
-                              "--coordinator_address", f"127.0.0.1:{port}",
-                              "--num_processes", "2", "--process_id", str(i),
-                              env=_env(1))
-           for i in range(2)]
+  procs = [
+      train_worker.start(workdir, tokenizer_dir, data_dir, long_run, "--coordinator_address",
+                         f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
+                         env=_env(1)) for i in range(2)
+  ]
   metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.monotonic() + 200
   while time.monotonic() < deadline and all(p.poll() is None for p in procs):
     if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:

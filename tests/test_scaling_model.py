@@ -11,8 +11,8 @@ HW = scaling.Hardware("test", "TPU v5e", 100.0, 16.0, 4, "fast", 100.0, 1.0, "sl
 
 
 def _inputs(config):
-  return scaling.Inputs(config, scaling.param_leaves(config), dict(scaling.sharding.rules(
-      config.mesh)), fit=(1e9, 1e8))
+  return scaling.Inputs(config, scaling.param_leaves(config),
+                        dict(scaling.sharding.rules(config.mesh)), fit=(1e9, 1e8))
 
 
 @pytest.mark.parametrize("variant", ["default", "no_memory", "every_layer_attention"])
@@ -41,8 +41,8 @@ def test_state_bytes_per_device_match_the_compiled_shardings(fsdp):
   assert 0 <= measured["opt_bytes"] - state["adamw"] <= 64  # + Adam's step counters
 
   # FSDP = total / N, up to the tensors not split over fsdp (biases, temperatures).
-  split = sum(x.size * x.itemsize for x in inputs.leaves
-              if scaling.split_over(x, inputs.rules, "fsdp"))
+  split = sum(
+      x.size * x.itemsize for x in inputs.leaves if scaling.split_over(x, inputs.rules, "fsdp"))
   replicated = inputs.param_bytes - split
   assert state["params"] == split // fsdp + replicated
   assert replicated < 0.02 * inputs.param_bytes
@@ -74,8 +74,8 @@ def test_dp_all_reduce_and_fsdp_bytes_scale_with_n():
   config = tiny_config()
   inputs = _inputs(config)
   p = inputs.param_bytes
-  split = sum(x.size * x.itemsize for x in inputs.leaves
-              if scaling.split_over(x, inputs.rules, "fsdp"))
+  split = sum(
+      x.size * x.itemsize for x in inputs.leaves if scaling.split_over(x, inputs.rules, "fsdp"))
   dp, fsdp = [], []
   for n in (2, 4, 8, 64, 1024):
     t = scaling.step_traffic(inputs.leaves, inputs.rules, config, HW, n, 1, n)["params"]
@@ -93,8 +93,9 @@ def test_dp_all_reduce_and_fsdp_bytes_scale_with_n():
   # parameter bytes, while the per-device state falls as 1/N.
   assert dp == sorted(dp) and dp[-1] / (2 * p) > 0.999
   assert fsdp[-1] / (2 * p) > 0.999
-  states = [scaling.state_per_device(inputs.leaves, inputs.rules, 1, n)["params"]
-            for n in (1, 2, 4, 8)]
+  states = [
+      scaling.state_per_device(inputs.leaves, inputs.rules, 1, n)["params"] for n in (1, 2, 4, 8)
+  ]
   assert states == sorted(states, reverse=True)
 
 
@@ -102,30 +103,30 @@ def test_hybrid_all_reduces_only_the_gradient_shard_over_data():
   config = tiny_config()
   inputs = _inputs(config)
   d, f = 4, 2
-  split = sum(x.size * x.itemsize for x in inputs.leaves
-              if scaling.split_over(x, inputs.rules, "fsdp"))
+  split = sum(
+      x.size * x.itemsize for x in inputs.leaves if scaling.split_over(x, inputs.rules, "fsdp"))
   replicated = inputs.param_bytes - split
   t = scaling.step_traffic(inputs.leaves, inputs.rules, config, HW, d, f, 8)["params"]
-  want = (2 * (f - 1) / f * split + 2 * (d - 1) / d * split / f
-          + 2 * (d * f - 1) / (d * f) * replicated)
+  want = (2 * (f - 1) / f * split + 2 * (d - 1) / d * split / f + 2 * (d * f - 1) /
+          (d * f) * replicated)
   assert t.fast_bytes + t.slow_bytes == pytest.approx(want)
 
 
 def test_contrastive_and_topk_bytes_from_the_config():
   config = tiny_config()
   m = config.model
-  patches = (m.image.size // m.image.patch) ** 2
+  patches = (m.image.size // m.image.patch)**2
   keep = scaling.masking.num_kept_patches(patches, config.masking.image_ratio)
   length = config.data.max_len
   assert scaling.gla_gather_bytes(config, 16) == 16 * (1 + patches + length) * m.gla.dim * 4
-  assert scaling.topk_gather_bytes(config, 16) == 16 * m.memory.heads * (
-      1 + keep + length) * m.memory.slots * 4
+  assert scaling.topk_gather_bytes(
+      config, 16) == 16 * m.memory.heads * (1 + keep + length) * m.memory.slots * 4
   # GLA: an all-gather forward and a reduce-scatter backward over all N devices.
   for n in (2, 8):
-    t = scaling.step_traffic(scaling.param_leaves(config), dict(scaling.sharding.rules(
-        config.mesh)), config, HW, n, 1, 32)["gla"]
-    assert t.fast_bytes + t.slow_bytes == pytest.approx(
-        2 * (n - 1) / n * scaling.gla_gather_bytes(config, 32))
+    t = scaling.step_traffic(scaling.param_leaves(config),
+                             dict(scaling.sharding.rules(config.mesh)), config, HW, n, 1, 32)["gla"]
+    assert t.fast_bytes + t.slow_bytes == pytest.approx(2 * (n - 1) / n *
+                                                        scaling.gla_gather_bytes(config, 32))
   config.model.memory.enabled = False
   assert scaling.topk_gather_bytes(config, 16) == 0
 

@@ -3,15 +3,16 @@ parameters on every mesh (and the batch-axis order that keeps XLA from miscompil
 data x fsdp x tensor mesh); gradient accumulation, rematerialisation and the non-finite guard."""
 import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mpma_jax import optim, sharding, train
 from mpma_jax.data import pipeline
-from tests.conftest import tiny_config
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
 
@@ -117,8 +118,8 @@ def test_one_step_is_the_same_on_every_mesh(mesh, host_batches, initial, referen
   _, fsdp, tensor = mesh
   assert kernel.shard_shape((64, 256)) == (64 // fsdp, 256 // tensor), (mesh, kernel)
   # and the step did something
-  assert any(not np.allclose(a, b) for a, b in zip(
-      jax.tree.leaves(params), jax.tree.leaves(initial.params)))
+  assert any(not np.allclose(a, b)
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial.params)))
 
 
 @pytest.mark.parametrize("batch_axes", [
@@ -133,8 +134,7 @@ def test_batch_axis_order_avoids_the_xla_matmul_bug(batch_axes):
   x [B, T, F] split (batch, -, tensor) @ w [F, D] split (tensor, fsdp), the result's D on tensor.
   With the batch split data-major (fsdp minor, the axis w is split over) examples 2..5 of 8 came
   back wrong; fsdp-major (sharding.BATCH_AXES) is right."""
-  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(8, 5, 128)).astype(np.float32)  # [B, T, F]
   w = rng.normal(size=(128, 64)).astype(np.float32)  # [F, D]
@@ -162,6 +162,7 @@ def test_gradient_accumulation_equals_the_full_batch(host_batches, initial):
     c.loss.update(mlm=0.0, global_=0.0, local=0.0)
     c.train.grad_accum = accum
     return c
+
   full, m_full, _ = _one_step(config(1), (2, 2, 2), host_batches, initial=initial)
   acc, m_acc, _ = _one_step(config(2), (2, 2, 2), host_batches, initial=initial)
   np.testing.assert_allclose(m_acc[0]["mim"], m_full[0]["mim"], rtol=1e-5)

@@ -10,10 +10,10 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from mpma_jax import sweep as sw
-from tests.conftest import ROOT
-from mpma_jax.cli import sweep as sweep_cli
 from mpma_jax import overrides
+from mpma_jax import sweep as sw
+from mpma_jax.cli import sweep as sweep_cli
+from tests.conftest import ROOT
 
 PRETRAIN = os.path.join(ROOT, "configs", "pretrain.py")
 
@@ -94,10 +94,10 @@ def test_product_sizes_and_order_last_sweep_fastest():
                                               (3, "y")]
   assert all(r["c"] is True for r in runs)
   assert sw.zip_(sw.sweep("a", [1, 2]), sw.sweep("b", [3, 4])) == [{"a": 1, "b": 3},
-                                                                     {"a": 2, "b": 4}]
+                                                                   {"a": 2, "b": 4}]
   assert sw.chain(sw.sweep("a", [1, 2]), sw.fixed("b", 0)) == [{"a": 1}, {"a": 2}, {"b": 0}]
-  assert len(sw.product(sw.sweep("a", [1, 2]), sw.zip_(sw.sweep("b", [1, 2]),
-                                                       sw.sweep("c", [1, 2])))) == 4
+  assert len(
+      sw.product(sw.sweep("a", [1, 2]), sw.zip_(sw.sweep("b", [1, 2]), sw.sweep("c", [1, 2])))) == 4
 
 
 def test_combinators_reject_mistakes():
@@ -114,8 +114,9 @@ def test_combinators_reject_mistakes():
 def test_names_use_the_varying_fields_and_are_unique_and_safe():
   runs = sw.product(sw.fixed("train.steps", 100), sw.sweep("optim.lr", [1e-4, 2e-4]),
                     sw.sweep("model.memory.topk", [8, 16]))
-  assert sw.run_names(runs) == ["lr=0.0001,topk=8", "lr=0.0001,topk=16", "lr=0.0002,topk=8",
-                                "lr=0.0002,topk=16"]  # train.steps is the same everywhere
+  assert sw.run_names(runs) == [
+      "lr=0.0001,topk=8", "lr=0.0001,topk=16", "lr=0.0002,topk=8", "lr=0.0002,topk=16"
+  ]  # train.steps is the same everywhere
   # same last name -> the shortest suffix that tells them apart
   runs = sw.product(sw.sweep("model.image.layers", [2, 3]), sw.fixed("model.text.layers", 4))
   assert sw.run_names(runs) == ["image.layers=2", "image.layers=3"]
@@ -167,8 +168,8 @@ def _plan(runs, fixed=None, config=PRETRAIN + ":tiny"):
     (sw.sweep("model.memory.enabled", [1]), r"enabled=1 is a int but the config holds a bool"),
     (sw.sweep("model.memory", [{}]), r"model.memory is a group of fields, not a value; .*"
      r"model.memory.topk"),
-    (sw.chain(sw.sweep("optim.lr", [1e-3, 1e-4]), sw.fixed("optim.lr", 1e-3)),
-     r"runs #1 and #3 of the sweep are the same"),
+    (sw.chain(sw.sweep("optim.lr", [1e-3, 1e-4]), sw.fixed(
+        "optim.lr", 1e-3)), r"runs #1 and #3 of the sweep are the same"),
 ])
 def test_bad_overrides_name_the_field_and_the_run(runs, match):
   with pytest.raises(ValueError, match=match):
@@ -186,10 +187,13 @@ def test_a_swept_field_cannot_also_be_fixed_and_ints_become_floats():
 
 def test_cli_errors(tmp_path, types_config):
   root = str(tmp_path / "r")
-  with pytest.raises(ValueError, match=r"--config.model.memory.topkk: unknown config field "
-                     r"'model.memory.topkk' .*did you mean 'model.memory.topk'"):
-    sweep_cli.main(["mpma-sweep", "--config", f"{PRETRAIN}:tiny", "--workdir", root,
-             "--config.model.memory.topkk=3"])
+  with pytest.raises(
+      ValueError, match=r"--config.model.memory.topkk: unknown config field "
+      r"'model.memory.topkk' .*did you mean 'model.memory.topk'"):
+    sweep_cli.main([
+        "mpma-sweep", "--config", f"{PRETRAIN}:tiny", "--workdir", root,
+        "--config.model.memory.topkk=3"
+    ])
   no_sweep = tmp_path / "plain.py"
   no_sweep.write_text("import ml_collections\ndef get_config():\n"
                       "  return ml_collections.ConfigDict({'a': 1})\n")
@@ -205,8 +209,9 @@ def test_cli_errors(tmp_path, types_config):
 
 def test_print_mode_commands_parse_back_to_the_overrides(tmp_path, capsys, types_config):
   root = str(tmp_path / "sweep")
-  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", root, "--mode=print",
-                  "--config.steps=7"]) == 0
+  assert sweep_cli.main([
+      "mpma-sweep", "--config", types_config, "--workdir", root, "--mode=print", "--config.steps=7"
+  ]) == 0
   lines = capsys.readouterr().out.splitlines()
   want = sw.load_sweep(types_config)
   assert len(lines) == len(want) == 12
@@ -236,16 +241,19 @@ def test_print_mode_with_a_launcher_and_run_states(tmp_path, capsys, types_confi
   open(os.path.join(done, "eval.json"), "w").write("{}")
   os.makedirs(os.path.join(interrupted, "checkpoints", "20"))
 
-  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", str(root),
-                  "--mode=print"]) == 0
+  assert sweep_cli.main(
+      ["mpma-sweep", "--config", types_config, "--workdir",
+       str(root), "--mode=print"]) == 0
   out = capsys.readouterr()
   lines = out.out.splitlines()
   assert len(lines) == 11 and "finished" in out.err and plan.runs[0].name in out.err
   assert _parse_pretrain_command(lines[0])[1:] == (interrupted, True)  # --resume added
   assert not any(_parse_pretrain_command(l)[2] for l in lines[1:])
 
-  assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", str(root), "--mode=print",
-                  "--launcher", "sbatch --time=1:00:00 launch/slurm.sbatch"]) == 0
+  assert sweep_cli.main([
+      "mpma-sweep", "--config", types_config, "--workdir",
+      str(root), "--mode=print", "--launcher", "sbatch --time=1:00:00 launch/slurm.sbatch"
+  ]) == 0
   argv = shlex.split(capsys.readouterr().out.splitlines()[0])
   assert argv[:5] == ["sbatch", "--time=1:00:00", "launch/slurm.sbatch", types_config,
                       interrupted]  # CONFIG WORKDIR; the launcher decides --resume
@@ -258,7 +266,7 @@ def test_dry_run_writes_and_runs_nothing(tmp_path, capsys, types_config):
   root = str(tmp_path / "sweep")
   calls = []
   assert sweep_cli.main(["mpma-sweep", "--config", types_config, "--workdir", root, "--dry_run"],
-                 runner=lambda argv, log: calls.append(argv) or 0) == 0
+                        runner=lambda argv, log: calls.append(argv) or 0) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 12 and all(l.startswith("start   mpma-pretrain ") for l in lines)
   assert not calls and not os.path.exists(root)
@@ -269,7 +277,8 @@ def test_dry_run_writes_and_runs_nothing(tmp_path, capsys, types_config):
 
 def test_local_mode_skips_resumes_continues_past_failures_and_summarises(tmp_path, capsys):
   config = tmp_path / "four.py"
-  config.write_text(textwrap.dedent('''
+  config.write_text(
+      textwrap.dedent('''
       import ml_collections
       def get_config():
         return ml_collections.ConfigDict({"seed": 0, "optim": {"lr": 1e-3}})
@@ -297,8 +306,10 @@ def test_local_mode_skips_resumes_continues_past_failures_and_summarises(tmp_pat
         json.dump({"trained": {"i2t_r5": seed / 10}}, f)
     return 0
 
-  rc = sweep_cli.main(["mpma-sweep", "--config", str(config), "--workdir", str(root),
-                "--config.optim.lr=0.01"], runner=fake_pretrain)
+  rc = sweep_cli.main(
+      ["mpma-sweep", "--config",
+       str(config), "--workdir",
+       str(root), "--config.optim.lr=0.01"], runner=fake_pretrain)
   assert rc == 1  # seed=2 failed; the runs after it still ran
   assert [c[:2] for c in calls] == [("seed=1", True), ("seed=2", False), ("seed=3", False),
                                     ("seed=4", False)]
@@ -319,8 +330,10 @@ def test_local_mode_skips_resumes_continues_past_failures_and_summarises(tmp_pat
 
   # again: finished runs are skipped, the stopped one resumes, the failed one starts over
   calls.clear()
-  assert sweep_cli.main(["mpma-sweep", "--config", str(config), "--workdir", str(root),
-                  "--config.optim.lr=0.01"], runner=fake_pretrain) == 1
+  assert sweep_cli.main(
+      ["mpma-sweep", "--config",
+       str(config), "--workdir",
+       str(root), "--config.optim.lr=0.01"], runner=fake_pretrain) == 1
   assert [c[:2] for c in calls] == [("seed=2", False), ("seed=3", True)]
 
 

@@ -7,15 +7,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
+import torch
 
 from mpma_jax import masking, train
+from mpma_jax.data import pipeline
 from mpma_jax.interop import torch_mpma
 from mpma_jax.interop.common import flatten, unflatten
-from tests.conftest import tiny_config
-from mpma_jax.data import pipeline
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 TOL = 1e-4
 BATCH, MASK_ID = 3, 4
@@ -27,15 +27,15 @@ CASES = {
         text=dict(position_style="bert", pad_id=0), mim=dict(layer=1)),
     "every_layer-gather-roberta-mim2": dict(
         memory=dict(enabled=True, placement="every_text_layer", impl="gather"),
-        text=dict(position_style="roberta", pad_id=1, dropout=0.1, attn_dropout=0.1),
-        fusion=dict(dropout=0.1, attn_dropout=0.1), mim=dict(layer=2)),
+        text=dict(position_style="roberta", pad_id=1, dropout=0.1,
+                  attn_dropout=0.1), fusion=dict(dropout=0.1, attn_dropout=0.1), mim=dict(layer=2)),
     "every_layer-masked-roberta-mim1": dict(
         memory=dict(enabled=True, placement="every_text_layer", impl="masked"),
-        text=dict(position_style="roberta", pad_id=1),
-        mim=dict(layer=1, activation="quick_gelu", eps=1e-5)),  # M3AE's decoder blocks
-    "no_memory-bert-mim2-masked_gla": dict(
-        memory=dict(enabled=False), text=dict(position_style="bert", pad_id=0),
-        mim=dict(layer=2), gla=dict(features_from="masked")),
+        text=dict(position_style="roberta", pad_id=1), mim=dict(layer=1, activation="quick_gelu",
+                                                                eps=1e-5)),  # M3AE's decoder blocks
+    "no_memory-bert-mim2-masked_gla": dict(memory=dict(enabled=False),
+                                           text=dict(position_style="bert", pad_id=0),
+                                           mim=dict(layer=2), gla=dict(features_from="masked")),
 }
 
 
@@ -69,7 +69,7 @@ def random_batch(config, seed: int) -> dict:
   """uint8 images, texts padded at the end (pad_id), MLM-masked copies, MAE keep/restore."""
   m = config.model
   rng = np.random.default_rng(seed)
-  length, n = config.data.max_len, (m.image.size // m.image.patch) ** 2
+  length, n = config.data.max_len, (m.image.size // m.image.patch)**2
   batch = pipeline.dummy_batch(config, BATCH)
   batch["image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
   lengths = [length, length // 2, 3]
@@ -93,12 +93,12 @@ def probe(m, batch):
   clean_text = m.embed_text(batch["text_ids"], batch["text_mask"])
   image_gla, text_gla = m.align(full, clean_text)
   fused = m.fuse(image, text, batch["text_mask"])
-  out = {"embed_image": full, "embed_image_keep": image, "embed_text": text,
-         "align_image": image_gla, "align_text": text_gla,
-         "fused_text": fused["text"], "fused_image": fused["image"],
-         "image_at_mim_layer": fused["image_at_mim_layer"],
-         "joint_feature": m.joint_feature(fused),
-         "itm_logits": m.itm_logits(full, clean_text, batch["text_mask"])}
+  out = {
+      "embed_image": full, "embed_image_keep": image, "embed_text": text, "align_image": image_gla,
+      "align_text": text_gla, "fused_text": fused["text"], "fused_image": fused["image"],
+      "image_at_mim_layer": fused["image_at_mim_layer"], "joint_feature": m.joint_feature(fused),
+      "itm_logits": m.itm_logits(full, clean_text, batch["text_mask"])
+  }
   out.update({f"forward/{k}": v for k, v in m(batch).items()})
   return out
 
@@ -172,7 +172,7 @@ def test_mismatched_tensors_raise():
   state = torch_mpma.state_dict_from_params(params, config.model)
   bad = dict(state, **{"fusion.text_layer_0.mlp.fc1.weight": torch.zeros(3, 4)})
   with pytest.raises(ValueError, match=r"fusion\.text_layer_0\.mlp\.fc1\.weight.*\(3, 4\).*"
-                                       r"\(128, 64\)"):
+                     r"\(128, 64\)"):
     torch_mpma.params_from_state_dict(bad, config.model)
   with pytest.raises(ValueError, match=r"fusion\.text_layer_0\.mlp\.fc1\.weight"):
     torch_mpma.MPMATorch(config.model).load_checked(bad)
@@ -180,8 +180,7 @@ def test_mismatched_tensors_raise():
   with pytest.raises(ValueError, match=r"missing \['memory\.memory'\]"):
     torch_mpma.params_from_state_dict(missing, config.model)
   with pytest.raises(ValueError, match=r"unexpected \['extra\.weight'\]"):
-    torch_mpma.params_from_state_dict(dict(state, **{"extra.weight": torch.zeros(1)}),
-                                      config.model)
+    torch_mpma.params_from_state_dict(dict(state, **{"extra.weight": torch.zeros(1)}), config.model)
   # On the JAX side: a wrong shape names the JAX path; an unknown parameter is refused.
   flat = flatten(params)
   flat["text_proj/kernel"] = np.zeros((5, 6), np.float32)

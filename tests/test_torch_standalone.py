@@ -10,15 +10,23 @@ import sys
 import textwrap
 
 import flax
+from flax import traverse_util
 import jax
 import numpy as np
-from flax import traverse_util
 
 from mpma_jax import constants
 from mpma_jax.interop import torch_mpma
 from mpma_jax.models import decoders, mpma, vit
-from tests.test_torch_mpma import (CASES, TOL, make_config, max_diffs, probe, random_batch,
-                                   random_params, torch_outputs)
+from tests.test_torch_mpma import (
+    CASES,
+    TOL,
+    make_config,
+    max_diffs,
+    probe,
+    random_batch,
+    random_params,
+    torch_outputs,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("jax", "jaxlib", "flax", "ml_collections", "optax", "orbax")
@@ -63,8 +71,8 @@ CHILD = textwrap.dedent("""
 
 def run_without_jax(*args: str) -> dict:
   code = CHILD.format(blocked=BLOCKED, probe=inspect.getsource(probe))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+  env = dict(os.environ,
+             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
@@ -105,8 +113,11 @@ def test_shared_constants_are_the_jax_models():
   assert torch_mpma.CLIP_MEAN is constants.CLIP_MEAN
   pos = constants.sincos_2d(4, 32)
   assert pos.shape == (17, 32) and pos.dtype == np.float32 and not pos[0].any()
-  np.testing.assert_allclose(pos[1 + 4 + 1], np.concatenate(  # patch (y=1, x=1)
-      [np.sin(1.0 / 10000 ** (np.arange(8) / 8)), np.cos(1.0 / 10000 ** (np.arange(8) / 8))] * 2),
+  np.testing.assert_allclose(
+      pos[1 + 4 + 1],
+      np.concatenate(  # patch (y=1, x=1)
+          [np.sin(1.0 / 10000**(np.arange(8) / 8)),
+           np.cos(1.0 / 10000**(np.arange(8) / 8))] * 2),
       rtol=1e-6)
 
 

@@ -6,13 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from mpma_jax import train
-from mpma_jax.data import pipeline, synthetic, tokenizer as tokenizers
-from tests.conftest import tiny_config
-from mpma_jax import retrieval
-from mpma_jax import optim
-from mpma_jax import checkpoint
+from mpma_jax import checkpoint, optim, retrieval, train
+from mpma_jax.data import pipeline, synthetic
+from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 
 def _batches(config, tokenizer_dir, data_dir, n, **kw):
@@ -105,7 +103,7 @@ def test_checkpoint_restores_identical_params(short_run, tokenizer_dir, data_dir
   tok = tokenizers.load_tokenizer(tokenizer_dir)
   pairs = pipeline.eval_pairs(config, tok, config.eval.num_pairs, data_dir)
   again = retrieval.evaluate(retrieval.make_embed_fn(model), restored.params, pairs,
-                                   config.eval.batch_size)
+                             config.eval.batch_size)
   assert again == short_run[2]["trained"]
   # Save -> restore round trip of a state: identical leaves.
   ckpt2 = checkpoint.Checkpointer(os.path.join(workdir, "roundtrip"), config)
@@ -123,6 +121,7 @@ def test_checkpoint_restores_identical_params(short_run, tokenizer_dir, data_dir
 def _mimic_layout(root, n_train: int, n_test: int, n_val: int = 2) -> None:
   """A MIMIC-CXR-JPG copy in the distributed layout: synthetic chest X-rays with reports."""
   import csv  # pylint: disable=g-import-not-at-top
+
   from mpma_jax.data import images  # pylint: disable=g-import-not-at-top
   rows = []
   for i in range(n_train + n_test + n_val):
@@ -137,15 +136,15 @@ def _mimic_layout(root, n_train: int, n_test: int, n_val: int = 2) -> None:
         f"{case.modality} of the {case.organ} reviewed.\n")
     rows.append((dicom, study, subject,
                  "train" if i < n_train else "test" if i < n_train + n_test else "validate"))
-  for name, header, body in (
-      ("split", ["dicom_id", "study_id", "subject_id", "split"], rows),
-      ("metadata", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-       [(d, su, st, "PA") for d, st, su, _ in rows]),
-      ("chexpert", ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation",
-                    "Edema", "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion",
-                    "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-                    "Pneumonia", "Pneumothorax", "Support Devices"],
-       [(su, st, *[""] * 14) for _, st, su, _ in rows])):
+  for name, header, body in (("split", ["dicom_id", "study_id", "subject_id", "split"], rows),
+                             ("metadata", ["dicom_id", "subject_id", "study_id", "ViewPosition"], [
+                                 (d, su, st, "PA") for d, st, su, _ in rows
+                             ]), ("chexpert", [
+                                 "subject_id", "study_id", "Atelectasis", "Cardiomegaly",
+                                 "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                                 "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
+                                 "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices"
+                             ], [(su, st, *[""] * 14) for _, st, su, _ in rows])):
     with open(root / f"mimic-cxr-2.0.0-{name}.csv", "w", newline="") as f:
       csv.writer(f).writerows([header, *body])
 
@@ -155,8 +154,9 @@ def test_main_job_runs_on_a_real_layout_dataset_by_a_config_change(tmp_path):
   from mpma_jax.cli import data as cli  # pylint: disable=g-import-not-at-top
   _mimic_layout(tmp_path / "mimic", n_train=24, n_test=8)
   data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "run")
-  assert cli.main(["build", "mimic_cxr", "--manual_dir", str(tmp_path / "mimic"),
-                   "--data_dir", data_dir]) == 0
+  assert cli.main(
+      ["build", "mimic_cxr", "--manual_dir",
+       str(tmp_path / "mimic"), "--data_dir", data_dir]) == 0
   config = tiny_config()
   config.data.update(name="mimic_cxr", data_dir=data_dir, text_choice="concat")
   config.train.update(steps=4, log_every=2, ckpt_every=4)

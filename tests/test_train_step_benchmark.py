@@ -122,8 +122,11 @@ def test_local_similarities_match_jax(chunk):
 
 def test_benchmark_runs_end_to_end():
   lines = []
-  args = train_step.parse_args(["--batch", str(BATCH), "--steps", "2", "--warmup", "0",
-                                "--rounds", "1", "--torch", "eager", "--peak_size", "128"])
+  args = train_step.parse_args([
+      "--batch",
+      str(BATCH), "--steps", "2", "--warmup", "0", "--rounds", "1", "--torch", "eager",
+      "--peak_size", "128"
+  ])
   summary = train_step.benchmark(step_config(), args, log=lines.append)
   text = "\n".join(lines)
   assert "| jax | clean |" in text and "| torch eager | clean |" in text

@@ -12,10 +12,11 @@ from PIL import Image
 import pytest
 
 from mpma_jax import losses, masking, train, visualize
-from mpma_jax.data import pipeline, tokenizer as tokenizers
+from mpma_jax.data import pipeline
+from mpma_jax.data import tokenizer as tokenizers
+from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.vit import normalize_images
 from tests.conftest import tiny_config
-from mpma_jax.models.mpma import MPMA
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def _patches(images, patch):
 
 def _apply(config, params, *args, method=None):
   model = MPMA.from_config(config)
-  return jax.device_get(jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))(
-      params, *args))
+  return jax.device_get(
+      jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))(params, *args))
 
 
 def _size(rgb, width_in, height_in):
@@ -72,15 +73,18 @@ def test_mim_panels_show_the_original_where_visible_and_the_prediction_where_mas
   np.testing.assert_array_equal(panels["masked"], masked)
   assert masked.sum() == 3 * 12
 
-  batch = {"image": images, "image_keep": keep, "image_restore": restore, "text_ids": ids,
-           "mlm_ids": ids, "text_mask": mask}
+  batch = {
+      "image": images, "image_keep": keep, "image_restore": restore, "text_ids": ids,
+      "mlm_ids": ids, "text_mask": mask
+  }
   mim_pred = _apply(config, params, batch)["mim_pred"]  # [B, N, p*p*3]
   pred, target = mim_pred, _patches(normalize_images(images), p)
   if norm_pix:
     pred = pred * np.sqrt(target.var(-1, keepdims=True) + 1e-6) + target.mean(-1, keepdims=True)
   from mpma_jax.models.vit import CLIP_MEAN, CLIP_STD  # pylint: disable=g-import-not-at-top
-  want = _patches(np.clip(np.rint((np.asarray(losses.unpatchify(pred, p)) * CLIP_STD + CLIP_MEAN)
-                                  * 255), 0, 255), p)
+  want = _patches(
+      np.clip(np.rint((np.asarray(losses.unpatchify(pred, p)) * CLIP_STD + CLIP_MEAN) * 255), 0,
+              255), p)
 
   original = _patches(images, p)
   rec, shown = _patches(panels["reconstruction"], p), _patches(panels["masked_input"], p)
@@ -93,8 +97,8 @@ def test_mim_panels_show_the_original_where_visible_and_the_prediction_where_mas
   np.testing.assert_array_equal(panels["original"], images)
   # Each image's MIM loss is the training loss on that image alone.
   for i in range(3):
-    loss = losses.mim_loss(mim_pred[i:i + 1],
-                           normalize_images(images[i:i + 1]), restore[i:i + 1], 4, p, norm_pix)
+    loss = losses.mim_loss(mim_pred[i:i + 1], normalize_images(images[i:i + 1]), restore[i:i + 1],
+                           4, p, norm_pix)
     assert panels["mim_loss"][i] == pytest.approx(float(loss), rel=1e-4)
 
 
@@ -107,8 +111,8 @@ def test_a_perfect_prediction_reconstructs_the_original(model, pairs, monkeypatc
   images = pairs["image"][:2]
   target = _patches(normalize_images(images), 8)
   if norm_pix:
-    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, keepdims=True)
-                                                                 + 1e-6)
+    target = (target -
+              target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)
   monkeypatch.setattr(visualize, "_apply", lambda *a: {"mim_pred": target})
   panels = visualize.mim_panels(config.model, model[1], images, pairs["text_ids"][:2],
                                 pairs["text_mask"][:2])
@@ -139,6 +143,7 @@ def test_word_maps_are_the_gla_similarity_over_the_patch_grid(model, pairs):
 
   def gla(module, images, ids, mask):
     return module.align(module.embed_image(images), module.embed_text(ids, mask))
+
   image_gla, text_gla = _apply(config, params, images, ids, mask, method=gla)
   b, l, r, c = 1, 2, 3, 1  # row r, column c of the grid is patch r * 4 + c
   assert maps[b, l, r, c] == pytest.approx(float(text_gla[b, l] @ image_gla[b, 1 + r * 4 + c]),
@@ -228,13 +233,15 @@ def test_retrieval_picture_png(model, pairs, tok, tmp_path):
 
 # --- training curves ------------------------------------------------------------------------------
 def _write_metrics(path):
-  lines = [{"step": 10, "split": "train", "loss": 5.0, "mlm": 3.0, "lr": 1e-4},
-           {"step": 20, "split": "train", "loss": 4.0, "mlm": 2.5, "lr": 2e-4},
-           {"step": 30, "split": "train", "loss": 3.9, "mlm": 2.4, "lr": 3e-4},
-           {"step": 30, "split": "eval", "i2t_r1": 0.5},
-           # restarted from the checkpoint at step 20: steps 30.. again, the new values count
-           {"step": 30, "split": "train", "loss": 3.5, "mlm": 2.0, "lr": 3e-4, "mim": 0.7},
-           {"step": 40, "split": "train", "loss": 3.0, "mlm": 1.5, "lr": 2e-4, "mim": 0.6}]
+  lines = [
+      {"step": 10, "split": "train", "loss": 5.0, "mlm": 3.0, "lr": 1e-4},
+      {"step": 20, "split": "train", "loss": 4.0, "mlm": 2.5, "lr": 2e-4},
+      {"step": 30, "split": "train", "loss": 3.9, "mlm": 2.4, "lr": 3e-4},
+      {"step": 30, "split": "eval", "i2t_r1": 0.5},
+      # restarted from the checkpoint at step 20: steps 30.. again, the new values count
+      {"step": 30, "split": "train", "loss": 3.5, "mlm": 2.0, "lr": 3e-4, "mim": 0.7},
+      {"step": 40, "split": "train", "loss": 3.0, "mlm": 1.5, "lr": 2e-4, "mim": 0.6}
+  ]
   with open(path, "w") as f:
     f.write("".join(json.dumps(l) + "\n" for l in lines) + '{"step": 50, "spl')  # cut short
 
@@ -266,8 +273,9 @@ def test_training_curves_png(tmp_path):
 def _tb_images(logdir) -> dict:
   """{(tag, step): uint8 [H, W, 3]} of every image summary in a TensorBoard log directory (read
   with the record framing of TFRecord: u64 length, u32 crc, data, u32 crc)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
+
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   out = {}
   for name in sorted(os.listdir(logdir)):
     with open(os.path.join(logdir, name), "rb") as f:
@@ -287,8 +295,10 @@ def _tb_images(logdir) -> dict:
 
 def test_to_tensorboard_writes_image_summaries(tmp_path):
   rng = np.random.default_rng(0)
-  pictures = {"mim": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
-              "curves": rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)}
+  pictures = {
+      "mim": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+      "curves": rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+  }
   visualize.to_tensorboard(str(tmp_path), pictures, step=7)
   got = _tb_images(str(tmp_path))
   assert sorted(got) == [("pictures/curves", 7), ("pictures/mim", 7)]
@@ -308,8 +318,8 @@ def run_dir(tmp_path_factory, tokenizer_dir, data_dir):
   shutil.copytree(tokenizer_dir, os.path.join(workdir, "tokenizer"))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  train.train_and_evaluate(config, workdir, tokenizers.load_tokenizer(tokenizer_dir),
-                           tokenizer_dir, data_dir)
+  train.train_and_evaluate(config, workdir, tokenizers.load_tokenizer(tokenizer_dir), tokenizer_dir,
+                           data_dir)
   return workdir
 
 
@@ -331,10 +341,12 @@ def test_visualize_command_line(run_dir, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's run would have
-  done = subprocess.run([sys.executable, "-m", "mpma_jax.cli.visualize", "--workdir", run_dir,
-                         "--step", "2", "--out", str(tmp_path / "cli"), "--num", "2"],
-                        capture_output=True, text=True, env=env, check=True)
+  done = subprocess.run([
+      sys.executable, "-m", "mpma_jax.cli.visualize", "--workdir", run_dir, "--step", "2", "--out",
+      str(tmp_path / "cli"), "--num", "2"
+  ], capture_output=True, text=True, env=env, check=True)
   paths = json.loads(done.stdout.strip().splitlines()[-1])["paths"]
-  assert paths == [str(tmp_path / "cli" / f"{n}_step2.png") for n in
-                   ("mim", "alignment", "retrieval", "curves")]
+  assert paths == [
+      str(tmp_path / "cli" / f"{n}_step2.png") for n in ("mim", "alignment", "retrieval", "curves")
+  ]
   assert all(_decode_png(p).shape[0] > 0 for p in paths)

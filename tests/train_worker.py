@@ -23,8 +23,11 @@ sys.path.insert(0, ROOT)
 
 def start(workdir, tokenizer_dir, data_dir, overrides: dict, *extra, env=None) -> subprocess.Popen:
   """Starts this script in a new process (stdout and stderr together, as text)."""
-  cmd = [sys.executable, "-m", "tests.train_worker", "--workdir", workdir, "--data_dir", data_dir,
-         "--tokenizer_dir", tokenizer_dir, "--overrides", json.dumps(overrides), *extra]
+  cmd = [
+      sys.executable, "-m", "tests.train_worker", "--workdir", workdir, "--data_dir", data_dir,
+      "--tokenizer_dir", tokenizer_dir, "--overrides",
+      json.dumps(overrides), *extra
+  ]
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=env)
 
@@ -45,8 +48,10 @@ def wait_all(procs: list, timeout: float, idle: float = 90.0) -> list[str]:
   a slow but working run, e.g. compiling on a loaded machine, keeps using CPU). The failure shows
   every thread's Python stack (main() registers SIGUSR1) and the end of each output."""
   chunks = [[] for _ in procs]
-  readers = [threading.Thread(target=lambda p=p, c=c: c.extend(iter(p.stdout.readline, "")),
-                              daemon=True) for p, c in zip(procs, chunks)]
+  readers = [
+      threading.Thread(target=lambda p=p, c=c: c.extend(iter(p.stdout.readline, "")), daemon=True)
+      for p, c in zip(procs, chunks)
+  ]
   for r in readers:
     r.start()
   start = last_progress = time.monotonic()
@@ -128,6 +133,7 @@ def main():
       save(self, step, state, data_iterator)  # returns once the background write has started
       if step == args.kill_in_save_at:
         os.kill(os.getpid(), signal.SIGKILL)
+
     checkpoint.Checkpointer.save = save_then_die
 
   os.makedirs(args.workdir, exist_ok=True)

@@ -38,8 +38,10 @@ def _targets(node: ast.AST, known: dict) -> list[str]:
   if isinstance(node, ast.Import):
     names = [a.name for a in node.names]
   elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-    names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
-             for a in node.names]
+    names = [
+        f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+        for a in node.names
+    ]
   else:
     return []
   return [n for n in names if n in known]
@@ -52,9 +54,10 @@ def graph(known: dict) -> tuple[dict, list]:
   for name, path in sorted(known.items()):
     with open(path) as f:
       tree = ast.parse(f.read())
-    edges[name] = sorted({t for node in tree.body for t in _targets(node, known)}
-                         | {t for node in tree.body if isinstance(node, (ast.If, ast.Try))
-                            for sub in ast.walk(node) for t in _targets(sub, known)})
+    edges[name] = sorted({t for node in tree.body for t in _targets(node, known)} | {
+        t for node in tree.body if isinstance(node, (ast.If, ast.Try)) for sub in ast.walk(node)
+        for t in _targets(sub, known)
+    })
     for fn in ast.walk(tree):
       if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
         for sub in ast.walk(fn):
@@ -76,6 +79,7 @@ def cycles(edges: dict) -> list[list[str]]:
       elif nxt not in state:
         visit(nxt, stack + [nxt])
     state[node] = "done"
+
   for node in edges:
     if node not in state:
       visit(node, [node])
@@ -97,10 +101,10 @@ def violations(known: dict) -> list[str]:
     with open(path) as f:
       tree = ast.parse(f.read())
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-          and node.func.attr.startswith("DEFINE") and isinstance(node.func.value, ast.Name)
-          and node.func.value.id in ("flags", "config_flags")
-          and not any(k.arg == "flag_values" for k in node.keywords)):  # a private FlagValues
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
+          node.func.attr.startswith("DEFINE") and isinstance(node.func.value, ast.Name) and
+          node.func.value.id in ("flags", "config_flags") and
+          not any(k.arg == "flag_values" for k in node.keywords)):  # a private FlagValues
         out.append(f"{name}:{node.lineno}: defines a flag outside mpma_jax/cli/")
   return out
 

@@ -24,18 +24,23 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "Target: v5e:4x4, v5e:16x16, v5p:4x4x4, v4:2x2x4, v6e:4x4, cpu:8, h100:8")
-_SUGGEST = flags.DEFINE_bool("suggest", False, "Search mesh / remat / grad_accum for settings "
-                             "that fit the topology, and rank them by the estimated step time")
+_SUGGEST = flags.DEFINE_bool(
+    "suggest", False, "Search mesh / remat / grad_accum for settings "
+    "that fit the topology, and rank them by the estimated step time")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "--suggest: most settings compiled")
-_MAX_FITS = flags.DEFINE_integer("max_fits", 0, "--suggest: stop once this many settings fit "
-                                 "(0: search until --max_compiles)")
+_MAX_FITS = flags.DEFINE_integer(
+    "max_fits", 0, "--suggest: stop once this many settings fit "
+    "(0: search until --max_compiles)")
 _HLO = flags.DEFINE_string("hlo", "", "Also write the compiled HLO text here")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device to fit in, GiB (default: the "
-                              "chip's HBM; lower it to keep headroom)")
-_JSON = flags.DEFINE_string("json", "", "Where to write the JSON report (default: "
-                            "compile_<variant>_<topology>.json in the current directory)")
-_SAVE = flags.DEFINE_string("save", "", "Also write the serialized executable here (load it on the "
-                            "target with aot.load_executable instead of compiling)")
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib", 0.0, "Memory per device to fit in, GiB (default: the "
+    "chip's HBM; lower it to keep headroom)")
+_JSON = flags.DEFINE_string(
+    "json", "", "Where to write the JSON report (default: "
+    "compile_<variant>_<topology>.json in the current directory)")
+_SAVE = flags.DEFINE_string(
+    "save", "", "Also write the serialized executable here (load it on the "
+    "target with aot.load_executable instead of compiling)")
 flags.mark_flags_as_required(["config", "topology"])
 
 

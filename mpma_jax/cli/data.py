@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     if args.command == "build":
       print(json.dumps(catalog.build(args.name, args.manual_dir, args.data_dir)), flush=True)
     elif args.command == "show":
-      print("\n".join(catalog.show(args.name, args.data_dir, args.split, args.num, args.size)), flush=True)
+      print("\n".join(catalog.show(args.name, args.data_dir, args.split, args.num, args.size)),
+            flush=True)
     else:
       print("\n".join(catalog.catalog()))
   except (ValueError, FileNotFoundError) as e:

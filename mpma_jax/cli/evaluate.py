@@ -15,11 +15,13 @@ from absl import app, flags, logging
 from mpma_jax import cli, evaluate, overrides, suite
 
 _RUN = flags.DEFINE_string("run", None, "A fine-tuning run directory (mpma-finetune --workdir)")
-_PROTOCOL = flags.DEFINE_string("protocol", None, "prior | clean (default: every protocol of the run)")
+_PROTOCOL = flags.DEFINE_string("protocol", None,
+                                "prior | clean (default: every protocol of the run)")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "select"], "Records to evaluate")
 _OUT = flags.DEFINE_string("out", None, "Output JSON (default: RUN/eval_<split>.json)")
 _SUITE = flags.DEFINE_bool("suite", False, "Run every task whose dataset is built, print the table")
-_INIT = flags.DEFINE_string("init", None, "--suite: the pre-training run (or RUN/checkpoints/<step>)")
+_INIT = flags.DEFINE_string("init", None,
+                            "--suite: the pre-training run (or RUN/checkpoints/<step>)")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "--suite: where `mpma-data build` wrote the data")
 _WORKDIR = flags.DEFINE_string("workdir", None, "--suite: output directory (one run per task)")
 _TASKS = flags.DEFINE_string("tasks", None, "--suite: comma-separated task configs (default all)")
@@ -44,13 +46,15 @@ def main(argv):
     raise app.UsageError("give --run FINETUNE_RUN (evaluate its checkpoint) or --suite")
   with open(os.path.join(_RUN.value, "config.json")) as fp:
     protocols = json.load(fp)["protocols"]
-  out = {p: evaluate.evaluate_finetuned(_RUN.value, p, _SPLIT.value)
-         for p in ([_PROTOCOL.value] if _PROTOCOL.value else protocols)}
+  out = {
+      p: evaluate.evaluate_finetuned(_RUN.value, p, _SPLIT.value)
+      for p in ([_PROTOCOL.value] if _PROTOCOL.value else protocols)
+  }
   path = _OUT.value or os.path.join(_RUN.value, f"eval_{_SPLIT.value}.json")
   with open(path, "w") as fp:
     json.dump(out, fp, indent=1)
-  print(json.dumps({p: {k: v for k, v in r.items() if isinstance(v, float)}
-                    for p, r in out.items()}))
+  print(json.dumps({p: {k: v for k, v in r.items() if isinstance(v, float)} for p, r in out.items()
+                   }))
 
 
 def run():

@@ -16,8 +16,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _INIT = flags.DEFINE_string("init", None, "Pre-training run directory or RUN/checkpoints/<step>")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Fine-tuning run directory")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where `mpma-data build` wrote the dataset "
-                                "(overrides config.data_dir)")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Where `mpma-data build` wrote the dataset "
+    "(overrides config.data_dir)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes")

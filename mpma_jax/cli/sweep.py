@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from mpma_jax import cli, overrides
 from mpma_jax.sweep import load_sweep, make_plan, run_local, run_logged
 
+
 def parse_flags(argv: list[str]) -> Optional[flags.FlagValues]:
   """mpma-sweep's flags, parsed into a fresh FlagValues (so tests can call main repeatedly, and
   nothing clashes with mpma-pretrain's flags in the same process); None after printing --help."""
@@ -39,10 +40,12 @@ def parse_flags(argv: list[str]) -> Optional[flags.FlagValues]:
                                   "configs/pretrain.py:tiny", flag_values=fv, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "Sweep root: one run directory per run, and sweep.json",
                       flag_values=fv)
-  flags.DEFINE_enum("mode", "local", ["local", "print"], "local: run the runs here one after "
-                    "another; print: print one command per run", flag_values=fv)
-  flags.DEFINE_string("launcher", "", "Command taking CONFIG WORKDIR [flags...] to launch each run "
-                      "with, e.g. 'sbatch launch/slurm.sbatch'", flag_values=fv)
+  flags.DEFINE_enum(
+      "mode", "local", ["local", "print"], "local: run the runs here one after "
+      "another; print: print one command per run", flag_values=fv)
+  flags.DEFINE_string(
+      "launcher", "", "Command taking CONFIG WORKDIR [flags...] to launch each run "
+      "with, e.g. 'sbatch launch/slurm.sbatch'", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print each run's action and command; write and run nothing",
                     flag_values=fv)
   if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):

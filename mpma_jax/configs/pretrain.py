@@ -201,8 +201,8 @@ def _tiny(c):
   m.hidden = 128
   m.image.update(size=64, patch=8, width=128, layers=3, heads=4)
   m.text.update(vocab_size=256, width=128, layers=3, heads=4, mlp_dim=512, max_positions=64,
-                type_vocab_size=2, pad_id=0, position_style="bert", eps=1e-12,
-                dropout=0.0, attn_dropout=0.0)
+                type_vocab_size=2, pad_id=0, position_style="bert", eps=1e-12, dropout=0.0,
+                attn_dropout=0.0)
   m.fusion.update(layers=2, heads=4, mlp_dim=512, dropout=0.0, attn_dropout=0.0)
   m.memory.update(slots=256, topk=16, heads=4)
   m.gla.dim = 64

@@ -49,8 +49,10 @@ def show(name: str, data_dir: str, split: str, num: int, size: int = 0) -> list[
   if split not in b.info.splits:
     raise ValueError(f"{name} has no split {split!r}; it has {sorted(b.info.splits)}")
   source = b.as_data_source(split)
-  lines = [f"{name} [{b.info.metadata.get('task')}] {split}: {len(source)} examples "
-           f"({os.fspath(b.data_dir)})"]
+  lines = [
+      f"{name} [{b.info.metadata.get('task')}] {split}: {len(source)} examples "
+      f"({os.fspath(b.data_dir)})"
+  ]
   report = base.read_report(b)
   if report and report.get(split, {}).get("skipped"):
     lines.append(f"  skipped when built: {report[split]['skipped']}")

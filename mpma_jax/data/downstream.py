@@ -29,7 +29,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from mpma_jax.data import builders, images, pipeline, text as texts
+from mpma_jax.data import builders, images, pipeline
+from mpma_jax.data import text as texts
 
 PROTOCOLS = ("prior", "clean")
 
@@ -159,8 +160,10 @@ def _retrieval_plan(builder, config, protocol: str) -> Plan:
   of its validation split."""
   test = ("test", np.arange(len(builder.as_data_source("test")), dtype=np.int64))
   empty = ("train", np.zeros((0,), np.int64))
-  datasets = {"train": config.data.train_dataset, "select": config.data.train_dataset,
-              "test": config.dataset}
+  datasets = {
+      "train": config.data.train_dataset, "select": config.data.train_dataset,
+      "test": config.dataset
+  }
   if not config.train.epochs:
     return Plan(protocol, empty, empty, test, [], ["zero-shot: the pre-trained model, no training"],
                 dict.fromkeys(datasets, config.dataset))
@@ -175,7 +178,6 @@ def _retrieval_plan(builder, config, protocol: str) -> Plan:
 # --- decoding and batching ------------------------------------------------------------------------
 class Subset:
   """Random-access view of `indices` of a data source; items carry their record index."""
-
   def __init__(self, source, indices: np.ndarray):
     self.source, self.indices = source, np.asarray(indices, np.int64)
 
@@ -190,7 +192,6 @@ class Subset:
 class Decode(grain.transforms.Map):
   """A record of a downstream task -> the example described in the module doc. Picklable (the
   tokenizer is loaded lazily in each worker)."""
-
   def __init__(self, task: str, tokenizer_dir: str, size: int, max_len: int,
                vocab: Sequence[str] = (), class_names: Sequence[str] = (),
                labels: Sequence[str] = (), uncertain: str = "ones", blank: str = "zeros",
@@ -240,8 +241,10 @@ class Decode(grain.transforms.Map):
       text = pipeline.choose_text(record["texts"], "first", None)
     tok = pipeline._load_tokenizer(self.tokenizer_dir)  # pylint: disable=protected-access
     enc = pipeline.encode_texts(tok, [_str(text)], self.max_len)
-    out = {"image": image, "text_ids": enc["text_ids"][0], "text_mask": enc["text_mask"][0],
-           "valid": np.int32(valid), "index": np.int64(item["index"])}
+    out = {
+        "image": image, "text_ids": enc["text_ids"][0], "text_mask": enc["text_mask"][0],
+        "valid": np.int32(valid), "index": np.int64(item["index"])
+    }
     if self.task == "vqa":
       accepted = np.zeros(max(len(self.vocab), 1), np.float32)
       for answer in accepted_answers(record["answer"]):
@@ -279,8 +282,8 @@ def decoder(config: ml_collections.ConfigDict, builder, tokenizer_dir: str, size
   unknown = [n for n in labels if n not in class_names]
   if unknown:
     raise ValueError(f"data.labels {unknown} are not classes of {builder.name}: {class_names}")
-  return Decode(config.task, tokenizer_dir, size, config.data.max_len, vocab,
-                class_names, labels, config.data.uncertain, config.data.blank)
+  return Decode(config.task, tokenizer_dir, size, config.data.max_len, vocab, class_names, labels,
+                config.data.uncertain, config.data.blank)
 
 
 def train_dataset(config: ml_collections.ConfigDict, builder, indices: np.ndarray, decode: Decode,
@@ -291,11 +294,13 @@ def train_dataset(config: ml_collections.ConfigDict, builder, indices: np.ndarra
   ds = ds.shuffle(seed=config.seed).repeat().map(decode)
   ds = ds[process_index::process_count]
   ds = ds.batch(config.train.batch_size // process_count, drop_remainder=True)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
-                                            prefetch_buffer_size=config.data.read_buffer))
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=config.data.read_threads,
+                        prefetch_buffer_size=config.data.read_buffer))
   if config.data.workers > 0:
-    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-        num_workers=config.data.workers, per_worker_buffer_size=2))
+    ds = ds.mp_prefetch(
+        grain.multiprocessing.MultiprocessingOptions(num_workers=config.data.workers,
+                                                     per_worker_buffer_size=2))
   return iter(ds)
 
 
@@ -304,8 +309,9 @@ def eval_batches(config: ml_collections.ConfigDict, builder, split: str, indices
   """Every record of `indices`, once, in order, as full batches of `eval.batch_size`: the last one
   is padded with rows of valid = 0. Every host reads the same batches (they are small)."""
   ds = grain.MapDataset.source(Subset(builder.as_data_source(split), indices)).map(decode)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
-                                            prefetch_buffer_size=config.data.read_buffer))
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=config.data.read_threads,
+                        prefetch_buffer_size=config.data.read_buffer))
   size, rows = config.eval.batch_size, []
   for example in ds:
     rows.append(example)

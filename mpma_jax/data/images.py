@@ -13,12 +13,11 @@ from PIL import Image
 from mpma_jax.models.vit import CLIP_MEAN, CLIP_STD
 
 # Refuse decompression bombs but allow large radiographs (MIMIC-CXR JPGs are ~3000 x 3000).
-Image.MAX_IMAGE_PIXELS = 20_000 ** 2
+Image.MAX_IMAGE_PIXELS = 20_000**2
 
 
 class ImageError(ValueError):
   """An image that cannot be used; `reason` is the short counter key ('unreadable image', ...)."""
-
   def __init__(self, reason: str, detail: str = ""):
     super().__init__(f"{reason}: {detail}" if detail else reason)
     self.reason = reason

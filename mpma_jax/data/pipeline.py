@@ -37,7 +37,8 @@ import ml_collections
 import numpy as np
 
 from mpma_jax import masking
-from mpma_jax.data import builders, images, tokenizer as tokenizers
+from mpma_jax.data import builders, images
+from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.data.builders import synthetic as synthetic_builder
 
 BATCH_FIELDS = ("image", "text_ids", "text_mask", "word_mask", "mlm_ids", "mlm_labels",
@@ -54,7 +55,8 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     try:
       w = float(weight) if weight else 1.0
     except ValueError:
-      raise ValueError(f"data.name={spec!r}: weight {weight!r} of {name!r} is not a number") from None
+      raise ValueError(
+          f"data.name={spec!r}: weight {weight!r} of {name!r} is not a number") from None
     if not name or w <= 0:
       raise ValueError(f"data.name={spec!r}: expected 'name' or 'name:weight' with weight > 0")
     builders.get(name)  # unknown names fail here, listing the available ones
@@ -109,7 +111,8 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str) -> list:
     if not b.is_prepared():
       raise FileNotFoundError(
           f"dataset {name!r} is not built in data_dir {data_dir!r} (no {b.data_dir}); run "
-          f"`mpma-data build {name} --manual_dir <the dataset as distributed> --data_dir {data_dir}`")
+          f"`mpma-data build {name} --manual_dir <the dataset as distributed> --data_dir {data_dir}`"
+      )
     if b.info.metadata.get("task") not in ("pretrain", "retrieval"):
       raise ValueError(f"dataset {name!r} is a {b.info.metadata.get('task')} dataset; pre-training "
                        "needs (image, text) pairs: roco, rocov2, medicat, mimic_cxr, synthetic")
@@ -153,7 +156,6 @@ def choose_text(texts: list, how: str, rng: np.random.Generator) -> str:
 
 class Tag(grain.transforms.MapWithIndex):
   """Marks a record with its mixture component and record index (before shuffling)."""
-
   def __init__(self, source_id: int):
     self.source_id = source_id
 
@@ -176,7 +178,7 @@ class DecodeAndMask(grain.transforms.MapWithIndex):
     self.max_len = config.data.max_len
     self.text_choice = config.data.text_choice
     self.size = config.model.image.size
-    self.num_patches = (config.model.image.size // config.model.image.patch) ** 2
+    self.num_patches = (config.model.image.size // config.model.image.patch)**2
     self.cfg = dict(config.masking)
 
   def _image(self, source: int, index: int, record: dict) -> tuple[np.ndarray, dict, int]:
@@ -207,15 +209,18 @@ class DecodeAndMask(grain.transforms.MapWithIndex):
       text["text_ids"][-1] = longer["text_ids"][-1]
       text["word_mask"][-1] = 0
     random_ids = _random_ids(self.tokenizer_dir)
-    masks = masking.paired_masks(
-        self.seed, 0, position,
-        num_patches=self.num_patches, image_mask_ratio=self.cfg["image_ratio"],
-        input_ids=text["text_ids"], candidate_mask=text["word_mask"].astype(bool),
-        text_mask_ratio=self.cfg["text_ratio"], mask_id=tok.mask_token_id, random_ids=random_ids,
-        mask_prob=self.cfg["mask_prob"], random_prob=self.cfg["random_prob"])
-    return {"image": image, **text, **masks, "index": np.int64(position),
-            "source": np.int32(example["source"]), "bad_image": np.int32(replaced),
-            "truncated": np.int32(truncated)}
+    masks = masking.paired_masks(self.seed, 0, position, num_patches=self.num_patches,
+                                 image_mask_ratio=self.cfg["image_ratio"],
+                                 input_ids=text["text_ids"],
+                                 candidate_mask=text["word_mask"].astype(bool),
+                                 text_mask_ratio=self.cfg["text_ratio"], mask_id=tok.mask_token_id,
+                                 random_ids=random_ids, mask_prob=self.cfg["mask_prob"],
+                                 random_prob=self.cfg["random_prob"])
+    return {
+        "image": image, **text, **masks, "index": np.int64(position),
+        "source": np.int32(example["source"]), "bad_image": np.int32(replaced),
+        "truncated": np.int32(truncated)
+    }
 
 
 def mixture(config: ml_collections.ConfigDict, data_dir: str, split: str = "train"):
@@ -241,7 +246,6 @@ class HostShare(grain.MapDataset):
   assembles identical, row for row, to the single-host batch: the same run on any number of hosts
   sees the same batches in the same order.
   """
-
   def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
                process_count: int):
     super().__init__(parent)
@@ -281,11 +285,13 @@ def pretrain_dataset(config: ml_collections.ConfigDict, tokenizer_dir: str, data
   ds = ds.map_with_index(DecodeAndMask(sources, tokenizer_dir, config))
   ds = HostShare(ds, global_batch, process_index, process_count)  # each host reads its own rows
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
-                                            prefetch_buffer_size=config.data.read_buffer))
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=config.data.read_threads,
+                        prefetch_buffer_size=config.data.read_buffer))
   if config.data.workers > 0:
-    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-        num_workers=config.data.workers, per_worker_buffer_size=config.data.prefetch))
+    ds = ds.mp_prefetch(
+        grain.multiprocessing.MultiprocessingOptions(num_workers=config.data.workers,
+                                                     per_worker_buffer_size=config.data.prefetch))
   return ds
 
 
@@ -328,13 +334,16 @@ def report_corpus(config: ml_collections.ConfigDict, data_dir: str, limit: int):
 def dummy_batch(config, batch_size: int) -> dict:
   """Zeros with the pipeline's shapes and dtypes (for init and shape inference)."""
   size, patch, length = config.model.image.size, config.model.image.patch, config.data.max_len
-  n = (size // patch) ** 2
+  n = (size // patch)**2
   keep = masking.num_kept_patches(n, config.masking.image_ratio)
   i32 = lambda *s: np.zeros(s, np.int32)
-  return {"image": np.zeros((batch_size, size, size, 3), np.uint8),
-          "text_ids": i32(batch_size, length), "text_mask": np.ones((batch_size, length), np.int32),
-          "word_mask": i32(batch_size, length), "mlm_ids": i32(batch_size, length),
-          "mlm_labels": np.full((batch_size, length), -100, np.int32),
-          "image_keep": np.tile(np.arange(keep, dtype=np.int32), (batch_size, 1)),
-          "image_restore": np.tile(np.arange(n, dtype=np.int32), (batch_size, 1)),
-          "index": np.zeros((batch_size,), np.int64)}
+  return {
+      "image": np.zeros((batch_size, size, size, 3),
+                        np.uint8), "text_ids": i32(batch_size, length), "text_mask": np.ones(
+                            (batch_size, length), np.int32), "word_mask": i32(batch_size, length),
+      "mlm_ids": i32(batch_size, length), "mlm_labels": np.full(
+          (batch_size, length), -100,
+          np.int32), "image_keep": np.tile(np.arange(keep, dtype=np.int32), (batch_size, 1)),
+      "image_restore": np.tile(np.arange(n, dtype=np.int32), (batch_size, 1)), "index": np.zeros(
+          (batch_size,), np.int64)
+  }

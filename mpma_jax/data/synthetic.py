@@ -21,8 +21,7 @@ SPLITS = ("train", "validation", "test")
 MODALITIES = ("CT", "MRI", "X-ray", "ultrasound")
 ORGANS = ("head", "chest", "abdomen")
 # Row-major 3x3 grid; the index is the cell (row * 3 + col).
-REGIONS = ("upper left", "upper middle", "upper right",
-           "middle left", "center", "middle right",
+REGIONS = ("upper left", "upper middle", "upper right", "middle left", "center", "middle right",
            "lower left", "lower middle", "lower right")
 SIZES = ("small", "medium", "large")
 INTENSITIES = ("bright", "dark")
@@ -34,17 +33,21 @@ _LESION_WEIGHTS = (0.15, 0.35, 0.30, 0.20)  # P(0..3 lesions): 1-2 lesions are t
 _NUMBER = ("no", "one", "two", "three")
 # Modality-specific wording for the parenthetical in some reports.
 _TECH_TERM = {
-    ("CT", "bright"): "hyperdense", ("CT", "dark"): "hypodense",
-    ("MRI", "bright"): "hyperintense", ("MRI", "dark"): "hypointense",
-    ("X-ray", "bright"): "opaque", ("X-ray", "dark"): "lucent",
-    ("ultrasound", "bright"): "hyperechoic", ("ultrasound", "dark"): "hypoechoic",
+    ("CT", "bright"): "hyperdense",
+    ("CT", "dark"): "hypodense",
+    ("MRI", "bright"): "hyperintense",
+    ("MRI", "dark"): "hypointense",
+    ("X-ray", "bright"): "opaque",
+    ("X-ray", "dark"): "lucent",
+    ("ultrasound", "bright"): "hyperechoic",
+    ("ultrasound", "dark"): "hypoechoic",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Lesion:
-  region: str     # one of REGIONS
-  size: str       # one of SIZES
+  region: str  # one of REGIONS
+  size: str  # one of SIZES
   intensity: str  # one of INTENSITIES
   # Placement jitter inside the cell (normalised units) and radius factor; not part of the text.
   dx: float = 0.0
@@ -58,11 +61,11 @@ class Lesion:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  modality: str                 # one of MODALITIES
-  organ: str                    # one of ORGANS
-  lesions: tuple[Lesion, ...]   # largest first, then by region index; regions distinct
-  body_scale: float = 1.0       # per-case anatomy size
-  contrast: float = 1.0         # per-case anatomy contrast around mid-gray
+  modality: str  # one of MODALITIES
+  organ: str  # one of ORGANS
+  lesions: tuple[Lesion, ...]  # largest first, then by region index; regions distinct
+  body_scale: float = 1.0  # per-case anatomy size
+  contrast: float = 1.0  # per-case anatomy contrast around mid-gray
 
   @property
   def description(self) -> tuple:
@@ -89,10 +92,9 @@ def sample_case(seed: int, split: str, index: int) -> Case:
   # Canonical order (largest first) so "the first lesion" is the largest one in reports and QA.
   order = sorted(range(n), key=lambda i: (-sizes[i], regions[i]))
   lesions = tuple(
-      Lesion(REGIONS[regions[i]], SIZES[sizes[i]], INTENSITIES[shades[i]],
-             dx=0.05 * float(jitter[i, 0]), dy=0.05 * float(jitter[i, 1]),
-             scale=1.0 + 0.1 * float(jitter[i, 2]))
-      for i in order)
+      Lesion(REGIONS[regions[i]], SIZES[sizes[i]], INTENSITIES[shades[i]], dx=0.05 *
+             float(jitter[i, 0]), dy=0.05 * float(jitter[i, 1]), scale=1.0 +
+             0.1 * float(jitter[i, 2])) for i in order)
   body_scale, contrast = rng.uniform([0.93, 0.85], [1.03, 1.1])
   return Case(modality, organ, lesions, body_scale=float(body_scale), contrast=float(contrast))
 
@@ -103,7 +105,7 @@ def sample_case(seed: int, split: str, index: int) -> Case:
 
 def _ellipse(x, y, cx, cy, rx, ry, px):
   """Anti-aliased filled ellipse in [0, 1]; `px` is one pixel in normalised units."""
-  d = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)  # [S, S]
+  d = np.sqrt(((x - cx) / rx)**2 + ((y - cy) / ry)**2)  # [S, S]
   return np.clip((1.0 - d) * (min(rx, ry) / px) + 0.5, 0.0, 1.0)
 
 
@@ -130,10 +132,10 @@ def _half_res_noise(rng, size: int) -> np.ndarray:
 # stand out against the soft tissue (~0.45) that fills most of every region; lungs ("air") are
 # kept at >= 0.26, brighter than real, so that dark lesions in them stay visible.
 _TISSUE = {
-    "CT":         dict(bg=0.0, fat=0.36, soft=0.46, bone=0.95, air=0.26, fluid=0.32, organ=0.58),
+    "CT": dict(bg=0.0, fat=0.36, soft=0.46, bone=0.95, air=0.26, fluid=0.32, organ=0.58),
     # T2-like: fluid and fat bright, cortical bone dark.
-    "MRI":        dict(bg=0.02, fat=0.82, soft=0.48, bone=0.10, air=0.26, fluid=0.88, organ=0.34),
-    "X-ray":      dict(bg=0.06, fat=0.38, soft=0.38, bone=0.85, air=0.26, fluid=0.38, organ=0.48),
+    "MRI": dict(bg=0.02, fat=0.82, soft=0.48, bone=0.10, air=0.26, fluid=0.88, organ=0.34),
+    "X-ray": dict(bg=0.06, fat=0.38, soft=0.38, bone=0.85, air=0.26, fluid=0.38, organ=0.48),
     "ultrasound": dict(bg=0.45, fat=0.45, soft=0.45, bone=0.85, air=0.28, fluid=0.05, organ=0.60),
 }
 _LESION_LEVEL = {"bright": 0.97, "dark": 0.02}
@@ -160,8 +162,8 @@ def _anatomy(case: Case, c, px):
     return body, img
 
   if projection:  # torso silhouette filling the film, not a cross-section
-    body = np.clip((1.0 - (np.abs(x) / (0.9 * s)) ** 4 - (np.abs(y - 0.1) / 1.1) ** 4) / (8 * px),
-                   0.0, 1.0)
+    body = np.clip((1.0 - (np.abs(x) / (0.9 * s))**4 - (np.abs(y - 0.1) / 1.1)**4) / (8 * px), 0.0,
+                   1.0)
     img = t["soft"] * body
   else:  # cross-section with a rim of subcutaneous fat
     body = _ellipse(x, y, 0.0, 0.02 * s, 0.93 * s, 0.8 * s, px)
@@ -172,7 +174,7 @@ def _anatomy(case: Case, c, px):
       paint(cx, -0.05, 0.32, 0.55, t["air"])
     if projection:  # ribs: bright curved bands over the lungs
       lungs = (np.abs(np.abs(x / s) - 0.42) < 0.3) & (np.abs(y / s + 0.05) < 0.5)
-      img += 0.22 * ((np.sin(np.pi * 9.0 * (y - 0.25 * x ** 2)) > 0.55) & lungs)
+      img += 0.22 * ((np.sin(np.pi * 9.0 * (y - 0.25 * x**2)) > 0.55) & lungs)
     paint(0.1, 0.22, 0.3, 0.26, t["organ"])  # heart
   else:  # abdomen
     paint(-0.35, -0.22, 0.48, 0.36, t["organ"])  # liver
@@ -208,23 +210,23 @@ def render_image(case: Case, size: int, *, seed: int = 0, index: int = 0) -> np.
   # Noise is drawn before the lesions and in a fixed order, so the same (seed, index) gives the
   # same noise with or without lesions (tests locate lesions this way).
   if case.modality == "CT":
-    couch = np.clip((0.03 - np.abs(y - (0.93 + 0.12 * x ** 2))) / px + 0.5, 0.0, 1.0)
+    couch = np.clip((0.03 - np.abs(y - (0.93 + 0.12 * x**2))) / px + 0.5, 0.0, 1.0)
     img = np.maximum(img, 0.5 * couch)
     noise = 0.03 * rng.standard_normal((size, size), dtype=np.float32) * body
   elif case.modality == "MRI":
     g = rng.standard_normal((2, 3), dtype=np.float32)  # smooth coil bias field
-    gain = 1.0 + 0.06 * (g[0, 0] * x + g[0, 1] * y + g[0, 2] * x * y
-                         + g[1, 0] * x ** 2 + g[1, 1] * y ** 2 + g[1, 2])
+    gain = 1.0 + 0.06 * (g[0, 0] * x + g[0, 1] * y + g[0, 2] * x * y + g[1, 0] * x**2 +
+                         g[1, 1] * y**2 + g[1, 2])
     noise = 0.02 * rng.standard_normal((size, size), dtype=np.float32)
   elif case.modality == "X-ray":
     gain = 1.08 - 0.08 * (y + 1.0)  # heel effect: brighter at the top
     noise = 0.025 * _half_res_noise(rng, size)
   else:  # ultrasound: a fan from an apex above the image
     yy = y + 1.35
-    r = np.sqrt(x ** 2 + yy ** 2)
+    r = np.sqrt(x**2 + yy**2)
     # Inside |angle| < 0.85 rad and r < 2.3; the side edges via |x| < tan(0.85) * yy.
-    fan = (np.clip((1.137 * yy - np.abs(x)) * (0.66 / px) + 0.5, 0.0, 1.0)
-           * np.clip((2.3 - r) / px + 0.5, 0.0, 1.0))
+    fan = (np.clip((1.137 * yy - np.abs(x)) * (0.66 / px) + 0.5, 0.0, 1.0) * np.clip(
+        (2.3 - r) / px + 0.5, 0.0, 1.0))
     depth = 1.1 - 0.18 * (r - 0.35)
     rayleigh = np.hypot(_half_res_noise(rng, size), _half_res_noise(rng, size)) / 1.2533  # mean 1
     speckle = 0.4 + 0.6 * rayleigh  # milder than real speckle so small lesions stay visible
@@ -256,9 +258,8 @@ _COUNT = ("{n} {lesions}:", "{n} {lesions} seen:", "there {are} {n} {lesions}:",
           "findings: {n} {lesions},")
 _NOUNS = ("lesion", "lesion", "focus", "nodule", "mass")
 _LESION = ("a {s} {i} {noun} in the {r}", "{s} {i} {noun} in the {r}",
-           "a {i} {s} {noun} at the {r}",
-           "a {s} {noun} in the {r}, {i}")  # reads ambiguously in a list: single lesion only
-
+           "a {i} {s} {noun} at the {r}", "a {s} {noun} in the {r}, {i}"
+          )  # reads ambiguously in a list: single lesion only
 
 _ARTICLE = {"ct": "a", "mri": "an", "x-ray": "an", "ultrasound": "an"}
 
@@ -278,8 +279,9 @@ def write_report(case: Case, rng: np.random.Generator) -> str:
     if rng.random() < 0.3:
       parts.append("normal study.")
   else:
-    parts.append(_COUNT[rng.integers(len(_COUNT))].format(
-        n=_NUMBER[n], lesions="lesion" if n == 1 else "lesions", are="is" if n == 1 else "are"))
+    parts.append(_COUNT[rng.integers(len(_COUNT))].format(n=_NUMBER[n],
+                                                          lesions="lesion" if n == 1 else "lesions",
+                                                          are="is" if n == 1 else "are"))
     phrases = []
     for lesion in case.lesions:
       phrase = _LESION[rng.integers(len(_LESION) if n == 1 else len(_LESION) - 1)].format(
@@ -305,8 +307,10 @@ def questions(case: Case) -> list[dict]:
   n = len(case.lesions)
 
   def q(question, answer, qtype, closed):
-    return {"question": question, "answer": answer,
-            "answer_type": "CLOSED" if closed else "OPEN", "question_type": qtype}
+    return {
+        "question": question, "answer": answer, "answer_type": "CLOSED" if closed else "OPEN",
+        "question_type": qtype
+    }
 
   out = [
       q("what imaging modality is this?", m, "MODALITY", False),
@@ -331,12 +335,13 @@ def questions(case: Case) -> list[dict]:
     elif big.size != case.lesions[1].size:  # "largest" only when it is unique
       out.append(q("where is the largest lesion?", big.region, "POS", False))
     out.append(q(f"what size is the lesion in the {big.region}?", big.size, "SIZE", False))
-    out.append(q(f"is the lesion in the {big.region} bright or dark?", big.intensity, "ATTRIB",
-                 False))
+    out.append(
+        q(f"is the lesion in the {big.region} bright or dark?", big.intensity, "ATTRIB", False))
     # Which shade is asked must not depend on the answer, or the question text would give it away.
     asked = INTENSITIES[(REGIONS.index(big.region) + SIZES.index(big.size)) % 2]
-    out.append(q(f"is the lesion in the {big.region} {asked}?",
-                 "yes" if asked == big.intensity else "no", "ATTRIB", True))
+    out.append(
+        q(f"is the lesion in the {big.region} {asked}?", "yes" if asked == big.intensity else "no",
+          "ATTRIB", True))
   return out
 
 
@@ -356,14 +361,13 @@ def report(seed: int, split: str, index: int) -> str:
 
 class SyntheticSource:
   """Grain random-access source of synthetic (image, report) examples; cheap and picklable."""
-
   def __init__(self, split: str = "train", num_examples: int = 10_000, image_size: int = 64,
                seed: int = 0):
     _split_id(split)
     if num_examples < 0:
       raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    self.split, self.num_examples, self.image_size, self.seed = (
-        split, int(num_examples), int(image_size), int(seed))
+    self.split, self.num_examples, self.image_size, self.seed = (split, int(num_examples),
+                                                                 int(image_size), int(seed))
 
   def __len__(self) -> int:
     return self.num_examples

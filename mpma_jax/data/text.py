@@ -9,7 +9,6 @@ _SPACE = re.compile(r"\s+")
 
 class TextError(ValueError):
   """A text that cannot be used; `reason` is the short counter key."""
-
   def __init__(self, reason: str, detail: str = ""):
     super().__init__(f"{reason}: {detail}" if detail else reason)
     self.reason = reason
@@ -39,18 +38,43 @@ def clean(raw: Union[str, bytes, None], min_words: int = MIN_WORDS) -> str:
 
 # --- VQA answer normalisation (the official VQA evaluation's processing) ---------------------------
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
-    "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't",
-    "isnt": "isn't", "shouldnt": "shouldn't", "wasnt": "wasn't", "werent": "weren't",
-    "wont": "won't", "wouldnt": "wouldn't", "youre": "you're", "theyre": "they're",
-    "whats": "what's", "thats": "that's", "theres": "there's", "lets": "let's", "im": "i'm",
-    "ive": "i've", "its": "it's", "hes": "he's", "shes": "she's",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldnt": "couldn't",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "isnt": "isn't",
+    "shouldnt": "shouldn't",
+    "wasnt": "wasn't",
+    "werent": "weren't",
+    "wont": "won't",
+    "wouldnt": "wouldn't",
+    "youre": "you're",
+    "theyre": "they're",
+    "whats": "what's",
+    "thats": "that's",
+    "theres": "there's",
+    "lets": "let's",
+    "im": "i'm",
+    "ive": "i've",
+    "its": "it's",
+    "hes": "he's",
+    "shes": "she's",
 }
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"
+}
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
-          "`", ",", "?", "!"]
+_PUNCT = [
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+    "?", "!"
+]
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 

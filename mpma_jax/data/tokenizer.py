@@ -8,8 +8,8 @@ from typing import Iterable
 
 import numpy as np
 import tokenizers
-import transformers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+import transformers
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in trained tokenizers
 # Any of these marks a directory as holding a tokenizer AutoTokenizer can read.
@@ -33,10 +33,11 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int,
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
       special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-      sep_token="[SEP]", mask_token="[MASK]", padding_side="right", truncation_side="right",
-      do_lower_case=True)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
+                                              unk_token="[UNK]", cls_token="[CLS]",
+                                              sep_token="[SEP]", mask_token="[MASK]",
+                                              padding_side="right", truncation_side="right",
+                                              do_lower_case=True)
   fast.save_pretrained(out_dir)
   return fast
 
@@ -63,5 +64,7 @@ def encode(tokenizer, texts: list[str], max_len: int) -> dict:
     raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad token; set one to encode")
   out = tokenizer(list(texts), max_length=max_len, padding="max_length", truncation=True,
                   padding_side="right", return_attention_mask=True, return_tensors="np")
-  return {"input_ids": out["input_ids"].astype(np.int32),            # [B, max_len]
-          "attention_mask": out["attention_mask"].astype(np.int32)}  # [B, max_len]
+  return {
+      "input_ids": out["input_ids"].astype(np.int32),  # [B, max_len]
+      "attention_mask": out["attention_mask"].astype(np.int32)
+  }  # [B, max_len]

@@ -38,7 +38,6 @@ _LIGHTNING_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 
 class _LightningObject:
   """Stand-in for any other Lightning class a checkpoint names."""
-
   def __init__(self, *args, **kwargs):
     del args, kwargs
 
@@ -50,8 +49,8 @@ def _lightning_standins(path: str) -> list[tuple[Any, str]]:
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
   except ValueError:  # not a zip checkpoint (pre-1.6 format): nothing to allow
     return []
-  return [(dict if n.endswith(".AttributeDict") else _LightningObject, n)
-          for n in names if n.startswith(_LIGHTNING_MODULES)]
+  return [(dict if n.endswith(".AttributeDict") else _LightningObject, n) for n in names
+          if n.startswith(_LIGHTNING_MODULES)]
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -74,10 +73,14 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       obj = obj["state_dict"]
     if not isinstance(obj, dict):
       raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    raw = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-           for k, v in obj.items() if isinstance(v, torch.Tensor)}
-  return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
-          for k, v in raw.items()}
+    raw = {
+        k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in obj.items() if isinstance(v, torch.Tensor)
+    }
+  return {
+      k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
+      for k, v in raw.items()
+  }
 
 
 @dataclasses.dataclass
@@ -91,9 +94,11 @@ class ImportReport:
   notes: list[str] = dataclasses.field(default_factory=list)  # conversions and caveats to know
 
   def summary(self) -> str:
-    lines = [f"import from {self.source}: {len(self.imported)} parameters imported, "
-             f"{len(self.skipped)} source tensors skipped, {len(self.initialised)} parameters "
-             "newly initialised"]
+    lines = [
+        f"import from {self.source}: {len(self.imported)} parameters imported, "
+        f"{len(self.skipped)} source tensors skipped, {len(self.initialised)} parameters "
+        "newly initialised"
+    ]
     lines += [f"  imported     {p} <- {s}" for p, s in sorted(self.imported.items())]
     lines += [f"  skipped      {s}" for s in sorted(self.skipped)]
     lines += [f"  initialised  {p}" for p in sorted(self.initialised)]
@@ -109,7 +114,6 @@ class Writer:
     w.put('image_encoder/patch_embed/kernel', name, lambda t: t.transpose(2, 3, 1, 0))
     params, report = w.finish()
   """
-
   def __init__(self, flat_params: dict[str, Any], state_dict: dict[str, np.ndarray], source: str):
     self.flat = dict(flat_params)
     self.state = state_dict
@@ -147,8 +151,9 @@ class Writer:
   def finish(self, scope: str | tuple[str, ...] = "") -> tuple[Any, ImportReport]:
     """(parameter tree, report); params under `scope` (a prefix, or a tuple of them) that were
     not written count as initialised, source tensors never read count as skipped."""
-    self.report.initialised = [p for p in self.flat
-                               if p.startswith(scope) and p not in self.report.imported]
+    self.report.initialised = [
+        p for p in self.flat if p.startswith(scope) and p not in self.report.imported
+    ]
     self.report.skipped = sorted(set(self.state) - self._used)
     return unflatten(self.flat), self.report
 
@@ -170,8 +175,7 @@ CONV = Layout(lambda t: t.transpose(2, 3, 1, 0), lambda p: p.transpose(3, 2, 0, 
 
 def heads_in(heads: int) -> Layout:
   """q/k/v Linear weight [H*Dh, D] <-> layers.HeadsIn kernel [D, H, Dh]."""
-  return Layout(lambda t: t.T.reshape(t.shape[1], heads, -1),
-                lambda p: p.reshape(p.shape[0], -1).T)
+  return Layout(lambda t: t.T.reshape(t.shape[1], heads, -1), lambda p: p.reshape(p.shape[0], -1).T)
 
 
 def heads_bias(heads: int) -> Layout:

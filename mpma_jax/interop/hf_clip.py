@@ -135,15 +135,18 @@ def export_clip_vision(params: Any, image_config: Any, out_dir: str) -> str:
   if missing:
     raise KeyError(f"params has no {SCOPE}{missing[0]}: expected the whole model's parameter "
                    "tree with an image encoder")
-  tensors = {PREFIX + theirs: layout.to_torch(np.asarray(flat[SCOPE + ours]))
-             for ours, theirs, layout in _table(c.layers, c.heads)}
-  tensors[PREFIX + "embeddings.position_embedding.weight"] = np.asarray(
-      flat[SCOPE + "position_embedding"])
-  config = transformers.CLIPVisionConfig(
-      hidden_size=c.width, intermediate_size=int(c.width * c.mlp_ratio),
-      num_hidden_layers=c.layers, num_attention_heads=c.heads, num_channels=3,
-      image_size=c.size, patch_size=c.patch, hidden_act="quick_gelu", layer_norm_eps=EPS,
-      architectures=["CLIPVisionModel"])
+  tensors = {
+      PREFIX + theirs: layout.to_torch(np.asarray(flat[SCOPE + ours]))
+      for ours, theirs, layout in _table(c.layers, c.heads)
+  }
+  tensors[PREFIX + "embeddings.position_embedding.weight"] = np.asarray(flat[SCOPE +
+                                                                             "position_embedding"])
+  config = transformers.CLIPVisionConfig(hidden_size=c.width,
+                                         intermediate_size=int(c.width * c.mlp_ratio),
+                                         num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                                         num_channels=3, image_size=c.size, patch_size=c.patch,
+                                         hidden_act="quick_gelu", layer_norm_eps=EPS,
+                                         architectures=["CLIPVisionModel"])
   os.makedirs(out_dir, exist_ok=True)
   config.save_pretrained(out_dir)
   # position_ids is a non-persistent buffer in transformers 5 (and ignored when found in

@@ -23,25 +23,32 @@ SCOPES = ("text_encoder/", "mlm_head/")
 STYLES = {"roberta": "roberta", "bert": "bert"}  # HF model_type -> model.text.position_style
 PREFIXES = {"roberta": "roberta.", "bert": "bert."}
 # model.text field -> HF config field
-FIELDS = {"vocab_size": "vocab_size", "width": "hidden_size", "layers": "num_hidden_layers",
-          "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
-          "max_positions": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
-          "pad_id": "pad_token_id", "position_style": "model_type", "eps": "layer_norm_eps"}
+FIELDS = {
+    "vocab_size": "vocab_size", "width": "hidden_size", "layers": "num_hidden_layers",
+    "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+    "max_positions": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "pad_id": "pad_token_id", "position_style": "model_type", "eps": "layer_norm_eps"
+}
 # MLM head: JAX path under mlm_head/ -> its name in a RobertaForMaskedLM / BertForMaskedLM
-HEAD = {"roberta": {"transform/kernel": "lm_head.dense.weight",
-                    "transform/bias": "lm_head.dense.bias",
-                    "ln/scale": "lm_head.layer_norm.weight",
-                    "ln/bias": "lm_head.layer_norm.bias",
-                    "decoder/bias": "lm_head.bias"},
-        "bert": {"transform/kernel": "cls.predictions.transform.dense.weight",
-                 "transform/bias": "cls.predictions.transform.dense.bias",
-                 "ln/scale": "cls.predictions.transform.LayerNorm.weight",
-                 "ln/bias": "cls.predictions.transform.LayerNorm.bias",
-                 "decoder/bias": "cls.predictions.bias"}}
+HEAD = {
+    "roberta": {
+        "transform/kernel": "lm_head.dense.weight", "transform/bias": "lm_head.dense.bias",
+        "ln/scale": "lm_head.layer_norm.weight", "ln/bias": "lm_head.layer_norm.bias",
+        "decoder/bias": "lm_head.bias"
+    }, "bert": {
+        "transform/kernel": "cls.predictions.transform.dense.weight",
+        "transform/bias": "cls.predictions.transform.dense.bias",
+        "ln/scale": "cls.predictions.transform.LayerNorm.weight",
+        "ln/bias": "cls.predictions.transform.LayerNorm.bias",
+        "decoder/bias": "cls.predictions.bias"
+    }
+}
 # The decoder's weight and bias are tied in HF (to the word embeddings and to the head's bias)
 # and usually not stored; these names are read when they are.
-DECODER = {"roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias"),
-           "bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")}
+DECODER = {
+    "roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias"),
+    "bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+}
 
 
 def _table(layers: int, heads: int) -> list[tuple[str, str, common.Layout]]:
@@ -102,11 +109,12 @@ def text_config_from_hf(path: str) -> dict[str, Any]:
     if model_type == "roberta":
       raise ValueError(f"{config_file}: pad_token_id is missing; RoBERTa positions depend on it")
     pad_id = 0  # BERT positions do not depend on it
-  return {"vocab_size": hf.vocab_size, "width": hf.hidden_size, "layers": hf.num_hidden_layers,
-          "heads": hf.num_attention_heads, "mlp_dim": hf.intermediate_size,
-          "max_positions": hf.max_position_embeddings, "type_vocab_size": hf.type_vocab_size,
-          "pad_id": int(pad_id), "position_style": STYLES[model_type],
-          "eps": float(hf.layer_norm_eps)}
+  return {
+      "vocab_size": hf.vocab_size, "width": hf.hidden_size, "layers": hf.num_hidden_layers,
+      "heads": hf.num_attention_heads, "mlp_dim": hf.intermediate_size,
+      "max_positions": hf.max_position_embeddings, "type_vocab_size": hf.type_vocab_size,
+      "pad_id": int(pad_id), "position_style": STYLES[model_type], "eps": float(hf.layer_norm_eps)
+  }
 
 
 def check_config(path: str, text_config: Any):
@@ -152,8 +160,8 @@ def import_hf_text(path: str, params: Any, text_config: Any) -> tuple[Any, commo
   prefix = _find_prefix(state, path)
   aliases = _layer_norm_names(state)
   name = lambda n: aliases.get(n, n)
-  layers = len({k[len(prefix):].split(".")[2] for k in state
-                if k.startswith(prefix + "encoder.layer.")})
+  layers = len(
+      {k[len(prefix):].split(".")[2] for k in state if k.startswith(prefix + "encoder.layer.")})
   if layers != text_config.layers:
     raise ValueError(f"{path}: checkpoint has {layers} encoder layers but model.text.layers is "
                      f"{text_config.layers}")
@@ -191,8 +199,10 @@ def export_hf_text(params: Any, text_config: Any, out_dir: str, tokenizer_dir: s
     raise KeyError("params has no text_encoder/word_embeddings: expected the whole model's "
                    "parameter tree with a text encoder")
   prefix = PREFIXES[style] if with_mlm_head else ""
-  tensors = {prefix + theirs: layout.to_torch(np.asarray(flat["text_encoder/" + ours]))
-             for ours, theirs, layout in _table(c.layers, c.heads)}
+  tensors = {
+      prefix + theirs: layout.to_torch(np.asarray(flat["text_encoder/" + ours]))
+      for ours, theirs, layout in _table(c.layers, c.heads)
+  }
   tied = True
   if with_mlm_head:
     if "mlm_head/decoder/kernel" not in flat:
@@ -208,14 +218,14 @@ def export_hf_text(params: Any, text_config: Any, out_dir: str, tokenizer_dir: s
       tensors[bias] = tensors[HEAD[style]["decoder/bias"]]
   config_class = {"roberta": transformers.RobertaConfig, "bert": transformers.BertConfig}[style]
   model_name = {"roberta": "Roberta", "bert": "Bert"}[style]
-  config = config_class(
-      vocab_size=c.vocab_size, hidden_size=c.width, num_hidden_layers=c.layers,
-      num_attention_heads=c.heads, intermediate_size=c.mlp_dim,
-      max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab_size,
-      pad_token_id=c.pad_id, layer_norm_eps=c.eps, hidden_act="gelu",
-      hidden_dropout_prob=c.get("dropout", 0.1),
-      attention_probs_dropout_prob=c.get("attn_dropout", 0.1), tie_word_embeddings=tied,
-      architectures=[model_name + ("ForMaskedLM" if with_mlm_head else "Model")])
+  config = config_class(vocab_size=c.vocab_size, hidden_size=c.width, num_hidden_layers=c.layers,
+                        num_attention_heads=c.heads, intermediate_size=c.mlp_dim,
+                        max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab_size,
+                        pad_token_id=c.pad_id, layer_norm_eps=c.eps, hidden_act="gelu",
+                        hidden_dropout_prob=c.get("dropout", 0.1),
+                        attention_probs_dropout_prob=c.get("attn_dropout",
+                                                           0.1), tie_word_embeddings=tied,
+                        architectures=[model_name + ("ForMaskedLM" if with_mlm_head else "Model")])
   os.makedirs(out_dir, exist_ok=True)
   config.save_pretrained(out_dir)
   common.save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))

@@ -79,9 +79,9 @@ def _bert_layer(ours: str, theirs: str, heads: int, cross: bool) -> list[Row]:
   if cross:
     rows += _bert_attention(f"{ours}/cross_attn", f"{ours}/cross_ln", f"{theirs}.crossattention",
                             heads)
-  return (rows + _dense(f"{ours}/mlp/fc1", f"{theirs}.intermediate.dense")
-          + _dense(f"{ours}/mlp/fc2", f"{theirs}.output.dense")
-          + _ln(f"{ours}/mlp_ln", f"{theirs}.output.LayerNorm"))
+  return (rows + _dense(f"{ours}/mlp/fc1", f"{theirs}.intermediate.dense") +
+          _dense(f"{ours}/mlp/fc2", f"{theirs}.output.dense") +
+          _ln(f"{ours}/mlp_ln", f"{theirs}.output.LayerNorm"))
 
 
 def _clip_block(ours: str, theirs: str, heads: int) -> tuple[list[Row], Fused]:
@@ -109,8 +109,8 @@ def _table(c: Any) -> dict[str, tuple[list[Row], list[Fused]]]:
     rows += block
     fused.append(qkv)
   for ours, theirs in (("word_embeddings", "word_embeddings"),
-                       ("position_embeddings", "position_embeddings"),
-                       ("token_type_embeddings", "token_type_embeddings")):
+                       ("position_embeddings", "position_embeddings"), ("token_type_embeddings",
+                                                                        "token_type_embeddings")):
     rows.append((f"text_encoder/{ours}", f"{TEXT}embeddings.{theirs}.weight", common.SAME))
   rows += _ln("text_encoder/embeddings_ln", TEXT + "embeddings.LayerNorm")
   for k in range(t.layers):
@@ -119,10 +119,8 @@ def _table(c: Any) -> dict[str, tuple[list[Row], list[Fused]]]:
   rows += _dense("image_proj", "multi_modal_vision_proj")
   rows.append(("modality_type/embedding", "modality_type_embeddings.weight", common.SAME))
   for k in range(f.layers):
-    rows += _bert_layer(f"fusion/text_layer_{k}", f"multi_modal_language_layers.{k}", f.heads,
-                        True)
-    rows += _bert_layer(f"fusion/image_layer_{k}", f"multi_modal_vision_layers.{k}", f.heads,
-                        True)
+    rows += _bert_layer(f"fusion/text_layer_{k}", f"multi_modal_language_layers.{k}", f.heads, True)
+    rows += _bert_layer(f"fusion/image_layer_{k}", f"multi_modal_vision_layers.{k}", f.heads, True)
   rows += _dense("text_pooler/dense", "multi_modal_language_pooler.dense")
   rows += _dense("image_pooler/dense", "multi_modal_vision_pooler.dense")
   parts = {"backbone": (rows, fused)}
@@ -186,15 +184,13 @@ def model_fields(state: dict[str, np.ndarray], source: str = "checkpoint") -> di
       "image.patch": patch,
       "image.layers": _count(state, VISUAL + "transformer.resblocks.", source),
       "image.heads": width // CLIP_HEAD_WIDTH,
-      "image.mlp_dim": _shape(state, VISUAL + "transformer.resblocks.0.mlp.c_fc.weight",
-                              source)[0],
+      "image.mlp_dim": _shape(state, VISUAL + "transformer.resblocks.0.mlp.c_fc.weight", source)[0],
       "text.vocab_size": vocab,
       "text.width": text_width,
       "text.layers": _count(state, TEXT + "encoder.layer.", source),
-      "text.mlp_dim": _shape(state, TEXT + "encoder.layer.0.intermediate.dense.weight",
-                             source)[0],
-      "text.max_positions": _shape(state, TEXT + "embeddings.position_embeddings.weight",
-                                   source)[0],
+      "text.mlp_dim": _shape(state, TEXT + "encoder.layer.0.intermediate.dense.weight", source)[0],
+      "text.max_positions": _shape(state, TEXT + "embeddings.position_embeddings.weight", source)
+                            [0],
       "text.type_vocab_size": _shape(state, TEXT + "embeddings.token_type_embeddings.weight",
                                      source)[0],
       "text.position_style": "roberta",
@@ -233,8 +229,8 @@ def check_config(state: dict[str, np.ndarray], model_config: Any, source: str = 
     section, _, name = field.rpartition(".")
     have = ours[field] if field in ours else (c[section][name] if section else c[name])
     if have != value:
-      shown = ("int(model.image.width * model.image.mlp_ratio)" if field == "image.mlp_dim"
-               else f"model.{field}")
+      shown = ("int(model.image.width * model.image.mlp_ratio)"
+               if field == "image.mlp_dim" else f"model.{field}")
       raise ValueError(f"{source}: the checkpoint needs {shown} = {value!r}, but it is "
                        f"{have!r}{_HINTS.get(field, '')}")
 
@@ -379,12 +375,14 @@ def export_m3ae_state_dict(params: Any, model_config: Any) -> dict[str, np.ndarr
     for ours, theirs, layout in rows:
       out[theirs] = np.ascontiguousarray(layout.to_torch(get(ours)))
     for ours, theirs, heads in fused:
-      out[f"{theirs}.in_proj_weight"] = np.concatenate(
-          [common.heads_in(heads).to_torch(get(f"{ours}/{p}/kernel"))
-           for p in ("query", "key", "value")], axis=0)  # [3D, D]
-      out[f"{theirs}.in_proj_bias"] = np.concatenate(
-          [common.heads_bias(heads).to_torch(get(f"{ours}/{p}/bias"))
-           for p in ("query", "key", "value")], axis=0)  # [3D]
+      out[f"{theirs}.in_proj_weight"] = np.concatenate([
+          common.heads_in(heads).to_torch(get(f"{ours}/{p}/kernel"))
+          for p in ("query", "key", "value")
+      ], axis=0)  # [3D, D]
+      out[f"{theirs}.in_proj_bias"] = np.concatenate([
+          common.heads_bias(heads).to_torch(get(f"{ours}/{p}/bias"))
+          for p in ("query", "key", "value")
+      ], axis=0)  # [3D]
   out[POS] = get("image_encoder/position_embedding")
   grid = c.image.size // c.image.patch
   out[DECODER_POS] = sincos_2d(grid, c.mim.width)[None]  # [1, 1 + g*g, W]

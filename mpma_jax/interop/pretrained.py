@@ -16,8 +16,10 @@ from mpma_jax.interop.common import ImportReport
 from mpma_jax.models import mpma
 
 # CLIP vision config.json field -> model.image field
-_CLIP_FIELDS = {"hidden_size": "width", "num_hidden_layers": "layers",
-                "num_attention_heads": "heads", "patch_size": "patch"}
+_CLIP_FIELDS = {
+    "hidden_size": "width", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+    "patch_size": "patch"
+}
 
 
 def requested(config: ml_collections.ConfigDict) -> bool:
@@ -53,8 +55,7 @@ def adapt_config(config: ml_collections.ConfigDict) -> list[str]:
     if hf is not None:
       for key, field in _CLIP_FIELDS.items():
         put(config.model.image, field, getattr(hf, key), config.init.image)
-      put(config.model.image, "mlp_ratio", hf.intermediate_size / hf.hidden_size,
-          config.init.image)
+      put(config.model.image, "mlp_ratio", hf.intermediate_size / hf.hidden_size, config.init.image)
   if config.init.text:
     for field, value in hf_text.text_config_from_hf(config.init.text).items():
       put(config.model.text, field, value, config.init.text)

@@ -24,13 +24,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 # Only torch, numpy, safetensors (imported where used) and this pure-numpy module: the port loads
 # without jax, flax or ml_collections (tests/test_torch_standalone.py checks it).
-from mpma_jax.constants import CLIP_MEAN, CLIP_STD, IMAGE, TEXT
-from mpma_jax.constants import flatten, sincos_2d, unflatten
+from mpma_jax.constants import CLIP_MEAN, CLIP_STD, IMAGE, TEXT, flatten, sincos_2d, unflatten
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # Batch fields read by MPMATorch.forward (as produced by mpma_jax.data.pipeline).
@@ -42,15 +41,16 @@ def config_dict(model_config: Any) -> dict:
   if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict (duck-typed)
     return model_config.to_dict()
   if isinstance(model_config, Mapping):
-    return {k: config_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
-            for k, v in model_config.items()}
+    return {
+        k: config_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v
+        for k, v in model_config.items()
+    }
   raise TypeError(f"model config must be a ConfigDict or a dict, got {type(model_config).__name__}")
 
 
 class Section(dict):
   """A config section read by attribute (c.image.size) or as a dict (m.get("eps", 1e-6)); stands
   in for ml_collections.ConfigDict, which this module does not import."""
-
   def __getattr__(self, name: str):
     try:
       return self[name]
@@ -80,7 +80,6 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # F.gelu is the exact 
 
 class HeadsIn(nn.Linear):
   """x [..., D] -> [..., heads, head_dim] (JAX HeadsIn; weight [H*Dh, D])."""
-
   def __init__(self, width: int, heads: int, head_dim: int):
     super().__init__(width, heads * head_dim)
     self.heads, self.head_dim = heads, head_dim
@@ -91,7 +90,6 @@ class HeadsIn(nn.Linear):
 
 class HeadsOut(nn.Linear):
   """x [..., H, Dh] -> [..., D] (JAX HeadsOut; weight [D, H*Dh])."""
-
   def __init__(self, heads: int, head_dim: int, width: int):
     super().__init__(heads * head_dim, width)
     self.heads, self.head_dim = heads, head_dim
@@ -106,7 +104,6 @@ class Table(nn.Embedding):
 
 class Attention(nn.Module):
   """Multi-head attention of x [B, T, D] over y [B, S, D]; mask [B, 1|H, 1|T, S], True = attend."""
-
   def __init__(self, width: int, heads: int, dropout: float = 0.0):
     super().__init__()
     if width % heads:
@@ -129,7 +126,6 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   """Dense -> activation -> Dense, width -> hidden -> width."""
-
   def __init__(self, width: int, hidden: int, activation: str):
     super().__init__()
     self.fc1 = nn.Linear(width, hidden)
@@ -142,7 +138,6 @@ class Mlp(nn.Module):
 
 class PreLNBlock(nn.Module):
   """x + attn(ln(x)); x + mlp(ln(x)) (CLIP ViT, MAE decoder); no dropout."""
-
   def __init__(self, width: int, heads: int, mlp_dim: int, activation: str, eps: float):
     super().__init__()
     self.ln_1 = nn.LayerNorm(width, eps=eps)
@@ -158,7 +153,6 @@ class PreLNBlock(nn.Module):
 
 class PostLNBlock(nn.Module):
   """BERT layer: LN(x + self_attn); [LN(x + cross_attn(x, y))]; LN(x + mlp), dropout on branches."""
-
   def __init__(self, width: int, heads: int, mlp_dim: int, cross: bool, dropout: float,
                attn_dropout: float, eps: float):
     super().__init__()
@@ -195,21 +189,19 @@ def normalize_images(images):
 
 class VisionTransformer(nn.Module):
   """images [B, H, W, 3] (normalised), keep [B, n] or None -> tokens [B, 1 + n, width]."""
-
-  def __init__(self, size: int, patch: int, width: int, layers: int, heads: int,
-               mlp_ratio: float):
+  def __init__(self, size: int, patch: int, width: int, layers: int, heads: int, mlp_ratio: float):
     super().__init__()
     if size % patch:
       raise ValueError(f"image.size {size} is not divisible by image.patch {patch}")
     self.size, self.width = size, width
-    num_patches = (size // patch) ** 2
+    num_patches = (size // patch)**2
     self.patch_embed = nn.Conv2d(3, width, patch, stride=patch, bias=False)
     self.class_embedding = nn.Parameter(torch.zeros(width))
     self.position_embedding = nn.Parameter(torch.zeros(1 + num_patches, width))
     self.ln_pre = nn.LayerNorm(width, eps=1e-5)
     for i in range(layers):
-      self.add_module(f"block_{i}", PreLNBlock(width, heads, int(width * mlp_ratio),
-                                               "quick_gelu", 1e-5))
+      self.add_module(f"block_{i}",
+                      PreLNBlock(width, heads, int(width * mlp_ratio), "quick_gelu", 1e-5))
     self.layers = layers
     self.ln_post = nn.LayerNorm(width, eps=1e-5)
 
@@ -241,7 +233,6 @@ def position_ids(attention_mask, style: str, pad_id: int):
 
 class TextEncoder(nn.Module):
   """ids [B, L], attention_mask [B, L] -> tokens [B, L, width] (BERT/RoBERTa, post-LN)."""
-
   def __init__(self, t: Section):
     super().__init__()
     self.word_embeddings = Table(t.vocab_size, t.width)
@@ -250,8 +241,9 @@ class TextEncoder(nn.Module):
     self.embeddings_ln = nn.LayerNorm(t.width, eps=t.eps)
     self.drop = nn.Dropout(t.dropout)
     for i in range(t.layers):
-      self.add_module(f"layer_{i}", PostLNBlock(t.width, t.heads, t.mlp_dim, False, t.dropout,
-                                                t.attn_dropout, t.eps))
+      self.add_module(
+          f"layer_{i}",
+          PostLNBlock(t.width, t.heads, t.mlp_dim, False, t.dropout, t.attn_dropout, t.eps))
     self.layers, self.style, self.pad_id = t.layers, t.position_style, t.pad_id
 
   def forward(self, ids, attention_mask):
@@ -269,7 +261,6 @@ class TextEncoder(nn.Module):
 # --- cross-modal parts ----------------------------------------------------------------------------
 class Memory(nn.Module):
   """MA-CMF top-k memory read: x [B, L, D] -> response [B, L, D] (mpma_jax.models.memory)."""
-
   def __init__(self, width: int, slots: int, topk: int, heads: int, impl: str):
     super().__init__()
     if width % heads:
@@ -306,15 +297,15 @@ class Memory(nn.Module):
 
 class CoAttentionFusion(nn.Module):
   """text [B, L, D], image [B, 1+n, D] -> dict(text, image, image_at_mim_layer)."""
-
   def __init__(self, width: int, f: Section, mim_layer: int):
     super().__init__()
     if not 1 <= mim_layer <= f.layers:
       raise ValueError(f"mim.layer must be in [1, fusion.layers={f.layers}], got {mim_layer}")
     for i in range(f.layers):
       for stream in ("text", "image"):
-        self.add_module(f"{stream}_layer_{i}", PostLNBlock(
-            width, f.heads, f.mlp_dim, True, f.dropout, f.attn_dropout, 1e-12))
+        self.add_module(
+            f"{stream}_layer_{i}",
+            PostLNBlock(width, f.heads, f.mlp_dim, True, f.dropout, f.attn_dropout, 1e-12))
     self.layers, self.mim_layer = f.layers, mim_layer
 
   def forward(self, text, text_mask, image, memory: Optional[Memory] = None):
@@ -333,7 +324,6 @@ class CoAttentionFusion(nn.Module):
 
 class Pooler(nn.Module):
   """Dense d->d + tanh on token 0."""
-
   def __init__(self, width: int):
     super().__init__()
     self.dense = nn.Linear(width, width)
@@ -350,7 +340,6 @@ def l2_normalize(x, eps: float = 1e-6):
 
 class GLAHeads(nn.Module):
   """Per-modality d->G heads (L2-normalised) and the two learnable log temperatures."""
-
   def __init__(self, width: int, g: Section):
     super().__init__()
     self.image_head = nn.Linear(width, g.dim)
@@ -372,9 +361,7 @@ class GLAHeads(nn.Module):
 # --- heads ----------------------------------------------------------------------------------------
 class MIMDecoder(nn.Module):
   """image stream [B, 1+n, D], restore [B, N] -> predicted patches [B, N, p*p*3]."""
-
-  def __init__(self, in_width: int, num_patches: int, patch_pixels: int,
-               m: Section):
+  def __init__(self, in_width: int, num_patches: int, patch_pixels: int, m: Section):
     super().__init__()
     self.num_patches, self.width, self.depth = num_patches, m.width, m.depth
     self.embed = nn.Linear(in_width, m.width)
@@ -382,8 +369,10 @@ class MIMDecoder(nn.Module):
     grid = int(round(math.sqrt(num_patches)))
     self.register_buffer("pos", torch.from_numpy(sincos_2d(grid, m.width)), persistent=False)
     for i in range(m.depth):
-      self.add_module(f"block_{i}", PreLNBlock(m.width, m.heads, int(m.width * 4.0),
-                                               m.get("activation", "gelu"), m.get("eps", 1e-6)))
+      self.add_module(
+          f"block_{i}",
+          PreLNBlock(m.width, m.heads, int(m.width * 4.0), m.get("activation", "gelu"),
+                     m.get("eps", 1e-6)))
     self.ln = nn.LayerNorm(m.width, eps=m.get("eps", 1e-6))
     self.pred = nn.Linear(m.width, patch_pixels)
 
@@ -403,7 +392,6 @@ class MIMDecoder(nn.Module):
 
 class MLMHead(nn.Module):
   """text stream [B, L, D] -> logits [B, L, V]: dense + GELU + LayerNorm, then vocab + bias."""
-
   def __init__(self, width: int, vocab_size: int, eps: float):
     super().__init__()
     self.transform = nn.Linear(width, width)
@@ -416,7 +404,6 @@ class MLMHead(nn.Module):
 
 class ITMHead(nn.Module):
   """joint feature [B, 2D] -> match logits [B, 2]."""
-
   def __init__(self, width: int):
     super().__init__()
     self.fc = nn.Linear(2 * width, 2)
@@ -428,7 +415,6 @@ class ITMHead(nn.Module):
 # --- the model ------------------------------------------------------------------------------------
 class MPMATorch(nn.Module):
   """The JAX `MPMA` in PyTorch; built from the `model` config section (ConfigDict or dict)."""
-
   def __init__(self, model_config: Any):
     super().__init__()
     self.config = config_dict(model_config)
@@ -440,8 +426,7 @@ class MPMATorch(nn.Module):
     if c.gla.features_from not in ("clean", "masked"):
       raise ValueError(f"gla.features_from must be 'clean' or 'masked', "
                        f"got {c.gla.features_from!r}")
-    self.image_encoder = VisionTransformer(i.size, i.patch, i.width, i.layers, i.heads,
-                                           i.mlp_ratio)
+    self.image_encoder = VisionTransformer(i.size, i.patch, i.width, i.layers, i.heads, i.mlp_ratio)
     self.text_encoder = TextEncoder(t)
     self.image_proj = nn.Linear(i.width, c.hidden)
     self.text_proj = nn.Linear(t.width, c.hidden)
@@ -451,7 +436,7 @@ class MPMATorch(nn.Module):
     self.text_pooler = Pooler(c.hidden)
     self.image_pooler = Pooler(c.hidden)
     self.gla = GLAHeads(c.hidden, c.gla)
-    num_patches = (i.size // i.patch) ** 2
+    num_patches = (i.size // i.patch)**2
     self.mim_decoder = MIMDecoder(c.hidden, num_patches, i.patch * i.patch * 3, c.mim)
     self.mlm_head = MLMHead(c.hidden, t.vocab_size, t.eps)
     self.itm_head = ITMHead(c.hidden)
@@ -538,8 +523,10 @@ class MPMATorch(nn.Module):
     """Paired-masking forward pass (JAX MPMA.__call__ without ITM): mim_pred [B, N, p*p*3],
     mlm_logits [B, L, V], image_gla [B, 1+P, G], text_gla [B, L, G], temperature_global/local."""
     dev = self.modality_type.weight.device
-    b = {k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v), device=dev)
-         for k, v in batch.items() if k in BATCH_KEYS}
+    b = {
+        k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v), device=dev)
+        for k, v in batch.items() if k in BATCH_KEYS
+    }
     image = self.embed_image(b["image"], b["image_keep"])  # [B, 1+n, d]
     text = self.embed_text(b["mlm_ids"], b["text_mask"])  # [B, L, d]
     if self.features_from == "clean":  # a second, unmasked encoder pass
@@ -564,8 +551,8 @@ class MPMATorch(nn.Module):
 # Bare JAX parameters (no kernel/bias/scale/embedding leaf) kept as they are; the text tables
 # become nn.Embedding weights.
 _TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-_BARE = ("class_embedding", "position_embedding", "mask_token", "memory",
-         "log_temperature_global", "log_temperature_local") + _TABLES
+_BARE = ("class_embedding", "position_embedding", "mask_token", "memory", "log_temperature_global",
+         "log_temperature_local") + _TABLES
 
 
 def _rule(path: str, ndim: int) -> tuple[str, str]:
@@ -623,9 +610,9 @@ def _jax_layout(model: MPMATorch) -> dict[str, tuple[str, str, tuple]]:
     for p_name, p in mod.named_parameters(recurse=False):
       leaf, kind, shape = p_name, "same", tuple(p.shape)  # bare parameters stay as they are
       if isinstance(mod, HeadsIn):
-        leaf, kind, shape = (("kernel", "heads_in", (mod.in_features, mod.heads, mod.head_dim))
-                             if p_name == "weight" else ("bias", "heads_bias",
-                                                         (mod.heads, mod.head_dim)))
+        leaf, kind, shape = (("kernel", "heads_in", (mod.in_features, mod.heads,
+                                                     mod.head_dim)) if p_name == "weight" else
+                             ("bias", "heads_bias", (mod.heads, mod.head_dim)))
       elif isinstance(mod, HeadsOut) and p_name == "weight":
         leaf, kind, shape = "kernel", "heads_out", (mod.heads, mod.head_dim, mod.out_features)
       elif isinstance(mod, nn.Linear) and p_name == "weight":

@@ -34,7 +34,8 @@ class CoAttentionFusion(nn.Module):
   def __call__(self, text, text_mask, image, image_mask, memory: Optional[Memory] = None,
                deterministic: bool = True):
     if not 1 <= self.mim_layer <= self.layers:
-      raise ValueError(f"mim.layer must be in [1, fusion.layers={self.layers}], got {self.mim_layer}")
+      raise ValueError(
+          f"mim.layer must be in [1, fusion.layers={self.layers}], got {self.mim_layer}")
     t_keys = layers.key_mask(text_mask)  # [B, 1, 1, L]
     i_keys = layers.key_mask(image_mask)  # [B, 1, 1, 1+n]
     if self.scan:
@@ -42,17 +43,17 @@ class CoAttentionFusion(nn.Module):
         raise ValueError("a scanned fusion cannot read the memory in every layer "
                          "(memory.placement='every_text_layer' needs model.scan=False)")
       pair = nn.scan(_LayerPair, variable_axes={"params": 0},
-                     split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
-                     length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-                         self.heads, self.mlp_dim, self.dropout, self.attn_dropout, self.dtype,
-                         self.remat, name="layers")
+                     split_rngs={"params": True,
+                                 "dropout": True}, in_axes=nn.broadcast, length=self.layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"
+                                     })(self.heads, self.mlp_dim, self.dropout, self.attn_dropout,
+                                        self.dtype, self.remat, name="layers")
       (text, image), per_layer = pair((text, image), t_keys, i_keys, deterministic)
       # per_layer: the image stream after each layer, [K, B, 1+n, D]
       return {"text": text, "image": image, "image_at_mim_layer": per_layer[self.mim_layer - 1]}
     block_cls = layers.remat(layers.PostLNBlock, self.remat, deterministic_argnum=5)
-    block = lambda name: block_cls(
-        self.heads, self.mlp_dim, cross=True, dropout=self.dropout,
-        attn_dropout=self.attn_dropout, dtype=self.dtype, name=name)
+    block = lambda name: block_cls(self.heads, self.mlp_dim, cross=True, dropout=self.dropout,
+                                   attn_dropout=self.attn_dropout, dtype=self.dtype, name=name)
     image_at_mim = None
     for i in range(self.layers):
       if memory is not None:
@@ -80,9 +81,8 @@ class _LayerPair(nn.Module):
     text, image = carry
     block_cls = layers.remat(layers.PostLNBlock, self.remat, deterministic_argnum=5,
                              prevent_cse=False)
-    block = lambda name: block_cls(
-        self.heads, self.mlp_dim, cross=True, dropout=self.dropout,
-        attn_dropout=self.attn_dropout, dtype=self.dtype, name=name)
+    block = lambda name: block_cls(self.heads, self.mlp_dim, cross=True, dropout=self.dropout,
+                                   attn_dropout=self.attn_dropout, dtype=self.dtype, name=name)
     new_text = block("text_layer")(text, t_keys, image, i_keys, deterministic)
     new_image = block("image_layer")(image, i_keys, text, t_keys, deterministic)
     return (new_text, new_image), new_image

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from mpma_jax.models import layers
 
-
 _NEG = -1e9  # a finite -inf, so that masked-out entries never turn into NaN gradients
 
 
@@ -31,8 +30,8 @@ class GLAHeads(nn.Module):
   def setup(self):
     self.image_head = layers.Dense(self.dim, ("embed", "gla"), self.dtype)
     self.text_head = layers.Dense(self.dim, ("embed", "gla"), self.dtype)
-    init = nn.with_logical_partitioning(
-        nn.initializers.constant(jnp.log(self.temperature_init)), ())
+    init = nn.with_logical_partitioning(nn.initializers.constant(jnp.log(self.temperature_init)),
+                                        ())
     self.log_temperature_global = self.param("log_temperature_global", init, ())
     self.log_temperature_local = self.param("log_temperature_local", init, ())
 
@@ -70,8 +69,8 @@ def filip_similarity(image, text, word_mask, chunk: int = 8):
   return i2t, t2i.T
 
 
-def attention_similarity(image, text, word_mask, attention_temp: float = 4.0,
-                         agg_temp: float = 5.0, chunk: int = 8):
+def attention_similarity(image, text, word_mask, attention_temp: float = 4.0, agg_temp: float = 5.0,
+                         chunk: int = 8):
   """GLoRIA-style local similarity, symmetric: [Bi, Bt] and its transpose.
 
   Each word attends over the image's patches (softmax of attention_temp * cosine); the word's

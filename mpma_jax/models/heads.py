@@ -37,10 +37,11 @@ class JointHead(nn.Module):
   def __call__(self, joint):
     x = layers.Dense(joint.shape[-1], ("embed", "mlp"), self.dtype, name="fc1")(joint)
     x = layers.gelu(layers.LayerNorm(self.eps, self.dtype, name="ln")(x))
-    return nn.Dense(self.num_outputs, dtype=self.dtype, name="fc2",
-                    kernel_init=layers.normal(("embed", "classes")),
-                    bias_init=nn.with_logical_partitioning(
-                        nn.initializers.constant(self.output_bias), ("classes",)))(x)
+    return nn.Dense(
+        self.num_outputs, dtype=self.dtype, name="fc2", kernel_init=layers.normal(
+            ("embed", "classes")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.constant(self.output_bias),
+                                               ("classes",)))(x)
 
 
 class Downstream(nn.Module):
@@ -80,8 +81,9 @@ class Downstream(nn.Module):
     text = m.embed_text(batch["text_ids"], batch["text_mask"], deterministic)  # [B, L, d]
     if self.task == "retrieval":
       image_gla, text_gla = m.align(image, text)
-      return {"image": image_gla[:, 0], "text": text_gla[:, 0],
-              "temperature": m.gla.temperatures()[0]}
+      return {
+          "image": image_gla[:, 0], "text": text_gla[:, 0], "temperature": m.gla.temperatures()[0]
+      }
     fused = m.fuse(image, text, batch["text_mask"], deterministic)
     return self.head(m.joint_feature(fused)).astype(jnp.float32)
 

@@ -45,7 +45,7 @@ def quick_gelu(x):
 def gelu(x):
   """BERT's exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)). (nn.gelu(approximate=False) is the same
   function written with erfc, which XLA:CPU evaluates ~2.5x slower; they differ by <= 5e-7.)"""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
@@ -59,8 +59,8 @@ def Dense(features: int, axes: Sequence[Optional[str]], dtype: Dtype, name: Opti
 
 
 def LayerNorm(eps: float, dtype: Dtype, name: Optional[str] = None):
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=ones(("embed",)),
-                      bias_init=zeros(("embed",)), name=name)
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=ones(("embed",)), bias_init=zeros(
+      ("embed",)), name=name)
 
 
 class HeadsIn(nn.Module):
@@ -178,12 +178,12 @@ class PostLNBlock(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, y=None, y_mask=None, deterministic: bool = True):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = Attention(self.num_heads, self.dtype, self.attn_dropout, name="attn")(
-        x, x, mask, deterministic)
+    h = Attention(self.num_heads, self.dtype, self.attn_dropout, name="attn")(x, x, mask,
+                                                                              deterministic)
     x = LayerNorm(self.eps, self.dtype, name="attn_ln")(x + drop(h))
     if self.cross:
-      h = Attention(self.num_heads, self.dtype, self.attn_dropout, name="cross_attn")(
-          x, y, y_mask, deterministic)
+      h = Attention(self.num_heads, self.dtype, self.attn_dropout, name="cross_attn")(x, y, y_mask,
+                                                                                      deterministic)
       x = LayerNorm(self.eps, self.dtype, name="cross_ln")(x + drop(h))
     h = Mlp(self.mlp_dim, "gelu", self.dtype, name="mlp")(x)
     x = LayerNorm(self.eps, self.dtype, name="mlp_ln")(x + drop(h))
@@ -197,7 +197,8 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    "dots_no_batch":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
 
@@ -238,13 +239,14 @@ def stack(block: type, num: int, *, scan: bool, remat_policy: str, deterministic
       for b in blocks:
         x = b(x, *args)
       return x
+
     return unrolled
   # Inside a scan the loop already keeps each step's inputs apart: CSE prevention is not needed.
   cls = remat(block, remat_policy, deterministic_argnum, prevent_cse=False)
   scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=nn.broadcast, length=num,
-                    metadata_params={nn.PARTITION_NAME: "layers"})(
-                        **kwargs, scan_carry=True, name=scanned_name(prefix))
+                    metadata_params={nn.PARTITION_NAME: "layers"})(**kwargs, scan_carry=True,
+                                                                   name=scanned_name(prefix))
   return lambda x, *args: scanned(x, *args)[0]
 
 

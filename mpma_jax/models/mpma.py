@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mpma_jax.models import layers
 from mpma_jax.constants import IMAGE, TEXT  # modality-type ids [M3AE]
+from mpma_jax.models import layers
 from mpma_jax.models.decoders import ITMHead, MIMDecoder, MLMHead
 from mpma_jax.models.fusion import CoAttentionFusion, Pooler
 from mpma_jax.models.gla import GLAHeads
@@ -91,18 +91,18 @@ class MPMA(nn.Module):
     dt = compute_dtype(c.dtype)
     i, t = c.image, c.text
     scan = c.get("scan", False)  # (.get: configs saved before the field existed)
-    self.image_encoder = VisionTransformer(
-        image_size=i.size, patch_size=i.patch, width=i.width, layers=i.layers, heads=i.heads,
-        mlp_ratio=i.mlp_ratio, dtype=dt, remat=c.remat, scan=scan)
-    self.text_encoder = TextEncoder(
-        vocab_size=t.vocab_size, width=t.width, layers=t.layers, heads=t.heads, mlp_dim=t.mlp_dim,
-        max_positions=t.max_positions, type_vocab_size=t.type_vocab_size, pad_id=t.pad_id,
-        position_style=t.position_style, eps=t.eps, dropout=t.dropout,
-        attn_dropout=t.attn_dropout, dtype=dt, remat=c.remat, scan=scan)
+    self.image_encoder = VisionTransformer(image_size=i.size, patch_size=i.patch, width=i.width,
+                                           layers=i.layers, heads=i.heads, mlp_ratio=i.mlp_ratio,
+                                           dtype=dt, remat=c.remat, scan=scan)
+    self.text_encoder = TextEncoder(vocab_size=t.vocab_size, width=t.width, layers=t.layers,
+                                    heads=t.heads, mlp_dim=t.mlp_dim, max_positions=t.max_positions,
+                                    type_vocab_size=t.type_vocab_size, pad_id=t.pad_id,
+                                    position_style=t.position_style, eps=t.eps, dropout=t.dropout,
+                                    attn_dropout=t.attn_dropout, dtype=dt, remat=c.remat, scan=scan)
     self.image_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
     self.text_proj = layers.Dense(c.hidden, ("embed", "mlp"), dt)
-    self.modality_type = nn.Embed(2, c.hidden, dtype=dt,
-                                  embedding_init=layers.normal((None, "embed")))
+    self.modality_type = nn.Embed(2, c.hidden, dtype=dt, embedding_init=layers.normal(
+        (None, "embed")))
     m = c.memory
     if m.placement not in ("pre_fusion", "every_text_layer"):
       raise ValueError(f"memory.placement must be 'pre_fusion' or 'every_text_layer', "
@@ -110,13 +110,13 @@ class MPMA(nn.Module):
     self.memory = Memory(m.slots, m.topk, m.heads, m.impl, dtype=dt) if m.enabled else None
     f = c.fusion
     self.fusion = CoAttentionFusion(f.layers, f.heads, f.mlp_dim, f.dropout, f.attn_dropout,
-                                    c.mim.layer, dtype=dt, remat=c.remat,
-                                    scan=scan and m.placement != "every_text_layer")
+                                    c.mim.layer, dtype=dt, remat=c.remat, scan=scan and
+                                    m.placement != "every_text_layer")
     self.text_pooler = Pooler(dt)
     self.image_pooler = Pooler(dt)
     g = c.gla
     self.gla = GLAHeads(g.dim, g.temperature_init, g.temperature_min, dtype=dt)
-    num_patches = (i.size // i.patch) ** 2
+    num_patches = (i.size // i.patch)**2
     # (.get: configs saved before these fields existed)
     self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
                                   c.mim.heads, activation=c.mim.get("activation", "gelu"),
@@ -157,8 +157,8 @@ class MPMA(nn.Module):
 
   def joint_feature(self, fused):
     """Pooled text [CLS] ⊕ pooled image [CLS] -> [B, 2d], the input of every downstream head."""
-    return jnp.concatenate([self.text_pooler(fused["text"]), self.image_pooler(fused["image"])],
-                           axis=-1)
+    return jnp.concatenate([self.text_pooler(fused["text"]),
+                            self.image_pooler(fused["image"])], axis=-1)
 
   def itm_logits(self, image_tokens, text_tokens, text_mask, deterministic: bool = True):
     fused = self.fuse(image_tokens, text_tokens, text_mask, deterministic)
@@ -180,7 +180,8 @@ class MPMA(nn.Module):
     elif c.gla.features_from == "masked":  # reuse the masked pass (FLIP-style)
       clean_image, clean_text = image, text
     else:
-      raise ValueError(f"gla.features_from must be 'clean' or 'masked', got {c.gla.features_from!r}")
+      raise ValueError(
+          f"gla.features_from must be 'clean' or 'masked', got {c.gla.features_from!r}")
     image_gla, text_gla = self.align(clean_image, clean_text)
     t_global, t_local = self.gla.temperatures()
 

@@ -53,8 +53,8 @@ class TextEncoder(nn.Module):
 
     x = lookup("word_embeddings", self.vocab_size, ("vocab", "embed"), ids)  # [B, L, D]
     x = x + lookup("position_embeddings", self.max_positions, (None, "embed"), pos)
-    x = x + lookup("token_type_embeddings", self.type_vocab_size, (None, "embed"),
-                   jnp.zeros_like(ids))
+    x = x + lookup("token_type_embeddings", self.type_vocab_size,
+                   (None, "embed"), jnp.zeros_like(ids))
     x = layers.LayerNorm(self.eps, self.dtype, name="embeddings_ln")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = layers.constrain(x)

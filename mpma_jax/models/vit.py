@@ -47,7 +47,7 @@ class VisionTransformer(nn.Module):
 
   @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    return (self.image_size // self.patch_size)**2
 
   @nn.compact
   def __call__(self, images, keep=None, deterministic: bool = True):

@@ -8,8 +8,8 @@ import pytest
 
 from mpma_jax.cli import data as cli
 
-REAL = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                                    "vqa_rad"))
+REAL = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "vqa_rad"))
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def small_vqa_rad(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
 def test_build_prints_one_json_line_and_show_decodes(small_vqa_rad, tmp_path, capsys):
   data_dir = str(tmp_path / "data")
-  assert cli.main(["build", "vqa_rad", "--manual_dir", str(small_vqa_rad),
-                   "--data_dir", data_dir]) == 0
+  assert cli.main(["build", "vqa_rad", "--manual_dir",
+                   str(small_vqa_rad), "--data_dir", data_dir]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 1
   out = json.loads(lines[0])
@@ -40,12 +40,14 @@ def test_build_prints_one_json_line_and_show_decodes(small_vqa_rad, tmp_path, ca
   for split, name in (("train", "trainset.json"), ("test", "testset.json")):
     records = json.load(open(small_vqa_rad / name))
     missing = sum(not (small_vqa_rad / "images" / r["image_name"]).exists() for r in records)
-    want[split] = {"written": len(records) - missing,
-                   "skipped": {"missing image": missing} if missing else {}}
+    want[split] = {
+        "written": len(records) - missing, "skipped": {"missing image": missing} if missing else {}
+    }
   assert out["dataset"] == "vqa_rad" and out["splits"] == want
   assert want["test"]["skipped"]["missing image"] > 0
-  assert cli.main(["show", "vqa_rad", "--data_dir", data_dir, "--split", "test", "--num", "2",
-                   "--size", "64"]) == 0
+  assert cli.main(
+      ["show", "vqa_rad", "--data_dir", data_dir, "--split", "test", "--num", "2", "--size",
+       "64"]) == 0
   shown = capsys.readouterr().out.splitlines()
   assert shown[0].startswith(f"vqa_rad [vqa] test: {want['test']['written']} examples")
   assert "skipped when built: {'missing image'" in shown[1]
@@ -53,8 +55,10 @@ def test_build_prints_one_json_line_and_show_decodes(small_vqa_rad, tmp_path, ca
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
-  assert cli.main(["build", "vqa_rad", "--manual_dir", str(tmp_path), "--data_dir",
-                   str(tmp_path / "d")]) == 2
+  assert cli.main(
+      ["build", "vqa_rad", "--manual_dir",
+       str(tmp_path), "--data_dir",
+       str(tmp_path / "d")]) == 2
   err = capsys.readouterr().err
   assert "expected 'trainset.json'" in err and str(tmp_path) in err
   assert cli.main(["build", "vqa-rad", "--manual_dir", str(tmp_path), "--data_dir", "x"]) == 2

@@ -4,10 +4,10 @@ resize + centre crop, and normalisation equal to the model's."""
 import io
 
 import numpy as np
-import pydicom
-import pytest
 from PIL import Image
+import pydicom
 from pydicom.data import get_testdata_file
+import pytest
 
 from mpma_jax.data import images
 
@@ -49,8 +49,8 @@ def _min_max(x: np.ndarray) -> np.ndarray:
 
 def _gradient(h=24, w=32) -> np.ndarray:
   y, x = np.mgrid[:h, :w]
-  return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), np.full_like(x, 128)], -1).astype(
-      np.uint8)
+  return np.stack([x * 255 // (w - 1), y * 255 //
+                   (h - 1), np.full_like(x, 128)], -1).astype(np.uint8)
 
 
 # --- PIL formats ---------------------------------------------------------------------------------
@@ -113,11 +113,13 @@ def test_palette_images_use_their_palette():
   np.testing.assert_array_equal(out, [[[255, 0, 0], [0, 0, 0]], [[0, 0, 255], [0, 0, 0]]])
 
 
-@pytest.mark.parametrize("data, reason", [
-    (images.encode_jpeg(_gradient(64, 64))[:300], "unreadable image"),  # truncated JPEG
-    (np.random.default_rng(0).bytes(2000), "unreadable image"),
-    (b"", "empty image file"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (images.encode_jpeg(_gradient(64, 64))[:300], "unreadable image"),  # truncated JPEG
+        (np.random.default_rng(0).bytes(2000), "unreadable image"),
+        (b"", "empty image file"),
+    ])
 def test_bad_bytes_raise_image_error_with_a_reason(data, reason):
   with pytest.raises(images.ImageError) as e:
     images.decode(data)
@@ -212,8 +214,8 @@ def test_pydicom_mr_decodes_with_its_window():
   ds = pydicom.dcmread(path)
   out = images.decode(open(path, "rb").read())
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-  expected = _min_max(_window(ds.pixel_array.astype(np.float64), float(ds.WindowCenter),
-                              float(ds.WindowWidth)))
+  expected = _min_max(
+      _window(ds.pixel_array.astype(np.float64), float(ds.WindowCenter), float(ds.WindowWidth)))
   assert np.abs(out[..., 0].astype(int) - expected).max() <= 1
 
 
@@ -259,8 +261,9 @@ def test_written_dicom_8bit_multiframe_and_rescale():
 
 def test_broken_dicoms_raise_image_error():
   data = dicom_bytes(RAMP)
-  for broken in (data[: len(data) - 20],  # truncated pixel data
-                 dicom_bytes(RAMP, WindowCenter=500, WindowWidth=0)):  # invalid window
+  for broken in (
+      data[:len(data) - 20],  # truncated pixel data
+      dicom_bytes(RAMP, WindowCenter=500, WindowWidth=0)):  # invalid window
     with pytest.raises(images.ImageError) as e:
       images.decode(broken)
     assert e.value.reason == "unreadable image"

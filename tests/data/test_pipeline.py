@@ -4,7 +4,8 @@ errors that fail before training."""
 import numpy as np
 import pytest
 
-from mpma_jax.data import builders, images, pipeline, synthetic, tokenizer as tokenizers
+from mpma_jax.data import builders, images, pipeline, synthetic
+from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.data.builders import base
 from tests.conftest import tiny_config
 
@@ -31,7 +32,6 @@ class PairsA(base.Builder):
 
 class PairsB(PairsA):
   """Test pairs of a second source: grey level 200 + i."""
-
   def _examples(self, split, **_):
     for i in range(self.N):
       yield i, {"id": f"b{i}", "image": _png(200 + i), "texts": [f"other source example {i}"]}
@@ -42,8 +42,10 @@ class QuestionsC(PairsA):
   TASK = "vqa"
 
   def _examples(self, split, **_):
-    yield 0, {"id": "q0", "image_id": "i0", "image": _png(1), "question": "is it grey?",
-              "answer": "yes", "answer_type": "closed", "category": "test"}
+    yield 0, {
+        "id": "q0", "image_id": "i0", "image": _png(1), "question": "is it grey?", "answer": "yes",
+        "answer_type": "closed", "category": "test"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,7 @@ def test_bad_image_is_replaced_by_the_next_record_and_counted(pairs_dir, tok_dir
     np.testing.assert_array_equal(out["text_ids"], direct["text_ids"][0])
     np.testing.assert_array_equal(out["word_mask"], direct["word_mask"][0])
     assert out["truncated"] == (record["id"] == b"a5")
-  assert batch["bad_image"].sum() == sum(
-      ds[p]["record"]["id"] == b"a3" for p in range(8))
+  assert batch["bad_image"].sum() == sum(ds[p]["record"]["id"] == b"a3" for p in range(8))
 
 
 def test_mixture_follows_the_weights_and_keeps_sources_apart(pairs_dir, tok_dir):

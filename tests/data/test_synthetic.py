@@ -67,12 +67,15 @@ def test_render_shape_dtype_determinism(size):
 
 
 def test_render_differs_across_indices_and_modalities():
-  imgs = [synthetic.render_image(synthetic.sample_case(0, "train", i), 64, index=i)
-          for i in range(10)]
+  imgs = [
+      synthetic.render_image(synthetic.sample_case(0, "train", i), 64, index=i) for i in range(10)
+  ]
   assert len({im.tobytes() for im in imgs}) == 10
   lesions = (Lesion("center", "medium", "bright"),)
-  by_modality = {m: synthetic.render_image(Case(m, "chest", lesions), 64).astype(float)
-                 for m in synthetic.MODALITIES}
+  by_modality = {
+      m: synthetic.render_image(Case(m, "chest", lesions), 64).astype(float)
+      for m in synthetic.MODALITIES
+  }
   for a in synthetic.MODALITIES:
     for b in synthetic.MODALITIES:
       if a < b:
@@ -94,7 +97,7 @@ def test_lesions_visible_where_described(modality, organ):
       inner, outer = _lesion_masks(case, lesion, size)
       diff = np.abs(with_l - without)
       assert diff[inner].mean() > 40, (region, intensity)  # clearly visible
-      assert diff[outer].max() == 0, (region, intensity)   # and only there
+      assert diff[outer].max() == 0, (region, intensity)  # and only there
       level[intensity] = (with_l[inner].mean(), without[inner].mean())
     assert level["bright"][0] > level["bright"][1] + 40
     assert level["dark"][0] < level["dark"][1] - 25
@@ -105,19 +108,19 @@ def test_render_scales_with_size():
   case = Case("CT", "abdomen", (lesion,))
   centroids, areas = [], []
   for size in (64, 288):
-    diff = np.abs(synthetic.render_image(case, size).astype(float)
-                  - synthetic.render_image(Case("CT", "abdomen", ()), size).astype(float))[..., 0]
+    diff = np.abs(
+        synthetic.render_image(case, size).astype(float) -
+        synthetic.render_image(Case("CT", "abdomen", ()), size).astype(float))[..., 0]
     ys, xs = np.nonzero(diff > 30)
     centroids.append(((xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size))
-    areas.append(len(xs) / size ** 2)
+    areas.append(len(xs) / size**2)
   np.testing.assert_allclose(centroids[0], centroids[1], atol=0.02)
   np.testing.assert_allclose(centroids[0], (0.75, 0.25), atol=0.03)  # upper right cell centre
   np.testing.assert_allclose(areas[0], areas[1], rtol=0.15)
   plain = synthetic.render_image(Case("CT", "abdomen", ()), 128).astype(float)
-  changed = [
-      (np.abs(synthetic.render_image(Case("CT", "abdomen", (Lesion("upper right", s, "dark"),)),
-                                     128) - plain) > 30).sum()
-      for s in synthetic.SIZES]
+  changed = [(np.abs(
+      synthetic.render_image(Case("CT", "abdomen", (Lesion("upper right", s, "dark"),)), 128) -
+      plain) > 30).sum() for s in synthetic.SIZES]
   assert changed[0] * 2 < changed[1] and changed[1] * 1.5 < changed[2]  # sizes clearly differ
 
 
@@ -191,8 +194,8 @@ def test_source_grain_protocol():
   assert ex["index"] == 4 and ex["index"].dtype == np.int64
   assert ex["image"].shape == (64, 64, 3) and ex["image"].dtype == np.uint8
   case = synthetic.sample_case(2, "validation", 4)
-  assert (ex["modality"], ex["organ"], ex["num_lesions"]) == (
-      case.modality, case.organ, len(case.lesions))
+  assert (ex["modality"], ex["organ"], ex["num_lesions"]) == (case.modality, case.organ,
+                                                              len(case.lesions))
   np.testing.assert_array_equal(ex["image"], synthetic.render_image(case, 64, seed=2, index=4))
   assert ex["report"] == synthetic.report(2, "validation", 4)
   clone = pickle.loads(pickle.dumps(src))
@@ -201,8 +204,8 @@ def test_source_grain_protocol():
   for bad in (-1, 30):
     with pytest.raises(IndexError):
       src[bad]
-  assert list(synthetic.report_corpus(30, seed=2, split="validation")) == [
-      src[i]["report"] for i in range(30)]
+  assert list(synthetic.report_corpus(30, seed=2,
+                                      split="validation")) == [src[i]["report"] for i in range(30)]
 
 
 def test_source_in_grain_dataset():

@@ -27,7 +27,8 @@ def test_reload_gives_identical_ids(trained):
   auto = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
   loaded = tokenizer.load_tokenizer(out)
   texts = list(synthetic.report_corpus(50, split="test")) + [
-      "CT of the CHEST. Two lesions: a small bright nodule in the upper left!"]
+      "CT of the CHEST. Two lesions: a small bright nodule in the upper left!"
+  ]
   for text in texts:
     ids = tok(text)["input_ids"]
     assert auto(text)["input_ids"] == ids and loaded(text)["input_ids"] == ids

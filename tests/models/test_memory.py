@@ -68,7 +68,7 @@ def test_rejects_bad_topk():
 def test_kth_largest_is_exactly_top_k(k, slots):
   """Bit-for-bit lax.top_k's k-th value: signs, ties, +-0, infinities, tiny and huge magnitudes."""
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(5, 7, slots)).astype(np.float32) * np.float32(10.0) ** rng.integers(
+  x = rng.normal(size=(5, 7, slots)).astype(np.float32) * np.float32(10.0)**rng.integers(
       -30, 30, size=(5, 7, slots))
   x[0, 0] = 0.0
   x[0, 1, ::2] = -0.0
@@ -89,8 +89,8 @@ def test_kth_largest_counts_in_one_pass_per_round():
   hlo = jax.jit(kth_largest, static_argnums=1).lower(jnp.zeros((4, 3, 10, 512)), 32).compile()
   assert "reduce-window" not in hlo.as_text()
   assert "reduce-window" in jax.jit(  # the check can fail: a plain sum over 512 slots has one
-      lambda x: jnp.sum(x >= 0.5, axis=-1, dtype=jnp.int32)).lower(
-          jnp.zeros((4, 3, 10, 512))).compile().as_text()
+      lambda x: jnp.sum(x >= 0.5, axis=-1, dtype=jnp.int32)).lower(jnp.zeros(
+          (4, 3, 10, 512))).compile().as_text()
 
 
 def test_kth_largest_has_no_gradient():
@@ -102,10 +102,12 @@ def test_kth_largest_has_no_gradient():
 def test_masked_read_stays_split_over_the_batch():
   """With the batch split over 8 devices, the masked top-k read compiles without any all-gather
   (lax.top_k made XLA gather the whole [B, H, L, S] score tensor onto every device)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   module = Memory(slots=256, topk=8, heads=2, impl="masked")
   x = jnp.ones((8, 16, 64))
   params = module.init(jax.random.key(0), x)
-  fn = jax.jit(module.apply, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+  fn = jax.jit(module.apply, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh,
+                                                                                   P("data"))))
   assert "all-gather" not in fn.lower(params, x).compile().as_text()

@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpma_jax import losses, masking, train
 from mpma_jax.configs.pretrain import get_config
-from mpma_jax import masking, train
+from mpma_jax.data import pipeline
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
-from mpma_jax.data import pipeline
-from mpma_jax import losses
 
 
 def random_batch(config, batch_size=4, seed=0, num_words=None):
@@ -50,8 +49,8 @@ def test_tiny_output_shapes():
   batch = pipeline.dummy_batch(config, 2)
   out = jax.eval_shape(lambda: model.init_with_output(
       {"params": jax.random.key(0), "itm": jax.random.key(0)}, batch, with_itm=True)[0])
-  n, length = (m.image.size // m.image.patch) ** 2, config.data.max_len
-  assert out["mim_pred"].shape == (2, n, m.image.patch ** 2 * 3)
+  n, length = (m.image.size // m.image.patch)**2, config.data.max_len
+  assert out["mim_pred"].shape == (2, n, m.image.patch**2 * 3)
   assert out["mlm_logits"].shape == (2, length, m.text.vocab_size)
   assert out["image_gla"].shape == (2, 1 + n, m.gla.dim)  # clean pass: every patch
   assert out["text_gla"].shape == (2, length, m.gla.dim)
@@ -70,8 +69,11 @@ def test_base_parameter_count():
   total = count_params(config)
   print(f"base parameters: {total:,}")
   model = MPMA.from_config(config)
-  abstract = nn.meta.unbox(jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0))))
-  per_module = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in abstract.items()}
+  abstract = nn.meta.unbox(
+      jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0))))
+  per_module = {
+      k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in abstract.items()
+  }
   print({k: f"{v:,}" for k, v in per_module.items()})
   # Known sizes: CLIP ViT-B/16's visual tower (85,799,424 at 224 px, without its output projection)
   # with 128 more position rows at 288 px; RoBERTa-base (124,645,632) without its pooler (768² + 768).
@@ -112,8 +114,8 @@ def test_alignment_losses_unchanged_by_extra_padding():
     padded[k] = np.pad(batch[k], ((0, 0), (0, 10)))
   padded["mlm_labels"] = np.pad(batch["mlm_labels"], ((0, 0), (0, 10)), constant_values=-100)
   model, params = _init(config, batch)
-  metrics_of = lambda cfg, b: jax.jit(
-      lambda b: losses.compute_losses(model.apply({"params": params}, b), b, cfg)[1])(b)
+  metrics_of = lambda cfg, b: jax.jit(lambda b: losses.compute_losses(
+      model.apply({"params": params}, b), b, cfg)[1])(b)
   short, long = metrics_of(config, batch), metrics_of(longer, padded)
   for k in ("global", "local"):
     np.testing.assert_allclose(long[k], short[k], rtol=1e-5, atol=1e-6)
@@ -128,8 +130,8 @@ def test_m3ae_mode_has_no_memory_and_no_gla_cost():
   batch = random_batch(config, seed=3)
   model, params = _init(config, batch)
   assert "memory" not in params
-  out = jax.jit(lambda b: model.apply({"params": params}, b, with_itm=True,
-                                      rngs={"itm": jax.random.key(0)}))(batch)
+  out = jax.jit(lambda b: model.apply({"params": params}, b, with_itm=True, rngs=
+                                      {"itm": jax.random.key(0)}))(batch)
   _, metrics = losses.compute_losses(out, batch, config)
   assert set(metrics) >= {"mlm", "mim", "itm"} and not {"global", "local"} & set(metrics)
 
@@ -142,8 +144,8 @@ def test_bfloat16_compute_keeps_float32_losses():
   bf16 = tiny_config()
   bf16.model.dtype = "bfloat16"
   model16 = MPMA.from_config(bf16)
-  run = lambda m, cfg: jax.jit(
-      lambda b: losses.compute_losses(m.apply({"params": params}, b), b, cfg)[1])(batch)
+  run = lambda m, cfg: jax.jit(lambda b: losses.compute_losses(m.apply({"params": params}, b), b,
+                                                               cfg)[1])(batch)
   full, half = run(model, config), run(model16, bf16)
   for k in ("mlm", "mim", "global", "local"):
     assert half[k].dtype == jnp.float32

@@ -3,12 +3,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mpma_jax import train
-from mpma_jax.models import mpma
-from tests.conftest import tiny_config
+from mpma_jax import losses, train
 from mpma_jax.data import pipeline
-from mpma_jax import losses
+from mpma_jax.models import mpma
 from mpma_jax.models.mpma import MPMA
+from tests.conftest import tiny_config
 
 
 def _batch(config, seed=0):
@@ -35,6 +34,7 @@ def _loss_and_grads(config, params, batch):
     out = model.apply({"params": p}, batch, deterministic=True, with_itm=True,
                       rngs={"itm": jax.random.key(1)})
     return losses.compute_losses(out, batch, config)[0]
+
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -48,13 +48,13 @@ def test_scanned_step_equals_unrolled_and_layouts_convert():
   scanned.loss.itm = 1.0
   scanned.model.scan = True
 
-  params = jax.device_get(train.init_params(config, MPMA.from_config(config),
-                                            jax.random.key(0)))
+  params = jax.device_get(train.init_params(config, MPMA.from_config(config), jax.random.key(0)))
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
   stacked = mpma.scanned_params(params, config.model)
   # The scanned model's own init has exactly the converted layout.
-  own = nn.meta.unbox(jax.eval_shape(lambda: train.init_params(
-      scanned, MPMA.from_config(scanned), jax.random.key(0))))
+  own = nn.meta.unbox(
+      jax.eval_shape(
+          lambda: train.init_params(scanned, MPMA.from_config(scanned), jax.random.key(0))))
   assert jax.tree.structure(own) == jax.tree.structure(stacked)
   for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(own)):
     assert got.shape == want.shape
@@ -71,4 +71,3 @@ def test_scanned_step_equals_unrolled_and_layouts_convert():
   grads_s = mpma.unrolled_params(jax.device_get(grads_s), config.model)
   for (path, g), gs in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_s)):
     np.testing.assert_allclose(gs, g, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-

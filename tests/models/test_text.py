@@ -10,7 +10,8 @@ def test_position_ids_follow_hugging_face_conventions():
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
   np.testing.assert_array_equal(position_ids(mask, "bert", 0), [[0, 1, 2, 3, 4]] * 2)
   # RoBERTa: real tokens count from pad_id + 1, padding sits at pad_id.
-  np.testing.assert_array_equal(position_ids(mask, "roberta", 1), [[2, 3, 4, 1, 1], [2, 3, 4, 5, 6]])
+  np.testing.assert_array_equal(position_ids(mask, "roberta", 1),
+                                [[2, 3, 4, 1, 1], [2, 3, 4, 5, 6]])
   with pytest.raises(ValueError, match="position_style"):
     position_ids(mask, "gpt", 0)
 

@@ -1,8 +1,7 @@
 """RSNA Pneumonia: image-only binary classification (pneumonia vs normal) from the image encoder;
 AUC on the builder's seeded patient-level test split. Variants as in chexpert.py:
 finetune_1 / finetune_10 / finetune_100 / probe_1 / probe_10 / probe_100."""
-from mpma_jax.configs.finetune import common
-from mpma_jax.configs.finetune import chexpert
+from mpma_jax.configs.finetune import chexpert, common
 
 
 def get_config(variant: str = "finetune_100"):

@@ -60,6 +60,7 @@ def build(name: str, manual_dir: str, data_dir: str, **kwargs):
   report: {split: {"written": n, "skipped": {reason: count}}}, also saved as build_report.json.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from mpma_jax.data.builders import base  # noqa  pylint: disable=g-import-not-at-top
   b = builder(name, data_dir, **kwargs)
   if b.is_prepared():

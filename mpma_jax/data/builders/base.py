@@ -22,7 +22,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mpma_jax.data import images, text as texts
+from mpma_jax.data import images
+from mpma_jax.data import text as texts
 
 TASKS = ("pretrain", "vqa", "classification", "retrieval")
 _IMAGE = tfds.features.Tensor(shape=(), dtype=np.object_)  # encoded bytes, decoded with Pillow
@@ -33,17 +34,20 @@ def features_for(task: str, num_classes: int = 0) -> tfds.features.FeaturesDict:
   if task in ("pretrain", "retrieval"):
     return tfds.features.FeaturesDict({
         "id": tfds.features.Text(), "image": _IMAGE,
-        "texts": tfds.features.Sequence(tfds.features.Text())})
+        "texts": tfds.features.Sequence(tfds.features.Text())
+    })
   if task == "vqa":
     return tfds.features.FeaturesDict({
         "id": tfds.features.Text(), "image_id": tfds.features.Text(), "image": _IMAGE,
         "question": tfds.features.Text(), "answer": tfds.features.Text(),
-        "answer_type": tfds.features.Text(), "category": tfds.features.Text()})
+        "answer_type": tfds.features.Text(), "category": tfds.features.Text()
+    })
   if task == "classification":
     return tfds.features.FeaturesDict({
         "id": tfds.features.Text(), "image": _IMAGE, "text": tfds.features.Text(),
         "label": tfds.features.Tensor(shape=(), dtype=np.int64),
-        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32)})
+        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32)
+    })
   raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -85,8 +89,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=(self.__doc__ or "").strip(),
-        features=features_for(self.TASK, len(self.CLASS_NAMES)),
+        builder=self, description=(self.__doc__ or
+                                   "").strip(), features=features_for(self.TASK,
+                                                                      len(self.CLASS_NAMES)),
         metadata=tfds.core.MetadataDict(task=self.TASK, class_names=list(self.CLASS_NAMES)))
 
   def _split_generators(self, dl_manager):
@@ -98,8 +103,10 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not os.path.isdir(manual_dir):
       raise ManualDirError(f"{self.name}: manual_dir {manual_dir!r} is not a directory. "
                            f"Expected layout:\n{self.LAYOUT}")
-    return {split: self._checked(split, self._examples(split, **kw))
-            for split, kw in self._split_paths(manual_dir).items()}
+    return {
+        split: self._checked(split, self._examples(split, **kw))
+        for split, kw in self._split_paths(manual_dir).items()
+    }
 
   def _checked(self, split: str, examples: Iterator) -> Iterator:
     """Passes examples through; a split left empty is an error that says what was skipped."""
@@ -126,8 +133,10 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     found = []
     for rel in relpaths:
       options = rel.split("|")
-      hits = [os.path.join(manual_dir, o) for o in options
-              if os.path.exists(os.path.join(manual_dir, o))]
+      hits = [
+          os.path.join(manual_dir, o) for o in options
+          if os.path.exists(os.path.join(manual_dir, o))
+      ]
       if not hits:
         raise ManualDirError(
             f"{self.name}: expected {' or '.join(repr(o) for o in options)} in manual_dir "
@@ -188,8 +197,10 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Per split: examples written and skipped by reason (after download_and_prepare)."""
     out = {}
     for split, info in self.info.splits.items():
-      out[split] = {"written": int(info.num_examples),
-                    "skipped": dict(sorted(self.skipped.get(split, {}).items()))}
+      out[split] = {
+          "written": int(info.num_examples),
+          "skipped": dict(sorted(self.skipped.get(split, {}).items()))
+      }
     return out
 
 

@@ -10,10 +10,9 @@ from mpma_jax.data.builders import base
 
 DIR = "CheXpert-v1.0-small"
 # The 14 label columns of train.csv / valid.csv, in file order (read by name).
-LABELS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-    "Pleural Other", "Fracture", "Support Devices")
+LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+          "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+          "Pleural Other", "Fracture", "Support Devices")
 COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 SPLITS = {"train": "train.csv", "validation": "valid.csv"}
 _VALUES = (1.0, 0.0, -1.0)

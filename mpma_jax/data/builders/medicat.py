@@ -30,9 +30,11 @@ class Medicat(base.Builder):
     shuffled = [records[i] for i in order]
     n_train = max(len(shuffled) - self.HELD_OUT, 0)
     held = shuffled[n_train:]
-    return {"train": {"records": shuffled[:n_train], "figures": figures},
-            "validation": {"records": held[:len(held) // 2], "figures": figures},
-            "test": {"records": held[len(held) // 2:], "figures": figures}}
+    return {
+        "train": {"records": shuffled[:n_train], "figures": figures},
+        "validation": {"records": held[:len(held) // 2], "figures": figures},
+        "test": {"records": held[len(held) // 2:], "figures": figures}
+    }
 
   def _radiology_records(self, path):
     """The radiology figures in file order, as (pdf_hash, fig_uri, caption, references)."""

@@ -55,5 +55,7 @@ class Melinda(base.Builder):
         continue
       onehot = np.zeros(NUM_CLASSES, np.float32)
       onehot[index[label]] = 1.0
-      yield row["figure_file"], {"id": row["figure_file"], "image": image, "text": caption,
-                                 "label": index[label], "labels": onehot}
+      yield row["figure_file"], {
+          "id": row["figure_file"], "image": image, "text": caption, "label": index[label],
+          "labels": onehot
+      }

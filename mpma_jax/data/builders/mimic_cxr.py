@@ -12,10 +12,10 @@ from mpma_jax.data import text as texts
 from mpma_jax.data.builders import base
 
 # The 14 label columns of mimic-cxr-2.0.0-chexpert.csv, in file order.
-CHEXPERT_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-    "Pneumonia", "Pneumothorax", "Support Devices")
+CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                   "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
+                   "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax",
+                   "Support Devices")
 SPLITS = {"train": "train", "validate": "validation", "test": "test"}  # file value -> TFDS split
 VIEWS = ("PA", "AP")
 # A header at the start of a line: 'FINDINGS:', 'Impression :', 'RECOMMENDATION(S):', ...
@@ -67,28 +67,35 @@ class MimicCxr(base.Builder):
     # The pretrain schema plus what only MIMIC-CXR has: labels [14] (1, 0, -1, NaN = not
     # mentioned), the study and subject, and the view.
     features = tfds.features.FeaturesDict({
-        **base.features_for("pretrain"),
-        "labels": tfds.features.Tensor(shape=(len(CHEXPERT_LABELS),), dtype=np.float32),
-        "study_id": tfds.features.Text(), "subject_id": tfds.features.Text(),
-        "view": tfds.features.Text()})
+        **base.features_for("pretrain"), "labels": tfds.features.Tensor(
+            shape=(len(CHEXPERT_LABELS),), dtype=np.float32), "study_id": tfds.features.Text(),
+        "subject_id": tfds.features.Text(), "view": tfds.features.Text()
+    })
     return tfds.core.DatasetInfo(
         builder=self, description=(self.__doc__ or "").strip(), features=features,
         metadata=tfds.core.MetadataDict(task=self.TASK, class_names=list(CHEXPERT_LABELS)))
 
   def _split_paths(self, manual_dir):
     split_csv, metadata_csv, chexpert_csv, files = self.require(
-        manual_dir, *(f"mimic-cxr-2.0.0-{n}.csv|mimic-cxr-2.0.0-{n}.csv.gz"
-                      for n in ("split", "metadata", "chexpert")), "files")
+        manual_dir,
+        *(f"mimic-cxr-2.0.0-{n}.csv|mimic-cxr-2.0.0-{n}.csv.gz"
+          for n in ("split", "metadata", "chexpert")), "files")
     rows = list(_csv_rows(split_csv, ("dicom_id", "study_id", "subject_id", "split")))
-    views = {r["dicom_id"]: r["ViewPosition"].strip()
-             for r in _csv_rows(metadata_csv, ("dicom_id", "ViewPosition"))}
-    labels = {(r["subject_id"], r["study_id"]):
-              np.array([float(r[n]) if r[n].strip() else np.nan for n in CHEXPERT_LABELS],
-                       np.float32)
-              for r in _csv_rows(chexpert_csv, ("subject_id", "study_id", *CHEXPERT_LABELS))}
-    return {split: {"rows": [r for r in rows if SPLITS.get(r["split"]) == split], "views": views,
-                    "labels": labels, "files": files}
-            for split in SPLITS.values()}
+    views = {
+        r["dicom_id"]: r["ViewPosition"].strip()
+        for r in _csv_rows(metadata_csv, ("dicom_id", "ViewPosition"))
+    }
+    labels = {
+        (r["subject_id"], r["study_id"]):
+            np.array([float(r[n]) if r[n].strip() else np.nan for n in CHEXPERT_LABELS], np.float32)
+        for r in _csv_rows(chexpert_csv, ("subject_id", "study_id", *CHEXPERT_LABELS))
+    }
+    return {
+        split: {
+            "rows": [r for r in rows if SPLITS.get(r["split"]) == split], "views": views,
+            "labels": labels, "files": files
+        } for split in SPLITS.values()
+    }
 
   def _report_texts(self, split, path):
     """The raw [findings, impression] sections of a report, or None (counted)."""
@@ -131,6 +138,8 @@ class MimicCxr(base.Builder):
       image = self.read_image(split, path)
       if image is None:
         continue
-      yield dicom, {"id": dicom, "image": image, "texts": found,
-                    "labels": labels.get((subject, study), no_labels), "study_id": study,
-                    "subject_id": subject, "view": views[dicom]}
+      yield dicom, {
+          "id": dicom, "image": image, "texts": found, "labels": labels.get(
+              (subject, study), no_labels), "study_id": study, "subject_id": subject,
+          "view": views[dicom]
+      }

@@ -22,8 +22,8 @@ class RsnaPneumonia(base.Builder):
   TEST_FRACTION = 0.1
 
   def _split_paths(self, manual_dir):
-    labels_csv, image_dir = self.require(
-        manual_dir, "stage_2_train_labels.csv", "stage_2_train_images")
+    labels_csv, image_dir = self.require(manual_dir, "stage_2_train_labels.csv",
+                                         "stage_2_train_images")
     targets = collections.defaultdict(list)  # patientId -> the Target of each of its rows
     with open(labels_csv, encoding="utf-8", newline="") as f:
       reader = csv.DictReader(f)
@@ -38,10 +38,14 @@ class RsnaPneumonia(base.Builder):
     n_val, n_test = round(n * self.VAL_FRACTION), round(n * self.TEST_FRACTION)
     if n >= 3:  # small copies (tests, subsets) still get every split
       n_val, n_test = max(1, n_val), max(1, n_test)
-    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
-             "train": order[n_val + n_test:]}
-    return {split: {"patients": {p: targets[p] for p in sorted(part)}, "image_dir": image_dir}
-            for split, part in parts.items()}
+    parts = {
+        "validation": order[:n_val], "test": order[n_val:n_val + n_test],
+        "train": order[n_val + n_test:]
+    }
+    return {
+        split: {"patients": {p: targets[p] for p in sorted(part)}, "image_dir": image_dir}
+        for split, part in parts.items()
+    }
 
   def _examples(self, split, patients, image_dir):
     for patient, values in patients.items():
@@ -55,5 +59,7 @@ class RsnaPneumonia(base.Builder):
       image = self.read_image(split, os.path.join(image_dir, f"{patient}.dcm"))
       if image is None:
         continue
-      yield patient, {"id": patient, "image": image, "text": "", "label": label,
-                      "labels": np.eye(2, dtype=np.float32)[label]}
+      yield patient, {
+          "id": patient, "image": image, "text": "", "label": label,
+          "labels": np.eye(2, dtype=np.float32)[label]
+      }

@@ -24,8 +24,10 @@ class Slake(base.Builder):
 
   def _split_paths(self, manual_dir):
     (image_dir,) = self.require(manual_dir, "imgs")
-    return {split: {"path": self.require(manual_dir, f"{name}.json")[0], "image_dir": image_dir}
-            for name, split in SPLITS.items()}
+    return {
+        split: {"path": self.require(manual_dir, f"{name}.json")[0], "image_dir": image_dir}
+        for name, split in SPLITS.items()
+    }
 
   def _examples(self, split, path, image_dir):
     with open(path, encoding="utf-8") as f:
@@ -46,4 +48,5 @@ class Slake(base.Builder):
       yield str(r["qid"]), {
           "id": str(r["qid"]), "image_id": r["img_name"], "image": image, "question": question,
           "answer": answer, "answer_type": str(r.get("answer_type", "")).strip().lower(),
-          "category": str(r.get("content_type", "")).strip().lower()}
+          "category": str(r.get("content_type", "")).strip().lower()
+      }

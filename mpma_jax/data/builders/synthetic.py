@@ -34,8 +34,10 @@ class Synthetic(base.Builder):
     for i in range(num):
       case = synthetic.sample_case(cfg.seed, split, i)
       image = synthetic.render_image(case, cfg.image_size, seed=cfg.seed, index=i)
-      yield i, {"id": f"{split}-{i}", "image": images.encode_png(image),
-                "texts": [synthetic.report(cfg.seed, split, i)]}
+      yield i, {
+          "id": f"{split}-{i}", "image": images.encode_png(image),
+          "texts": [synthetic.report(cfg.seed, split, i)]
+      }
 
 
 def make(data_dir: str, num_train: int, num_eval: int, image_size: int, seed: int) -> Synthetic:

@@ -46,13 +46,13 @@ class _Generated(base.Builder):
 
   def _examples(self, split, num):
     for i in range(num):
-      yield from self._case_examples(split, i, synthetic.sample_case(self.builder_config.seed,
-                                                                     split, i))
+      yield from self._case_examples(split, i,
+                                     synthetic.sample_case(self.builder_config.seed, split, i))
 
   def _png(self, case: synthetic.Case, index: int) -> bytes:
     cfg = self.builder_config
-    return images.encode_png(synthetic.render_image(case, cfg.image_size, seed=cfg.seed,
-                                                    index=index))
+    return images.encode_png(
+        synthetic.render_image(case, cfg.image_size, seed=cfg.seed, index=index))
 
   def _case_examples(self, split, index, case):
     raise NotImplementedError
@@ -67,9 +67,11 @@ class SyntheticVqa(_Generated):
     image = self._png(case, index)  # one encoding shared by all questions about the image
     for j, qa in enumerate(synthetic.questions(case)):
       key = f"{image_id}-{j}"
-      yield key, {"id": key, "image_id": image_id, "image": image, "question": qa["question"],
-                  "answer": qa["answer"], "answer_type": qa["answer_type"].lower(),
-                  "category": qa["question_type"].lower()}
+      yield key, {
+          "id": key, "image_id": image_id, "image": image, "question": qa["question"],
+          "answer": qa["answer"], "answer_type": qa["answer_type"].lower(),
+          "category": qa["question_type"].lower()
+      }
 
 
 def caption(case: synthetic.Case) -> str:
@@ -91,8 +93,10 @@ class SyntheticCls(_Generated):
   def _case_examples(self, split, index, case):
     label = synthetic.MODALITIES.index(case.modality)
     key = f"{split}-{index}"
-    yield key, {"id": key, "image": self._png(case, index), "text": caption(case),
-                "label": label, "labels": np.eye(len(self.CLASS_NAMES), dtype=np.float32)[label]}
+    yield key, {
+        "id": key, "image": self._png(case, index), "text": caption(case), "label": label,
+        "labels": np.eye(len(self.CLASS_NAMES), dtype=np.float32)[label]
+    }
 
 
 def chest_case(case: synthetic.Case) -> synthetic.Case:
@@ -102,9 +106,12 @@ def chest_case(case: synthetic.Case) -> synthetic.Case:
 
 def chest_labels(case: synthetic.Case) -> np.ndarray:
   """float32 [4] over CHEST_CLASSES: any lesion, a large one, a bright one, two or more."""
-  return np.array([len(case.lesions) > 0, any(l.size == "large" for l in case.lesions),
-                   any(l.intensity == "bright" for l in case.lesions), len(case.lesions) >= 2],
-                  np.float32)
+  return np.array([
+      len(case.lesions) > 0,
+      any(l.size == "large" for l in case.lesions),
+      any(l.intensity == "bright" for l in case.lesions),
+      len(case.lesions) >= 2
+  ], np.float32)
 
 
 CHEST_CLASSES = ("lesion", "large lesion", "bright lesion", "multiple lesions")
@@ -117,8 +124,10 @@ class SyntheticChest(_Generated):
 
   def _case_examples(self, split, index, case):
     key = f"{split}-{index}"
-    yield key, {"id": key, "image": self._png(chest_case(case), index), "text": "", "label": -1,
-                "labels": chest_labels(case)}
+    yield key, {
+        "id": key, "image": self._png(chest_case(case), index), "text": "", "label": -1,
+        "labels": chest_labels(case)
+    }
 
 
 def _make(cls, data_dir, num_images, image_size, seed, num_eval):

@@ -27,13 +27,13 @@ class VqaMed2019(base.Builder):
     out = {}
     for split, root, suffix, images in (("train", self.TRAIN_DIR, "train", "Train_images"),
                                         ("validation", self.VAL_DIR, "val", "Val_images")):
-      files = self.require(manual_dir, *(f"{root}/QAPairsByCategory/{c}_{suffix}.txt"
-                                         for c in CATEGORIES))
+      files = self.require(manual_dir,
+                           *(f"{root}/QAPairsByCategory/{c}_{suffix}.txt" for c in CATEGORIES))
       (image_dir,) = self.require(manual_dir, f"{root}/{images}")
       out[split] = {"files": list(zip(CATEGORIES.values(), files)), "image_dir": image_dir}
-    test, image_dir = self.require(
-        manual_dir, f"{self.TEST_DIR}/VQAMed2019_Test_Questions_w_Ref_Answers.txt",
-        f"{self.TEST_DIR}/VQAMed2019_Test_Images")
+    test, image_dir = self.require(manual_dir,
+                                   f"{self.TEST_DIR}/VQAMed2019_Test_Questions_w_Ref_Answers.txt",
+                                   f"{self.TEST_DIR}/VQAMed2019_Test_Images")
     out["test"] = {"files": [(None, test)], "image_dir": image_dir}
     return out
 
@@ -71,5 +71,7 @@ class VqaMed2019(base.Builder):
         seen[key] += 1
         if seen[key] > 1:
           key = f"{key}-{seen[key]}"
-        yield key, {"id": key, "image_id": image_id, "image": image, "question": question,
-                    "answer": answer, "answer_type": "open", "category": cat}
+        yield key, {
+            "id": key, "image_id": image_id, "image": image, "question": question, "answer": answer,
+            "answer_type": "open", "category": cat
+        }

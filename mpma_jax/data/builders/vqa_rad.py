@@ -15,8 +15,10 @@ class VqaRad(base.Builder):
 
   def _split_paths(self, manual_dir):
     train, test, image_dir = self.require(manual_dir, "trainset.json", "testset.json", "images")
-    return {"train": {"path": train, "image_dir": image_dir},
-            "test": {"path": test, "image_dir": image_dir}}
+    return {
+        "train": {"path": train, "image_dir": image_dir},
+        "test": {"path": test, "image_dir": image_dir}
+    }
 
   def _examples(self, split, path, image_dir):
     with open(path, encoding="utf-8") as f:
@@ -35,4 +37,5 @@ class VqaRad(base.Builder):
       yield str(r["qid"]), {
           "id": str(r["qid"]), "image_id": name, "image": image, "question": question,
           "answer": answer, "answer_type": str(r.get("answer_type", "")).strip().lower(),
-          "category": str(r.get("image_organ", "")).strip().lower()}
+          "category": str(r.get("image_organ", "")).strip().lower()
+      }

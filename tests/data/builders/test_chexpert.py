@@ -36,15 +36,15 @@ def _write(root, name, rows, label_columns):
     writer = csv.writer(f)
     writer.writerow(META + list(label_columns))
     for i, (path, view, labels, image) in enumerate(rows):
-      writer.writerow([f"{DIR}/{path}", "Female", 60 + i, view, "AP" if view == "Frontal" else ""]
-                      + [labels.get(n, "") for n in label_columns])
+      writer.writerow([f"{DIR}/{path}", "Female", 60 + i, view, "AP" if view == "Frontal" else ""] +
+                      [labels.get(n, "") for n in label_columns])
       file = root / path
       file.parent.mkdir(parents=True, exist_ok=True)
       data = images.encode_jpeg(np.full((12, 10), 20 * i % 256, np.uint8))  # grey, as distributed
       if image == "ok" and not file.exists():
         file.write_bytes(data)
       elif image == "corrupt":
-        file.write_bytes(data[: len(data) // 2])
+        file.write_bytes(data[:len(data) // 2])
 
 
 def _manual(tmp_path):
@@ -55,9 +55,13 @@ def _manual(tmp_path):
   return root
 
 
-EXPECTED = {"train": {"written": 3, "skipped": {"bad label value": 2, "duplicate row": 1,
-                                                "missing image": 1, "unreadable image": 1}},
-            "validation": {"written": 2, "skipped": {}}}
+EXPECTED = {
+    "train": {
+        "written": 3, "skipped": {
+            "bad label value": 2, "duplicate row": 1, "missing image": 1, "unreadable image": 1
+        }
+    }, "validation": {"written": 2, "skipped": {}}
+}
 
 
 def _expected_labels(labels):

@@ -18,10 +18,12 @@ class SmallMedicat(medicat.Medicat):
 
 
 def _figure(i, caption=_LONG, references=None, radiology=True):
-  return {"pdf_hash": f"hash{i:02d}", "fig_uri": f"2-Figure{i}-1.png", "fig_key": f"f{i}",
-          "s2_caption": caption, "s2orc_caption": caption, "s2orc_references": references,
-          "radiology": radiology, "scope": "single", "predicted_type": "radiology",
-          "oa_info": {"license": "CC BY"}}
+  return {
+      "pdf_hash": f"hash{i:02d}", "fig_uri": f"2-Figure{i}-1.png", "fig_key": f"f{i}",
+      "s2_caption": caption, "s2orc_caption": caption, "s2orc_references": references,
+      "radiology": radiology, "scope": "single", "predicted_type": "radiology",
+      "oa_info": {"license": "CC BY"}
+  }
 
 
 # Radiology figures in file order; with seed 42 and 10 of them the permutation is
@@ -46,15 +48,16 @@ def _write(manual):
   lines = [json.dumps(f) for f in FIGURES[:3]]
   lines += [json.dumps(_figure(90, radiology=False)), "{not json", ""]
   lines += [json.dumps(f) for f in FIGURES[3:]] + [json.dumps(_figure(91, radiology=False))]
-  (release / "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl").write_text(
-      "\n".join(lines) + "\n")
+  (release /
+   "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl").write_text("\n".join(lines) +
+                                                                               "\n")
   rng = np.random.default_rng(0)
   for f in FIGURES:
     if f["pdf_hash"] == "hash02":
       continue
     data = images.encode_png(rng.integers(0, 256, (12, 10), dtype=np.uint8))
     if f["pdf_hash"] == "hash03":
-      data = data[: len(data) // 2]
+      data = data[:len(data) // 2]
     (release / "figures" / f"{f['pdf_hash']}_{f['fig_uri']}").write_bytes(data)
 
 
@@ -68,12 +71,15 @@ def test_split_counts_and_texts(tmp_path, monkeypatch):
   _write(tmp_path / "manual")
   b, report = builders.build("small_medicat", str(tmp_path / "manual"), str(tmp_path / "out"))
   assert report == {
-      "train": {"written": 3, "skipped": {
-          "empty text (one of several texts)": 1, "malformed json line": 1, "missing image": 1,
-          "no usable text": 1, "not radiology": 2, "text too short (one of several texts)": 1,
-          "unreadable image": 1}},
-      "validation": {"written": 2, "skipped": {"text too short (one of several texts)": 1}},
-      "test": {"written": 2, "skipped": {}}}
+      "train": {
+          "written": 3, "skipped": {
+              "empty text (one of several texts)": 1, "malformed json line": 1, "missing image": 1,
+              "no usable text": 1, "not radiology": 2, "text too short (one of several texts)": 1,
+              "unreadable image": 1
+          }
+      }, "validation": {"written": 2, "skipped": {"text too short (one of several texts)": 1}},
+      "test": {"written": 2, "skipped": {}}
+  }
   name = lambda i: f"hash{i:02d}_2-Figure{i}-1.png"  # noqa: E731
   train, validation, test = (_ids(b, s) for s in ("train", "validation", "test"))
   # The missing and corrupt figures (2, 3) keep their place in train: nothing else moves.
@@ -81,13 +87,11 @@ def test_split_counts_and_texts(tmp_path, monkeypatch):
   assert set(validation) == {name(i) for i in (4, 9)}
   assert set(test) == {name(i) for i in (1, 8)}
   assert train[name(0)]["texts"] == [_LONG.encode()]
-  assert train[name(6)]["texts"] == [
-      _LONG.encode(), b"The lesion (Fig. 6) was resected later."]
+  assert train[name(6)]["texts"] == [_LONG.encode(), b"The lesion (Fig. 6) was resected later."]
   assert train[name(7)]["texts"] == [b"Chest radiograph with effusion."]
   # The caption is too short, the reference is kept.
   assert validation[name(4)]["texts"] == [b"Figure 4 shows the contrast enhanced scan."]
-  assert test[name(1)]["texts"] == [
-      _LONG.encode(), b"As seen in Figure 1, the nodule is small."]
+  assert test[name(1)]["texts"] == [_LONG.encode(), b"As seen in Figure 1, the nodule is small."]
   expected = (tmp_path / "manual" / "release" / "figures" / name(8)).read_bytes()
   assert test[name(8)]["image"] == expected  # the original encoded bytes
   assert images.decode(test[name(8)]["image"]).shape == (12, 10, 3)
@@ -97,8 +101,9 @@ def test_prior_split_constants():
   assert (medicat.Medicat.SEED, medicat.Medicat.HELD_OUT) == (42, 2000)
 
 
-@pytest.mark.parametrize("missing", [
-    "release/s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl", "release/figures"])
+@pytest.mark.parametrize(
+    "missing",
+    ["release/s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl", "release/figures"])
 def test_missing_file_is_named(tmp_path, missing):
   _write(tmp_path / "manual")
   path = tmp_path / "manual" / missing

@@ -62,9 +62,11 @@ CHEXPERT = {
     ("11000011", "51000001"): {"Pleural Effusion": "1.0", "No Finding": "0.0"},
     ("12000012", "52000001"): {"Support Devices": "1.0"},
 }
-META = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-        "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-        "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+META = [
+    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+    "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"
+]
 
 
 def _csv(manual, name, header, rows, gz):
@@ -102,7 +104,7 @@ def _write(manual, gz=False):
       (study_dir / f"{d}.png").write_bytes(images.encode_png(pixels))
     elif image in ("jpg", "corrupt"):
       data = images.encode_jpeg(pixels)
-      (study_dir / f"{d}.jpg").write_bytes(data if image == "jpg" else data[: len(data) // 3])
+      (study_dir / f"{d}.jpg").write_bytes(data if image == "jpg" else data[:len(data) // 3])
 
 
 def _ids(b, split):
@@ -126,19 +128,23 @@ def test_build_report_and_fields(tmp_path, gz):
   _write(tmp_path / "manual", gz)
   b, report = builders.build("mimic_cxr", str(tmp_path / "manual"), str(tmp_path / "out"))
   assert report == {
-      "train": {"written": 2, "skipped": {
-          "missing image": 1, "missing report": 1, "no findings or impression": 1,
-          "no metadata row": 1, "no usable text": 1, "text too short (one of several texts)": 2,
-          "unreadable image": 1, "view not PA/AP": 1}},
-      "validation": {"written": 1, "skipped": {"view not PA/AP": 1}},
-      "test": {"written": 1, "skipped": {}}}
+      "train": {
+          "written": 2, "skipped": {
+              "missing image": 1, "missing report": 1, "no findings or impression": 1,
+              "no metadata row": 1, "no usable text": 1, "text too short (one of several texts)": 2,
+              "unreadable image": 1, "view not PA/AP": 1
+          }
+      }, "validation": {"written": 1, "skipped": {"view not PA/AP": 1}},
+      "test": {"written": 1, "skipped": {}}
+  }
   assert b.info.metadata["class_names"] == list(mimic_cxr.CHEXPERT_LABELS)
   train, validation, test = (_ids(b, s) for s in ("train", "validation", "test"))
   assert set(train) == {"d1", "d3"} and set(validation) == {"v1"} and set(test) == {"t1"}
   d1 = train["d1"]
   assert d1["texts"] == [
       b"There is no focal consolidation, pleural effusion or pneumothorax. Heart size is normal.",
-      b"No acute cardiopulmonary process."]
+      b"No acute cardiopulmonary process."
+  ]
   assert (d1["study_id"], d1["subject_id"], d1["view"]) == (b"50000001", b"10000032", b"PA")
   assert d1["labels"].dtype == np.float32
   assert _same(d1["labels"], _labels(Cardiomegaly=1.0, Consolidation=-1.0, Edema=0.0))
@@ -148,7 +154,8 @@ def test_build_report_and_fields(tmp_path, gz):
   # Case-insensitive headers; 'Note:' is prose; an ALL-CAPS header ends the impression.
   assert validation["v1"]["texts"] == [
       b"Small left pleural effusion is unchanged. Note: the patient was rotated.",
-      b"Stable small left effusion."]
+      b"Stable small left effusion."
+  ]
   assert _same(validation["v1"]["labels"], _labels(Pleural_Effusion=1.0, No_Finding=0.0))
   assert test["t1"]["texts"] == [b"Right PICC tip in the SVC."]
   assert _same(test["t1"]["labels"], _labels(Support_Devices=1.0))
@@ -166,13 +173,15 @@ def test_sections():
   assert mimic_cxr.sections(FULL) == {
       "findings": "\n\n There is no focal consolidation, pleural effusion or pneumothorax.  "
                   "Heart size\n is normal.\n\n",
-      "impression": "\n\n No acute cardiopulmonary process.\n"}
+      "impression": "\n\n No acute cardiopulmonary process.\n"
+  }
   assert mimic_cxr.sections(NO_SECTIONS) == {}
   assert mimic_cxr.sections("IMPRESSION: One.\nIMPRESSION: Two.\n") == {"impression": " One.\n"}
 
 
-@pytest.mark.parametrize("missing", [
-    "mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-chexpert.csv"])
+@pytest.mark.parametrize(
+    "missing",
+    ["mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-chexpert.csv"])
 def test_missing_file_is_named(tmp_path, missing):
   _write(tmp_path / "manual")
   (tmp_path / "manual" / missing).unlink()

@@ -29,23 +29,26 @@ def _roco_split(root, split, rows):
 
 
 def _roco(root):
-  _roco_split(root, "train", [
-      ("ROCO_00001", GOOD, "ok"), ("ROCO_00002", "Chest radiograph, normal heart size.", "ok"),
-      ("ROCO_00003", GOOD, None), ("ROCO_00004", GOOD, "corrupt"),
-      ("ROCO_00005", "CT scan", "ok"), ("ROCO_00006", None, "ok")])
+  _roco_split(root, "train", [("ROCO_00001", GOOD, "ok"),
+                              ("ROCO_00002", "Chest radiograph, normal heart size.", "ok"),
+                              ("ROCO_00003", GOOD, None), ("ROCO_00004", GOOD, "corrupt"),
+                              ("ROCO_00005", "CT scan", "ok"), ("ROCO_00006", None, "ok")])
   _roco_split(root, "validation", [("ROCO_00011", GOOD, "ok")])
-  _roco_split(root, "test", [(f"ROCO_{20 + i:05d}", f"{GOOD} Case {i}.", "ok") for i in range(8)]
-              + [("ROCO_00040", "  ", "ok")])
+  _roco_split(root, "test", [(f"ROCO_{20 + i:05d}", f"{GOOD} Case {i}.", "ok") for i in range(8)] +
+              [("ROCO_00040", "  ", "ok")])
 
 
 def test_roco_v1(tmp_path):
   _roco(tmp_path / "m")
   b, report = builders.build("roco", str(tmp_path / "m"), str(tmp_path / "out"))
   assert report == {
-      "train": {"written": 2, "skipped": {"missing image": 1, "unreadable image": 1,
-                                         "text too short": 1, "malformed line": 1}},
-      "validation": {"written": 1, "skipped": {}},
-      "test": {"written": 8, "skipped": {"empty text": 1}}}
+      "train": {
+          "written": 2, "skipped": {
+              "missing image": 1, "unreadable image": 1, "text too short": 1, "malformed line": 1
+          }
+      }, "validation": {"written": 1, "skipped": {}},
+      "test": {"written": 8, "skipped": {"empty text": 1}}
+  }
   train = b.as_data_source("train")
   got = {train[i]["id"]: train[i] for i in range(len(train))}
   assert list(got[b"ROCO_00001"]["texts"]) == [GOOD.encode()]  # the space after the tab is gone
@@ -57,6 +60,7 @@ def test_roco_retrieval_draw_is_seeded_and_from_the_test_split(tmp_path, monkeyp
 
   class Five(roco.RocoRetrieval):
     NUM_PAIRS = 5
+
   monkeypatch.setitem(builders.BUILDERS, "roco_retrieval_5", Five)
   b, report = builders.build("roco_retrieval_5", str(tmp_path / "m"), str(tmp_path / "out"))
   assert report == {"test": {"written": 5, "skipped": {"empty text": 1}}}
@@ -90,7 +94,8 @@ def test_rocov2(tmp_path):
   b, report = builders.build("rocov2", str(tmp_path / "m"), str(tmp_path / "out"))
   assert report == {
       "train": {"written": 3, "skipped": {"missing image": 1, "text too short": 1}},
-      "validation": {"written": 1, "skipped": {}}, "test": {"written": 1, "skipped": {}}}
+      "validation": {"written": 1, "skipped": {}}, "test": {"written": 1, "skipped": {}}
+  }
   valid = b.as_data_source("validation")[0]
   assert valid["id"] == b"ROCOv2_2023_valid_000001"
   assert list(valid["texts"]) == [f"{GOOD}, with a comma".encode()]

@@ -11,8 +11,9 @@ HEADER = "patientId,x,y,width,height,Target\n"
 # With SEED 42 the 15 sorted patient ids (14 + the empty one) are permuted to: validation = the
 # first 2, test = the next 2, train = the other 11.
 VALIDATION, TEST = ["pid05", "pid06"], ["pid08", "pid02"]
-TRAIN = ["", "pid10", "pid13", "pid09", "pid04", "pid01", "pid03", "pid11", "pid00", "pid12",
-         "pid07"]
+TRAIN = [
+    "", "pid10", "pid13", "pid09", "pid04", "pid01", "pid03", "pid11", "pid00", "pid12", "pid07"
+]
 BOX = "264.0,152.0,213.0,379.0"
 # patient -> (rows: the x,y,width,height,Target after the id; image: 'ok' | 'corrupt' | None)
 PATIENTS = {
@@ -22,10 +23,15 @@ PATIENTS = {
     "pid09": ([",,,,2"], "ok"),
     "pid04": ([f"{BOX},1", "562.0,152.0,256.0,453.0,1", "100.0,100.0,10.0,10.0,1"], "ok"),
     "pid01": ([",,,,0"], "ok"),
-    "pid03": ([",,,,0"], "ok"), "pid11": ([f"{BOX},1"], "ok"), "pid00": ([",,,,0"], "ok"),
-    "pid12": ([",,,,0.0"], "ok"), "pid07": ([f"{BOX},1.0"], "ok"),
-    "pid05": ([f"{BOX},1", "600.0,100.0,50.0,80.0,1"], "ok"), "pid06": ([",,,,0"], "ok"),
-    "pid08": ([",,,,0"], "ok"), "pid02": ([",,,,0"], "corrupt"),
+    "pid03": ([",,,,0"], "ok"),
+    "pid11": ([f"{BOX},1"], "ok"),
+    "pid00": ([",,,,0"], "ok"),
+    "pid12": ([",,,,0.0"], "ok"),
+    "pid07": ([f"{BOX},1.0"], "ok"),
+    "pid05": ([f"{BOX},1", "600.0,100.0,50.0,80.0,1"], "ok"),
+    "pid06": ([",,,,0"], "ok"),
+    "pid08": ([",,,,0"], "ok"),
+    "pid02": ([",,,,0"], "corrupt"),
 }
 
 
@@ -44,7 +50,7 @@ def _write(manual, patients):
       continue
     data = dicom_bytes(_pixels(i))
     if image == "corrupt":
-      data = data[: len(data) // 2]  # truncated pixel data
+      data = data[:len(data) // 2]  # truncated pixel data
     (manual / "stage_2_train_images" / f"{patient}.dcm").write_bytes(data)
     written[patient] = data
   (manual / "stage_2_train_labels.csv").write_text(HEADER + "".join(lines))
@@ -56,14 +62,19 @@ def test_rsna_pneumonia_tiny_copy(tmp_path):
   data = _write(manual, PATIENTS)
   b, report = builders.build("rsna_pneumonia", str(manual), str(tmp_path / "out"))
   assert report == {
-      "train": {"written": 7, "skipped": {"bad label value": 1, "empty patient id": 1,
-                                          "missing image": 1, "unreadable image": 1}},
-      "validation": {"written": 2, "skipped": {}},
-      "test": {"written": 1, "skipped": {"unreadable image": 1}}}
+      "train": {
+          "written": 7, "skipped": {
+              "bad label value": 1, "empty patient id": 1, "missing image": 1, "unreadable image": 1
+          }
+      }, "validation": {"written": 2, "skipped": {}},
+      "test": {"written": 1, "skipped": {"unreadable image": 1}}
+  }
   assert list(b.info.metadata["class_names"]) == ["normal", "pneumonia"]
   skipped = {"", "pid10", "pid13", "pid09", "pid02"}
-  expected_ids = {"train": set(TRAIN) - skipped, "validation": set(VALIDATION) - skipped,
-                  "test": set(TEST) - skipped}
+  expected_ids = {
+      "train": set(TRAIN) - skipped, "validation": set(VALIDATION) - skipped,
+      "test": set(TEST) - skipped
+  }
   for split, ids in expected_ids.items():
     source = b.as_data_source(split)
     got = {source[i]["id"].decode(): source[i] for i in range(len(source))}
@@ -87,8 +98,8 @@ def test_three_patients_give_one_per_split_and_two_are_too_few(tmp_path):
   b, report = builders.build("rsna_pneumonia", str(tmp_path / "three"), str(tmp_path / "out3"))
   assert {s: r["written"] for s, r in report.items()} == {"train": 1, "validation": 1, "test": 1}
   # sorted ['a', 'b', 'c'] permuted by default_rng(42) -> ['c', 'b', 'a']
-  assert [b.as_data_source(s)[0]["id"] for s in ("validation", "test", "train")] == [
-      b"c", b"b", b"a"]
+  assert [b.as_data_source(s)[0]["id"] for s in ("validation", "test", "train")
+         ] == [b"c", b"b", b"a"]
   _write(tmp_path / "two", {p: ([",,,,1"], "ok") for p in ("a", "b")})
   with pytest.raises(ValueError, match="no usable examples"):
     builders.build("rsna_pneumonia", str(tmp_path / "two"), str(tmp_path / "out2"))
@@ -96,13 +107,12 @@ def test_three_patients_give_one_per_split_and_two_are_too_few(tmp_path):
 
 def test_split_fractions_and_seed_are_class_attributes(tmp_path):
   from mpma_jax.data.builders.rsna_pneumonia import RsnaPneumonia
-  assert (RsnaPneumonia.SEED, RsnaPneumonia.VAL_FRACTION, RsnaPneumonia.TEST_FRACTION) == (
-      42, 0.1, 0.1)
+  assert (RsnaPneumonia.SEED, RsnaPneumonia.VAL_FRACTION, RsnaPneumonia.TEST_FRACTION) == (42, 0.1,
+                                                                                           0.1)
   ids = [f"p{i:03d}" for i in range(100)]
   _write(tmp_path / "m", {p: ([",,,,0"], "ok") for p in ids})
   _, report = builders.build("rsna_pneumonia", str(tmp_path / "m"), str(tmp_path / "out"))
-  assert {s: r["written"] for s, r in report.items()} == {
-      "train": 80, "validation": 10, "test": 10}
+  assert {s: r["written"] for s, r in report.items()} == {"train": 80, "validation": 10, "test": 10}
 
 
 @pytest.mark.parametrize("missing", ["stage_2_train_labels.csv", "stage_2_train_images"])
@@ -118,9 +128,11 @@ def test_wrong_manual_dir_names_the_expected_file(tmp_path, missing):
 def test_real_chest_radiograph_goes_through_build_and_pipeline(tmp_path):
   """The real PA chest radiograph of pydicom-data (MONOCHROME1, 1955 x 1841, 15-bit) as three RSNA
   patients: built, then batched by the downstream pipeline at 288 px."""
-  from pydicom.data import get_testdata_file
   import ml_collections
-  from mpma_jax.data import downstream, synthetic, tokenizer as tokenizers
+  from pydicom.data import get_testdata_file
+
+  from mpma_jax.data import downstream, synthetic
+  from mpma_jax.data import tokenizer as tokenizers
   real = open(get_testdata_file("RG1_UNCI.dcm"), "rb").read()
   manual = tmp_path / "rsna"
   (manual / "stage_2_train_images").mkdir(parents=True)
@@ -132,8 +144,8 @@ def test_real_chest_radiograph_goes_through_build_and_pipeline(tmp_path):
   b, report = builders.build("rsna_pneumonia", str(manual), data_dir)
   assert {s: r["written"] for s, r in report.items()} == {"train": 1, "validation": 1, "test": 1}
   tokenizers.train_wordpiece(synthetic.report_corpus(50), 256, str(tmp_path / "tok"))
-  config = ml_collections.ConfigDict({"eval": {"batch_size": 4},
-                                      "data": {"read_threads": 0, "read_buffer": 4}})
+  config = ml_collections.ConfigDict(
+      {"eval": {"batch_size": 4}, "data": {"read_threads": 0, "read_buffer": 4}})
   decode = downstream.Decode("image_classification", str(tmp_path / "tok"), 288, 8,
                              class_names=b.info.metadata["class_names"], labels=["pneumonia"])
   (batch,) = list(downstream.eval_batches(config, b, "train", np.arange(1), decode))

@@ -40,8 +40,9 @@ def test_synthetic_vqa(built):
     examples = _all(b, split)
     cases = [synthetic.sample_case(SEED, split, i) for i in range(num)]
     assert len(examples) == sum(len(synthetic.questions(c)) for c in cases)
-    assert set(examples[0]) == {"id", "image_id", "image", "question", "answer", "answer_type",
-                                "category"}
+    assert set(examples[0]) == {
+        "id", "image_id", "image", "question", "answer", "answer_type", "category"
+    }
     by_image = collections.defaultdict(list)
     for ex in examples:
       by_image[ex["image_id"]].append(ex)
@@ -87,18 +88,20 @@ def test_synthetic_cls(built):
 
 
 def test_caption_hand_written():
-  lesions = (synthetic.Lesion("center", "large", "dark"),
-             synthetic.Lesion("upper left", "small", "bright"))
+  lesions = (synthetic.Lesion("center", "large",
+                              "dark"), synthetic.Lesion("upper left", "small", "bright"))
   assert sd.caption(synthetic.Case("MRI", "head", lesions)) == (
       "image of the head. two lesions: a large dark lesion in the center and a small bright "
       "lesion in the upper left.")
-  assert sd.caption(synthetic.Case("CT", "chest", ())) == "image of the chest. no focal abnormality."
+  assert sd.caption(synthetic.Case("CT", "chest",
+                                   ())) == "image of the chest. no focal abnormality."
 
 
 def test_synthetic_chest(built):
   b = built["chest"]
-  assert b.info.metadata["class_names"] == ["lesion", "large lesion", "bright lesion",
-                                            "multiple lesions"]
+  assert b.info.metadata["class_names"] == [
+      "lesion", "large lesion", "bright lesion", "multiple lesions"
+  ]
   for split, num in SPLITS.items():
     examples = _all(b, split)
     assert len(examples) == num
@@ -133,17 +136,18 @@ def test_configs_and_reuse(tmp_path, built):
   assert sd.make_cls(str(tmp_path), 5, 16).builder_config.name == "n5_e5_s16_seed0"
   for name in ("synthetic_vqa", "synthetic_cls", "synthetic_chest"):  # the default config
     assert builders.builder(name, str(tmp_path)).builder_config.name == "n1000_e200_s64_seed0"
-  again = sd.make_vqa(str(built["vqa"].data_dir).split("/synthetic_vqa/")[0], NUM, SIZE, SEED,
-                      num_eval=NUM_EVAL)
+  again = sd.make_vqa(
+      str(built["vqa"].data_dir).split("/synthetic_vqa/")[0], NUM, SIZE, SEED, num_eval=NUM_EVAL)
   assert again.is_prepared()
   with pytest.raises(ValueError, match="num_eval"):
     sd.make_chest(str(tmp_path), 3, 16, num_eval=0)
   # builders.build (what `mpma-data build` calls) needs no manual_dir and reports no skips.
   _, report = builders.build("synthetic_chest", "", str(tmp_path / "b"),
                              config=sd.config_for(2, 1, 16, 0))
-  assert report == {"train": {"written": 2, "skipped": {}},
-                    "validation": {"written": 1, "skipped": {}},
-                    "test": {"written": 1, "skipped": {}}}
+  assert report == {
+      "train": {"written": 2, "skipped": {}}, "validation": {"written": 1, "skipped": {}},
+      "test": {"written": 1, "skipped": {}}
+  }
 
 
 def test_mpma_data_list(capsys):

@@ -14,8 +14,8 @@ from mpma_jax.data import builders, text
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "vqa_rad")
 REAL = os.path.abspath(REAL)
 
-
-needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="../shared/data/vqa_rad not present")
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL),
+                                reason="../shared/data/vqa_rad not present")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,9 @@ def real_built(tmp_path_factory):
 @needs_real
 def test_real_vqa_rad_counts_and_vocab(real_built):
   b, report, _ = real_built
-  assert report == {"train": {"written": 3064, "skipped": {}},
-                    "test": {"written": 451, "skipped": {}}}
+  assert report == {
+      "train": {"written": 3064, "skipped": {}}, "test": {"written": 451, "skipped": {}}
+  }
   answers = []
   for split in ("train", "test"):
     source = b.as_data_source(split)
@@ -55,7 +56,7 @@ def test_missing_and_corrupt_images_are_counted_per_question(tmp_path):
   for name in names[2:] + [test[0]["image_name"]]:
     shutil.copy(os.path.join(REAL, "images", name), manual / "images" / name)
   data = open(os.path.join(REAL, "images", corrupt), "rb").read()
-  (manual / "images" / corrupt).write_bytes(data[: len(data) // 3])  # truncated JPEG
+  (manual / "images" / corrupt).write_bytes(data[:len(data) // 3])  # truncated JPEG
   _, report = builders.build("vqa_rad", str(manual), str(tmp_path / "out"))
   n_missing = sum(r["image_name"] == missing for r in test)
   n_corrupt = sum(r["image_name"] == corrupt for r in test)
@@ -72,8 +73,10 @@ def test_wrong_manual_dir_names_the_expected_file(tmp_path):
 
 def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
   (tmp_path / "images").mkdir()
-  record = {"qid": 1, "image_name": "absent.jpg", "question": "is it?", "answer": "yes",
-            "answer_type": "CLOSED", "image_organ": "HEAD"}
+  record = {
+      "qid": 1, "image_name": "absent.jpg", "question": "is it?", "answer": "yes",
+      "answer_type": "CLOSED", "image_organ": "HEAD"
+  }
   for name in ("trainset.json", "testset.json"):
     json.dump([record], open(tmp_path / name, "w"))
   with pytest.raises(ValueError, match="no usable examples.*missing image"):
@@ -82,15 +85,16 @@ def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
 
 @needs_real
 def test_real_vqa_rad_through_the_downstream_pipeline(real_built, tmp_path):
-  from mpma_jax.data import downstream, tokenizer as tokenizers
+  from mpma_jax.data import downstream
+  from mpma_jax.data import tokenizer as tokenizers
   b, _, data_dir = real_built
   vocab = downstream.answer_vocab(b, ["train", "test"])
   clean = downstream.answer_vocab(b, ["train"])
   assert len(vocab) == 498 and set(clean) < set(vocab)
   questions = [b.as_data_source("train")[i]["question"].decode() for i in range(200)]
   tokenizers.train_wordpiece(questions, 512, str(tmp_path / "tok"))
-  config = ml_collections.ConfigDict({"eval": {"batch_size": 200},
-                                      "data": {"read_threads": 4, "read_buffer": 64}})
+  config = ml_collections.ConfigDict(
+      {"eval": {"batch_size": 200}, "data": {"read_threads": 4, "read_buffer": 64}})
   decode = downstream.Decode("vqa", str(tmp_path / "tok"), 32, 32, vocab)
   test = np.arange(len(b.as_data_source("test")))
   batches = list(downstream.eval_batches(config, b, "test", test, decode))

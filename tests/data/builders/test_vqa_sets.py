@@ -14,9 +14,11 @@ def _jpeg(i: int) -> bytes:
 # --- SLAKE ------------------------------------------------------------------------------------------
 def _slake_question(qid, img, question, answer, lang="en", atype="OPEN") -> dict:
   """One record of SLAKE's {train,validate,test}.json."""
-  return {"img_id": 1, "img_name": img, "question": question, "answer": answer, "q_lang": lang,
-          "location": "Lung", "modality": "X-Ray", "answer_type": atype, "base_type": "vqa",
-          "content_type": "Position", "triple": ["vhead", "_", "_"], "qid": qid}
+  return {
+      "img_id": 1, "img_name": img, "question": question, "answer": answer, "q_lang": lang,
+      "location": "Lung", "modality": "X-Ray", "answer_type": atype, "base_type": "vqa",
+      "content_type": "Position", "triple": ["vhead", "_", "_"], "qid": qid
+  }
 
 
 def _slake(root):
@@ -25,12 +27,14 @@ def _slake(root):
   (root / "imgs" / "xmlab1" / "source.jpg").write_bytes(_jpeg(1))
   (root / "imgs" / "xmlab2" / "source.jpg").write_bytes(_jpeg(2)[:25])  # corrupt
   q = _slake_question
-  json.dump([q(1, "xmlab1/source.jpg", "How many lungs are there?", 2),
-             q(2, "xmlab1/source.jpg", "Is this a CT?", "No", atype="CLOSED "),
-             q(3, "xmlab1/source.jpg", "这是什么?", "肺", lang="zh"),
-             q(4, "xmlab2/source.jpg", "What organ?", "Lung"),
-             q(5, "xmlab3/source.jpg", "What organ?", "Lung"),
-             q(6, "xmlab1/source.jpg", "Size?", 2.5)], open(root / "train.json", "w"))
+  json.dump([
+      q(1, "xmlab1/source.jpg", "How many lungs are there?", 2),
+      q(2, "xmlab1/source.jpg", "Is this a CT?", "No", atype="CLOSED "),
+      q(3, "xmlab1/source.jpg", "这是什么?", "肺", lang="zh"),
+      q(4, "xmlab2/source.jpg", "What organ?", "Lung"),
+      q(5, "xmlab3/source.jpg", "What organ?", "Lung"),
+      q(6, "xmlab1/source.jpg", "Size?", 2.5)
+  ], open(root / "train.json", "w"))
   json.dump([q(7, "xmlab1/source.jpg", "Where?", "Left Lung")], open(root / "validate.json", "w"))
   json.dump([q(8, "xmlab1/source.jpg", "Where?", "Right")], open(root / "test.json", "w"))
 
@@ -38,10 +42,11 @@ def _slake(root):
 def test_slake(tmp_path):
   _slake(tmp_path / "m")
   b, report = builders.build("slake", str(tmp_path / "m"), str(tmp_path / "out"))
-  assert report == {"train": {"written": 3, "skipped": {"not English": 1, "unreadable image": 1,
-                                                        "missing image": 1}},
-                    "validation": {"written": 1, "skipped": {}},
-                    "test": {"written": 1, "skipped": {}}}
+  assert report == {
+      "train": {
+          "written": 3, "skipped": {"not English": 1, "unreadable image": 1, "missing image": 1}
+      }, "validation": {"written": 1, "skipped": {}}, "test": {"written": 1, "skipped": {}}
+  }
   train = b.as_data_source("train")
   got = {train[i]["id"]: train[i] for i in range(len(train))}
   assert got[b"1"]["answer"] == b"2" and got[b"6"]["answer"] == b"2.5"  # numbers coerced
@@ -53,14 +58,21 @@ def test_slake(tmp_path):
 
 # --- VQA-Med-2019 -----------------------------------------------------------------------------------
 def _vqa_med(root):
-  for top, images_dir, suffix, rows in (
-      ("ImageClef-2019-VQA-Med-Training", "Train_images", "train",
-       {"C1_Modality": ["synpic1|what modality is shown?|ct noncontrast", "bad line"],
-        "C2_Plane": ["synpic1|what plane is this?|axial", "synpic9|which plane?|axial"],
-        "C3_Organ": ["synpic2|what organ system is shown?|gi"]}),
-      ("ImageClef-2019-VQA-Med-Validation", "Val_images", "val",
-       {"C1_Modality": ["synpic1|what modality?|mr - flair"], "C2_Plane": [],
-        "C3_Organ": []})):
+  for top, images_dir, suffix, rows in (("ImageClef-2019-VQA-Med-Training", "Train_images", "train",
+                                         {
+                                             "C1_Modality": [
+                                                 "synpic1|what modality is shown?|ct noncontrast",
+                                                 "bad line"
+                                             ], "C2_Plane": [
+                                                 "synpic1|what plane is this?|axial",
+                                                 "synpic9|which plane?|axial"
+                                             ],
+                                             "C3_Organ": ["synpic2|what organ system is shown?|gi"]
+                                         }),
+                                        ("ImageClef-2019-VQA-Med-Validation", "Val_images", "val", {
+                                            "C1_Modality": ["synpic1|what modality?|mr - flair"],
+                                            "C2_Plane": [], "C3_Organ": []
+                                        })):
     (root / top / "QAPairsByCategory").mkdir(parents=True)
     (root / top / images_dir).mkdir()
     (root / top / images_dir / "synpic1.jpg").write_bytes(_jpeg(1))
@@ -72,16 +84,18 @@ def _vqa_med(root):
   (test / "VQAMed2019_Test_Images" / "synpic5.jpg").write_bytes(_jpeg(5))
   (test / "VQAMed2019_Test_Questions_w_Ref_Answers.txt").write_text("\n".join([
       "synpic5|modality|what imaging method was used?|us#us-d",
-      "synpic5|plane|what plane?|sagittal",
-      "synpic5|abnormality|what is abnormal?|fracture"]))
+      "synpic5|plane|what plane?|sagittal", "synpic5|abnormality|what is abnormal?|fracture"
+  ]))
 
 
 def test_vqa_med_2019(tmp_path):
   _vqa_med(tmp_path / "m")
   b, report = builders.build("vqa_med_2019", str(tmp_path / "m"), str(tmp_path / "out"))
-  assert report == {"train": {"written": 3, "skipped": {"malformed line": 1, "missing image": 1}},
-                    "validation": {"written": 1, "skipped": {}},
-                    "test": {"written": 2, "skipped": {"category not used": 1}}}
+  assert report == {
+      "train": {"written": 3, "skipped": {"malformed line": 1, "missing image": 1}},
+      "validation": {"written": 1,
+                     "skipped": {}}, "test": {"written": 2, "skipped": {"category not used": 1}}
+  }
   test = b.as_data_source("test")
   got = {test[i]["category"]: test[i] for i in range(len(test))}
   assert got[b"modality"]["answer"] == b"us#us-d"  # alternatives kept
@@ -92,8 +106,10 @@ def test_vqa_med_2019(tmp_path):
 
 
 # --- MELINDA ----------------------------------------------------------------------------------------
-LABELS = ["Cell-based", "Cryo-EM", "Flow cytometry", "Immunoassay", "Light microscopy",
-          "Molecular", "X-ray"]  # any 7 labels: the builder takes the class list from train.csv
+LABELS = [
+    "Cell-based", "Cryo-EM", "Flow cytometry", "Immunoassay", "Light microscopy", "Molecular",
+    "X-ray"
+]  # any 7 labels: the builder takes the class list from train.csv
 
 
 def _melinda(root):
@@ -112,9 +128,11 @@ def _melinda(root):
 def test_melinda(tmp_path):
   _melinda(tmp_path / "m")
   b, report = builders.build("melinda", str(tmp_path / "m"), str(tmp_path / "out"))
-  assert report == {"train": {"written": 7, "skipped": {"missing image": 1}},
-                    "validation": {"written": 1, "skipped": {"unknown label": 1}},
-                    "test": {"written": 1, "skipped": {}}}
+  assert report == {
+      "train": {"written": 7, "skipped": {"missing image": 1}},
+      "validation": {"written": 1,
+                     "skipped": {"unknown label": 1}}, "test": {"written": 1, "skipped": {}}
+  }
   assert list(b.info.metadata["class_names"]) == sorted(LABELS)
   dev = b.as_data_source("validation")[0]
   assert dev["text"] == b"" and dev["label"] == sorted(LABELS).index("Cryo-EM")
