@@ -1,9 +1,9 @@
-"""Fine-tuning (mpma-finetune): a pre-trained MPMA on a downstream task (method.md §6) and tests it, under each protocol
-in `config.protocols` (data/downstream.py: `prior` as in M3AE-style work, `clean` without peeking at
-test). Read top to bottom: loading the pre-trained run -> the optimizer (M3AE's groups) -> losses
--> the jit-compiled train and predict steps (sharded like pre-training: `config.mesh`) -> `score`
-(the task's metrics on one split) -> `run_protocol` (train, select on validation every epoch,
-test once) -> `finetune` (all protocols, results.json).
+"""Fine-tuning (mpma-finetune): a pre-trained MPMA trained and tested on a downstream task
+(docs/method.md §6) under each protocol in `config.protocols` (data/downstream.py: `prior` as in
+M3AE-style work, `clean` without peeking at test). Read top to bottom: the pre-trained model ->
+the optimizer (M3AE's groups) -> the jit-compiled train and predict steps (sharded like
+pre-training: `config.mesh`; each task's loss and metrics are in tasks.py) -> `run_protocol`
+(train, select on validation every epoch, test once) -> `finetune` (all protocols, results.json).
 
 A run writes <workdir>/config.json, and per protocol <workdir>/<protocol>/: checkpoints/<epoch>/
 (Orbax, the best by validation kept), plan.json (which records trained / selected / tested, and the

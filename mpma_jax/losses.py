@@ -1,4 +1,4 @@
-"""Pre-training losses (method.md §4) as pure functions, and `compute_losses`, which weighs them into
+"""Pre-training losses (docs/method.md §4) as pure functions, and `compute_losses`, which weighs them into
 the objective.
 
 Every loss casts its inputs to float32 first, so that bf16 compute never reaches a reduction (§7).
@@ -106,7 +106,7 @@ def itm_loss(logits, labels):
   return _masked_ce(logits, labels, jnp.ones(labels.shape, bool))
 
 
-# --- the pre-training objective (method.md §4) ------------------------------------------------------
+# --- the pre-training objective (docs/method.md §4) ------------------------------------------------------
 LOSS_NAMES = ("mlm", "mim", "global", "local", "itm")
 
 

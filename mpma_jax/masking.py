@@ -1,4 +1,4 @@
-"""Paired masking (method.md §4): one MAE image mask and one BERT-style text mask per example.
+"""Paired masking (docs/method.md §4): one MAE image mask and one BERT-style text mask per example.
 
 Pure NumPy: it runs inside the data-loader worker processes, not under `jit`. Every random draw
 for an example comes from `example_rng(seed, epoch, index)`, so an example's masks depend only on

@@ -1,4 +1,4 @@
-"""Downstream metrics (method.md §6) as pure NumPy functions: arrays in, Python floats out.
+"""Downstream metrics (docs/method.md §6) as pure NumPy functions: arrays in, Python floats out.
 
   Med-VQA          vqa_accuracy (open / closed / overall), majority_answers (the baseline)
   classification   accuracy; roc_auc and mean_auc (multi-label, CheXpert-style missing labels)

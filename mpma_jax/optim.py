@@ -1,4 +1,4 @@
-"""AdamW with M3AE's parameter groups and schedule (method.md §5).
+"""AdamW with M3AE's parameter groups and schedule (docs/method.md §5).
 
 Groups: the encoders (config.optim.encoder_modules) train at optim.lr; every other top-level module
 (projections, memory, fusion, poolers, GLA, heads) at optim.lr * optim.lr_mult. Biases, LayerNorm

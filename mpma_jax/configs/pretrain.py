@@ -5,7 +5,7 @@
   base  the paper's sizes: ViT-B/16 at 288, RoBERTa-base, 6 fusion layers, batch 256, 100k steps
 
 Override any field on the command line, e.g. `--config.train.steps=200 --config.model.memory.topk=16`.
-Fields marked [choice] are the project's own choices where the paper is silent (method.md).
+Fields marked [choice] are the project's own choices where the paper is silent (docs/method.md).
 """
 import ml_collections
 
@@ -13,7 +13,7 @@ from mpma_jax.sweep import chain, fixed, product, sweep
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """Base-size model (method.md §1-4)."""
+  """Base-size model (docs/method.md §1-4)."""
   m = ml_collections.ConfigDict()
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and losses stay float32)
   # Rematerialisation of every transformer block: none | full (recompute all) | dots (keep matmul
@@ -131,7 +131,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.data.read_threads = 16  # threads per process decoding examples (PIL releases the GIL); 0 = none
   c.data.read_buffer = 256  # examples read ahead per process
 
-  c.optim = ml_collections.ConfigDict()  # AdamW with M3AE's parameter groups (method.md §5)
+  c.optim = ml_collections.ConfigDict()  # AdamW with M3AE's parameter groups (docs/method.md §5)
   c.optim.lr = 1e-5  # encoders' learning rate
   c.optim.lr_mult = 5.0  # multiplier for every module that is not an encoder
   c.optim.encoder_modules = ("image_encoder", "text_encoder", "modality_type")  # run at optim.lr

@@ -1,5 +1,5 @@
 """Downstream data: which records train, select and test a fine-tuned model (the two protocols of
-method.md §6), the answer vocabulary, and the Grain pipelines that decode them into batches.
+docs/method.md §6), the answer vocabulary, and the Grain pipelines that decode them into batches.
 
 Protocols (`plan`):
   prior  what prior work (M3AE and before) reports: the VQA answer vocabulary comes from every

@@ -1,4 +1,4 @@
-"""Downstream heads on the pre-trained model (method.md §6) and the fine-tuning model around them.
+"""Downstream heads on the pre-trained model (docs/method.md §6) and the fine-tuning model around them.
 
   vqa / classification    joint feature [B, 2d] -> linear 2d->2d, LayerNorm, GELU, linear -> [B, C]
                           (answer scores for BCE, or class logits for cross-entropy)

@@ -1,4 +1,4 @@
-"""The whole MPMA model (method.md §1): encoders, projections, MA-CMF memory, co-attention fusion,
+"""The whole MPMA model (docs/method.md §1): encoders, projections, MA-CMF memory, co-attention fusion,
 GLA heads, MIM decoder, MLM head and the optional ITM head.
 
 `MPMA.__call__` is the pre-training forward pass: one fused pass with *both* modalities masked

@@ -1,4 +1,4 @@
-"""Defaults shared by every fine-tuning config (method.md §6; [M3AE] = M3AE's task configs). Each
+"""Defaults shared by every fine-tuning config (docs/method.md §6; [M3AE] = M3AE's task configs). Each
 task file in this directory starts from `base(task, dataset)` and sets what differs; select it with
 `mpma-finetune --config configs/finetune/<task>.py --init RUN --workdir DIR`.
 """
