@@ -54,7 +54,7 @@ def hlo_ops(hlo_text: str) -> dict:
   XLA leaves some instructions it creates without metadata (the `wrapped_reduce-window` ops that
   split a long reduction); those borrow the op_name of an operand that has one, else of an
   instruction that uses them, so that they count under the model part they belong to rather than
-  under "update" (which, before, hid the memory's top-k search there)."""
+  under "update" (where they would hide, e.g., the memory's top-k search)."""
   out, operands, users = {}, {}, {}
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)

@@ -9,9 +9,8 @@
                  (encoders at optim.lr, the rest at lr * lr_mult; no weight decay on biases,
                  LayerNorm scales and temperatures), b1, b2, eps, the same warm-up + linear decay
                  schedule, and global-norm clipping when optim.grad_clip > 0.
-  not ported   = the JAX step's non-finite guard (a jnp.where over parameters and optimizer
-                 state; ~6% of the small config's CPU step, docs/benchmarks.md) and its data
-                 counters.
+  not ported   = the JAX step's non-finite guard (a check of the update and a lax.cond around
+                 it) and its data counters.
 
 `random_batch` builds one batch in the input pipeline's format (random pixels and token ids, real
 MAE and BERT masks from mpma_jax.masking), shared by the JAX and PyTorch benchmarks.

@@ -565,7 +565,7 @@ def report(config, compiled: Compiled, hbm_bytes: float = 0.0) -> dict:
       "mesh": compiled.mesh,
       "dtype": config.model.dtype,
       "remat": config.model.remat,
-      "scan": bool(config.model.get("scan", False)),
+      "scan": bool(config.model.scan),
       "global_batch": config.train.batch_size,
       "grad_accum": config.train.grad_accum,
       "micro_batch_per_device": config.train.batch_size // config.train.grad_accum //

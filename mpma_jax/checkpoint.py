@@ -80,13 +80,39 @@ class Checkpointer:
 
 
 # --- a pre-training run, read back ----------------------------------------------------------------
+# The pre-training config's format_version, and what each version added (with the value that
+# reproduces a config of the version before): version 1 configs have no format_version.
+CONFIG_FORMAT = 2
+ADDED_IN_FORMAT = {2: {"model.scan": False, "model.mim.activation": "gelu", "model.mim.eps": 1e-6}}
+
+
+def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A saved pre-training config brought to CONFIG_FORMAT in place (the fields added since its
+  format, at the values that keep its behaviour); ValueError for a format newer than this code."""
+  version = config.get("format_version", 1)
+  if version > CONFIG_FORMAT:
+    raise ValueError(f"config format_version {version} is newer than this mpma_jax reads "
+                     f"({CONFIG_FORMAT}); upgrade mpma_jax")
+  for newer in range(version + 1, CONFIG_FORMAT + 1):
+    for dotted, value in ADDED_IN_FORMAT[newer].items():
+      *parents, leaf = dotted.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      if leaf not in node:
+        node[leaf] = value
+  config.format_version = CONFIG_FORMAT
+  return config
+
+
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config the run was started with (<workdir>/config.json, written by mpma-pretrain)."""
+  """The config the run was started with (<workdir>/config.json, written by mpma-pretrain), in
+  the current format (`upgrade_config`)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} an mpma-pretrain run directory?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return upgrade_config(ml_collections.ConfigDict(json.load(f)))
 
 
 def restore_params(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:

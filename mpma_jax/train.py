@@ -172,7 +172,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
     # learning rate that overflows), so what the step would write is checked too: on its own copy
     # of the update, which XLA fuses into per-leaf reductions (no state-sized buffer is written),
     # while the update that is kept runs inside the cond, in place on the donated state. A cond
-    # rather than jnp.where(finite, new, old) per leaf: with the state donated, the where made XLA
+    # rather than jnp.where(finite, new, old) per leaf: with the state donated, the where makes XLA
     # copy every old leaf first (it is read after the new value overwrites its buffer): ~600
     # copies, the update ~2.5x slower on a CPU.
     finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) &

@@ -309,3 +309,23 @@ def test_restore_params_reads_the_state_without_orbax_warnings(tmp_path, caplog)
   assert not [r for r in caplog.records if "could not be restored" in r.getMessage()], [
       r.getMessage() for r in caplog.records
   ]
+
+
+def test_run_config_upgrades_an_older_format(tmp_path):
+  """A config.json written before format_version existed (format 1: no model.scan, no MIM decoder
+  activation / eps) reads back in the current format with the values that keep its behaviour; a
+  format newer than the code is refused with one line."""
+  config = tiny_config().to_dict()
+  del config["format_version"], config["model"]["scan"]
+  del config["model"]["mim"]["activation"], config["model"]["mim"]["eps"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  got = checkpoint.run_config(str(tmp_path))
+  assert got.format_version == checkpoint.CONFIG_FORMAT == tiny_config().format_version
+  assert got.model.scan is False
+  assert (got.model.mim.activation, got.model.mim.eps) == ("gelu", 1e-6)
+  assert got.model.image.size == tiny_config().model.image.size  # the rest as saved
+  MPMA.from_config(got)  # builds
+  config["format_version"] = checkpoint.CONFIG_FORMAT + 1
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="newer than this mpma_jax reads"):
+    checkpoint.run_config(str(tmp_path))

@@ -1,9 +1,9 @@
-"""Every task of the evaluation suite on tiny copies of its dataset in the layout users download
-(issue 6: "every task runs on data in the real layout, `mpma-eval --suite` prints the table").
+"""Every task of the evaluation suite on tiny copies of its dataset in the layout users download:
+every task runs on data in the real layout, and `mpma-eval --suite` prints the table.
 
 One data_dir holds VQA-RAD, SLAKE, VQA-Med-2019, MELINDA, CheXpert, RSNA Pneumonia, ROCO and the
 ROCO retrieval draw, each written by its builder test's layout writer (tests/data/builders) plus
-enough records for a batch in every split, and built with `builders.build`. `evaluate.suite`
+enough records for a batch in every split, and built with `builders.build`. `suite.run`
 fine-tunes one task of each config file for one epoch from the tiny pre-trained run; the command
 line runs VQA-RAD and re-evaluates its checkpoint with `mpma-eval --run`."""
 import json

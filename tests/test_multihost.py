@@ -1,9 +1,8 @@
 """Multi-host training on one machine: 2 processes x 2 CPU devices (jax.distributed on 127.0.0.1,
 gloo collectives) train the same steps as 1 process x 4 devices, with the same result.
 
-(2 x 2 was once reported to deadlock here; 30+ runs of it since, with XLA's default and with a
-32-thread pool, never hung -- XLA:CPU runs an executable's collectives one at a time, in program
-order. wait_all fails fast, with every worker's stacks, should a run stop using CPU.)
+XLA:CPU runs an executable's collectives one at a time, in program order; wait_all fails fast,
+with every worker's stacks, should a run stop using CPU.
 """
 import json
 import os

@@ -1,4 +1,4 @@
-"""The PyTorch MPMA loads and runs without JAX (issue 15, item 4): a model exported here is read
+"""The PyTorch MPMA loads and runs without JAX: a model exported here is read
 back with `MPMATorch.from_pretrained` in a Python process where jax, flax, ml_collections, optax
 and orbax cannot be imported, and its outputs equal the JAX model's. Also: the shared constants
 module (mpma_jax/constants.py) agrees with the JAX side."""

@@ -20,7 +20,7 @@ def model_config() -> ml_collections.ConfigDict:
   # outputs) | dots_no_batch (keep weight matmuls only). Trades backward-pass compute for memory.
   m.remat = "none"
   # Run the encoders', the fusion's and the MIM decoder's layers with nn.scan: one compiled layer
-  # per stack instead of one per layer, so compile time no longer grows with depth (docs/scaling.md).
+  # per stack instead of one per layer, so compile time does not grow with depth (docs/scaling.md).
   # Same function (tested); parameters stacked [layers, ...] (models.mpma.scanned_params converts;
   # import/export go through the unrolled layout). Off by default: the unrolled step runs a little
   # faster on CPU and drops the fusion's unused last image layer.
@@ -88,6 +88,9 @@ def model_config() -> ml_collections.ConfigDict:
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
+  # Layout of this config as saved in a run's config.json; checkpoint.run_config brings configs of
+  # older formats up to date (checkpoint.CONFIG_FORMAT).
+  c.format_version = 2
   c.seed = 0
   c.model = model_config()
 

@@ -243,7 +243,7 @@ def _notes(c: Any, imported_heads: set[str]) -> list[str]:
   if "mlm_head" in imported_heads and c.text.eps != BERT_EPS:
     notes.append(f"M3AE's MLM head LayerNorm uses eps {BERT_EPS}; ours uses model.text.eps = "
                  f"{c.text.eps}")
-  mim_act, mim_eps = c.mim.get("activation", "gelu"), c.mim.get("eps", 1e-6)
+  mim_act, mim_eps = c.mim.activation, c.mim.eps
   if "mim_head" in imported_heads and (mim_act, mim_eps) != ("quick_gelu", CLIP_EPS):
     notes.append("M3AE's MIM decoder blocks are CLIP blocks (QuickGELU, LayerNorm eps "
                  f"{CLIP_EPS}, also in decoder_norm); ours use model.mim.activation = "

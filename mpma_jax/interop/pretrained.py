@@ -69,7 +69,7 @@ def initialise(config: ml_collections.ConfigDict, params: Any) -> tuple[Any, lis
   checkpoint. Leaves that no checkpoint covers are returned as they came (e.g. sharded arrays).
   The converters read and write the unrolled layout; with model.scan the stacks are taken apart
   for them and stacked again (models.mpma.scanned_params)."""
-  scan = config.model.get("scan", False)
+  scan = config.model.scan
   if scan:
     params = mpma.unrolled_params(params, config.model)
   reports = []

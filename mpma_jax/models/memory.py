@@ -37,13 +37,13 @@ def kth_largest(x, k: int):
 
   A bitwise search from the most significant bit: the answer (as a sortable uint32) is the largest
   t with count(x >= t) >= k, so 32 rounds of 'count(x >= prefix | bit) >= k' fix its bits. Each
-  round is a compare and a row sum, which XLA keeps split over the leading (batch) axes: lax.top_k
-  made the SPMD partitioner gather all of x onto every device.
+  round is a compare and a row sum, which XLA keeps split over the leading (batch) axes (lax.top_k
+  makes the SPMD partitioner gather all of x onto every device).
 
   The row sum is taken over groups of at most 32 slots, then over the groups, with x split into
   its groups once, before the rounds: XLA then fuses the compare into the sum and a round is one
   pass over x. (A sum over S > 32 slots, or over groups split off inside the loop, becomes an
-  XLA:CPU reduce-window that cannot fuse the compare: every round wrote and re-read an int32 copy
+  XLA:CPU reduce-window that cannot fuse the compare: every round writes and re-reads an int32 copy
   of x, 2.5-3x slower on the tiny and small configs' shapes.)
   """
   u = _sortable(jax.lax.stop_gradient(x).astype(jnp.float32))  # [..., S]

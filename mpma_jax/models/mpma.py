@@ -90,7 +90,7 @@ class MPMA(nn.Module):
     c = self.config
     dt = compute_dtype(c.dtype)
     i, t = c.image, c.text
-    scan = c.get("scan", False)  # (.get: configs saved before the field existed)
+    scan = c.scan
     self.image_encoder = VisionTransformer(image_size=i.size, patch_size=i.patch, width=i.width,
                                            layers=i.layers, heads=i.heads, mlp_ratio=i.mlp_ratio,
                                            dtype=dt, remat=c.remat, scan=scan)
@@ -117,10 +117,9 @@ class MPMA(nn.Module):
     g = c.gla
     self.gla = GLAHeads(g.dim, g.temperature_init, g.temperature_min, dtype=dt)
     num_patches = (i.size // i.patch)**2
-    # (.get: configs saved before these fields existed)
     self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
-                                  c.mim.heads, activation=c.mim.get("activation", "gelu"),
-                                  eps=c.mim.get("eps", 1e-6), dtype=dt, remat=c.remat, scan=scan)
+                                  c.mim.heads, activation=c.mim.activation, eps=c.mim.eps, dtype=dt,
+                                  remat=c.remat, scan=scan)
     self.mlm_head = MLMHead(t.vocab_size, t.eps, dtype=dt)
     self.itm_head = ITMHead(dt)
 
