@@ -79,6 +79,14 @@ class Checkpointer:
     self.manager.close()
 
 
+def latest_step(directory: str) -> Optional[int]:
+  """The newest complete checkpoint's step in `directory` (<step>/ subdirectories; Orbax's
+  temporary ones do not count), or None; reads only, creates nothing."""
+  if not os.path.isdir(directory):
+    return None
+  return max((int(d) for d in os.listdir(directory) if d.isdigit()), default=None)
+
+
 # --- a pre-training run, read back ----------------------------------------------------------------
 # The pre-training config's format_version, and what each version added (with the value that
 # reproduces a config of the version before): version 1 configs have no format_version.

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mpma_jax import checkpoint, logger, losses, optim, retrieval, sharding, visualize
+from mpma_jax import checkpoint, logger, losses, optim, retrieval, sharding, validate, visualize
 from mpma_jax.data import pipeline
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.interop import pretrained
@@ -416,13 +416,28 @@ def check_tokenizer(tok, config) -> None:
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
-  """mpma-pretrain after the processes have joined: prepares the workdir (data, tokenizer,
-  config.json), then `train_and_evaluate`."""
-  os.makedirs(workdir, exist_ok=True)
+  """mpma-pretrain after the processes have joined: checks the whole command first (the config,
+  the workdir against --resume, a resumed config against its checkpoints; validate.UsageError,
+  with nothing written), then prepares the workdir (data, tokenizer, config.json) and runs
+  `train_and_evaluate`."""
   for change in pretrained.adapt_config(config):  # init.* checkpoints set the encoder sizes
     print(f"config: {change}")
-  data_dir = pipeline.data_dir_for(config, workdir)
-  pipeline.prepare(config, data_dir)  # a wrong dataset name or data_dir fails here, before any work
+  validate.check(config, jax.device_count())
+  latest = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
+  if latest is not None and not resume:
+    raise validate.UsageError(f"{workdir} already holds checkpoints (latest step {latest}); pass "
+                              "--resume to continue, or use a new workdir")
+  if latest is not None:
+    changed = validate.resume_differences(checkpoint.run_config(workdir), config)
+    if changed:
+      raise validate.UsageError(f"--resume of {workdir} with a config that changes what its "
+                                "checkpoints hold: " + "; ".join(changed))
+  try:
+    data_dir = pipeline.data_dir_for(config, workdir)
+    pipeline.prepare(config, data_dir)  # generates the synthetic set if it is used and missing
+  except (ValueError, FileNotFoundError) as e:
+    raise validate.UsageError(str(e)) from e
+  os.makedirs(workdir, exist_ok=True)
   tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

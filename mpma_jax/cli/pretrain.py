@@ -13,7 +13,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mpma_jax import cli, distributed, train
+from mpma_jax import cli, distributed, train, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pre-training config, e.g. configs/pretrain.py:tiny (--config.a.b=v overrides)",
@@ -32,7 +32,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  result = train.pretrain(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+  try:
+    result = train.pretrain(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+  except validate.UsageError as e:
+    print(f"mpma-pretrain: {e}", file=sys.stderr)
+    sys.exit(2)
   if "stopped_at" in result:  # SIGTERM or train.run_steps: a clean stop with a checkpoint
     print(json.dumps(result))
     sys.exit(0)
