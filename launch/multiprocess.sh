@@ -11,7 +11,7 @@
 # Logs go to WORKDIR/logs/process_<i>.log. When a process fails, the others get SIGTERM (SIGKILL
 # after KILL_AFTER seconds, default 60) and the script exits with the first failure's code.
 # Ctrl-C or SIGTERM to this script is passed on as SIGTERM: the processes checkpoint and stop.
-# --resume is added when WORKDIR/checkpoints is not empty, as in launch/local.sh.
+# Every process runs with --resume=auto (continue when WORKDIR holds a checkpoint).
 # Environment: PORT (default: a free one), DEVICES_PER_PROCESS, KILL_AFTER, and MPMA_PRETRAIN (the
 # command to run, default mpma-pretrain).
 set -euo pipefail
@@ -49,10 +49,6 @@ else
   per=${DEVICES_PER_PROCESS:-1}
 fi
 
-resume=()
-if [ -n "$(ls -A "$workdir/checkpoints" 2>/dev/null)" ]; then
-  resume=(--resume)  # continue an interrupted run instead of refusing the workdir
-fi
 mkdir -p "$workdir/logs"
 
 pids=()
@@ -64,7 +60,7 @@ for ((i = 0; i < n; i++)); do
     devices=(env JAX_PLATFORMS=cpu
              "XLA_FLAGS=${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per")
   fi
-  "${devices[@]}" "${program[@]}" --config "$config" --workdir "$workdir" "${resume[@]}" \
+  "${devices[@]}" "${program[@]}" --config "$config" --workdir "$workdir" --resume=auto \
     --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" \
     > "$workdir/logs/process_$i.log" 2>&1 &
   pids+=("$!")

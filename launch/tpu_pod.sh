@@ -14,11 +14,9 @@
 # only worker 0 prints progress. The job lives as long as this ssh session: run this inside tmux
 # or screen. Extra gcloud ssh options (--project, --internal-ip, ...) go in $GCLOUD_SSH_FLAGS.
 #
-# --resume is NOT added for you here, unlike launch/local.sh and launch/slurm.sbatch: a gs://
-# WORKDIR cannot be listed with `ls`, and the decision must be the same on every worker. Pass
-# --resume yourself to continue an interrupted run; without it mpma-pretrain refuses a WORKDIR that
-# already holds checkpoints, so nothing is ever overwritten. mpma-pretrain, which reads gs:// via
-# Orbax, is the reference for what a WORKDIR holds: if it gains an automatic resume, use it here.
+# Every worker runs with --resume=auto: mpma-pretrain continues from the WORKDIR's latest
+# checkpoint (gs:// or a shared mount; worker 0 looks and every worker follows it) or starts a new
+# run, so the same command restarts the job after a preemption.
 set -euo pipefail
 usage="usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [flags...]"
 tpu=${1:?$usage}
@@ -35,7 +33,7 @@ esac
 
 # One command line for the remote shell; every argument quoted so that it arrives unchanged.
 remote="cd $(printf '%q' "${REPO_DIR:-mpma-jax}") && . .venv/bin/activate && mpma-pretrain"
-for arg in --config "$config" --workdir "$workdir" "$@"; do
+for arg in --config "$config" --workdir "$workdir" --resume=auto "$@"; do
   remote+=" $(printf '%q' "$arg")"
 done
 read -r -a extra <<< "${GCLOUD_SSH_FLAGS:-}"

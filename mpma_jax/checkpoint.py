@@ -5,6 +5,7 @@ import json
 import os
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -82,9 +83,10 @@ class Checkpointer:
 def latest_step(directory: str) -> Optional[int]:
   """The newest complete checkpoint's step in `directory` (<step>/ subdirectories; Orbax's
   temporary ones do not count), or None; reads only, creates nothing."""
-  if not os.path.isdir(directory):
+  path = epath.Path(directory)  # local or gs://
+  if not path.is_dir():
     return None
-  return max((int(d) for d in os.listdir(directory) if d.isdigit()), default=None)
+  return max((int(p.name) for p in path.iterdir() if p.name.isdigit()), default=None)
 
 
 # --- a pre-training run, read back ----------------------------------------------------------------

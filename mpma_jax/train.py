@@ -415,15 +415,30 @@ def check_tokenizer(tok, config) -> None:
                      f"model.text.max_positions is {text.max_positions}")
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
+def resume_decision(workdir: str, resume) -> tuple[bool, Optional[int]]:
+  """(resume or not, the latest checkpoint step) for resume = True | False | 'auto' (resume when
+  the workdir holds a checkpoint). Process 0 looks and every process follows it, so that all of
+  them decide the same even while storage is still settling."""
+  latest = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
+  if jax.process_count() > 1:
+    latest = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if latest is None else latest)))
+    latest = None if latest < 0 else latest
+  if resume == "auto":
+    return latest is not None, latest
+  if resume not in (True, False):
+    raise validate.UsageError(f"--resume={resume!r}: expected true, false or auto")
+  return resume, latest
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str, resume=False) -> dict:
   """mpma-pretrain after the processes have joined: checks the whole command first (the config,
   the workdir against --resume, a resumed config against its checkpoints; validate.UsageError,
   with nothing written), then prepares the workdir (data, tokenizer, config.json) and runs
-  `train_and_evaluate`."""
+  `train_and_evaluate`. resume: True, False or 'auto' (`resume_decision`)."""
   for change in pretrained.adapt_config(config):  # init.* checkpoints set the encoder sizes
     print(f"config: {change}")
   validate.check(config, jax.device_count())
-  latest = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
+  resume, latest = resume_decision(workdir, resume)
   if latest is not None and not resume:
     raise validate.UsageError(f"{workdir} already holds checkpoints (latest step {latest}); pass "
                               "--resume to continue, or use a new workdir")

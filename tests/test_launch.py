@@ -61,7 +61,7 @@ def test_multiprocess_starts_n_processes_with_their_ids_and_devices(tmp_path):
   for i in range(3):
     args, env = (workdir / "logs" / f"process_{i}.log").read_text().splitlines()
     argv = shlex.split(args[len("args: "):])
-    assert argv[:5] == ["--config", "cfg.py:tiny", "--workdir", str(workdir), "--resume"]
+    assert argv[:5] == ["--config", "cfg.py:tiny", "--workdir", str(workdir), "--resume=auto"]
     assert argv[6:] == ["--num_processes=3", f"--process_id={i}", "--config.seed=1"]
     coordinators.add(argv[5])
     assert env.split() == [
@@ -102,7 +102,7 @@ def test_multiprocess_stops_the_others_when_one_fails(tmp_path):
   assert result.returncode == 3  # the failed process's code
   assert time.monotonic() - start < 30  # process 0 was stopped, not waited for
   assert "process 1 exited with 3" in result.stderr
-  assert "--resume" not in (tmp_path / "run" / "logs" / "process_0.log").read_text()
+  assert "--resume=auto" in (tmp_path / "run" / "logs" / "process_0.log").read_text()
 
 
 def _slurm(tmp_path, workdir, srun_body):
@@ -132,12 +132,12 @@ def test_slurm_resumes_and_requeues_only_after_progress(tmp_path):
   assert rc == 0
   assert calls == [
       f"--kill-on-bad-exit=1 mpma-pretrain --config cfg.py:base --workdir {workdir} "
-      "--config.seed=1", "scontrol requeue 42"
+      "--resume=auto --config.seed=1", "scontrol requeue 42"
   ]
   # the requeued job resumes; it finishes (eval.json): no requeue
   rc, calls = _slurm(tmp_path, workdir, 'mkdir -p "$WORKDIR/checkpoints/200"\n'
                      'touch "$WORKDIR/eval.json"\n')
-  assert rc == 0 and len(calls) == 1 and "--workdir {} --resume".format(workdir) in calls[0]
+  assert rc == 0 and len(calls) == 1 and "--workdir {} --resume=auto".format(workdir) in calls[0]
   # a failure, or a stop without a new checkpoint, is not requeued
   (workdir / "eval.json").unlink()
   rc, calls = _slurm(tmp_path, workdir, "exit 1\n")
@@ -161,7 +161,7 @@ def test_tpu_pod_command_reaches_every_worker_unchanged(tmp_path):
   }
   flags = [
       "--config.optim.encoder_modules=('image_encoder', 'text encoder')",
-      "--config.data.name=roco:1,medicat:1", "--resume"
+      "--config.data.name=roco:1,medicat:1"
   ]
   script = os.path.join(LAUNCH, "tpu_pod.sh")
   subprocess.run(
@@ -176,7 +176,7 @@ def test_tpu_pod_command_reaches_every_worker_unchanged(tmp_path):
   worker = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True,
                           check=True)
   assert worker.stdout.splitlines() == [
-      "--config", "configs/pretrain.py:base", "--workdir", "gs://b/run", *flags
+      "--config", "configs/pretrain.py:base", "--workdir", "gs://b/run", "--resume=auto", *flags
   ]
   relative = subprocess.run([script, "t", "z", "c.py", "runs/x"], env=env, capture_output=True,
                             text=True)

@@ -133,3 +133,33 @@ def test_the_command_prints_one_line_and_exits_2(tmp_path):
       str(workdir)
   ], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert missing.returncode != 0 and not workdir.exists()
+
+
+def test_resume_auto_continues_when_there_is_a_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  assert train.resume_decision(workdir, "auto") == (False, None)  # nothing there: start
+  assert train.resume_decision(workdir, False) == (False, None)
+  os.makedirs(os.path.join(workdir, "checkpoints", "20"))
+  os.makedirs(os.path.join(workdir, "checkpoints", "30.orbax-checkpoint-tmp-1"))  # unfinished
+  assert train.resume_decision(workdir, "auto") == (True, 20)
+  assert train.resume_decision(workdir, True) == (True, 20)
+  with pytest.raises(validate.UsageError, match="expected true, false or auto"):
+    train.resume_decision(workdir, "maybe")
+
+
+def test_the_resume_flag_takes_true_false_and_auto():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from mpma_jax.cli import pretrain as cli_pretrain  # pylint: disable=g-import-not-at-top
+  parser = cli_pretrain._ResumeParser()  # pylint: disable=protected-access
+  fv = flags.FlagValues()
+  flags.DEFINE_flag(
+      flags.Flag(parser, flags.ArgumentSerializer(), "resume", "false", "", boolean=True), fv)
+  for argv, want in ((["x"], "false"), (["x", "--resume"], "true"), (["x", "--noresume"], "false"),
+                     (["x", "--resume=auto"], "auto"), (["x", "--resume=True"], "true")):
+    fv.unparse_flags()
+    fv(argv)
+    assert fv.resume == want, argv
+  fv.unparse_flags()
+  with pytest.raises(flags.IllegalFlagValueError):
+    fv(["x", "--resume=sometimes"])

@@ -2,6 +2,7 @@
 
   mpma-pretrain --config configs/pretrain.py:tiny --workdir /tmp/mpma_tiny
   mpma-pretrain --config pretrain.py:base --workdir RUN --resume --config.train.steps=20000
+  mpma-pretrain --config pretrain.py:base --workdir RUN --resume=auto   # what the launchers run
 
 Joins the other processes of a multi-host job first (automatic on TPU pods and under SLURM,
 explicit with --coordinator_address/--num_processes/--process_id otherwise). Every process runs
@@ -19,7 +20,25 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pre-training config, e.g. configs/pretrain.py:tiny (--config.a.b=v overrides)",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, eval.json")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir")
+
+
+class _ResumeParser(flags.ArgumentParser):
+  """--resume (= true), --noresume, --resume=true|false|auto."""
+  def parse(self, argument):
+    value = str(argument).strip().lower()
+    if value in ("auto", "true", "false", "1", "0"):
+      return {"1": "true", "0": "false"}.get(value, value)
+    raise ValueError(f"expected true, false or auto, got {argument!r}")
+
+  def flag_type(self):
+    return "true | false | auto"
+
+
+_RESUME = flags.DEFINE_flag(
+    flags.Flag(
+        _ResumeParser(), flags.ArgumentSerializer(), "resume", "false",
+        "Continue from the latest checkpoint in --workdir; auto: continue if there is one, "
+        "else start (the launchers' mode)", boolean=True))
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run outside TPU pods "
     "and SLURM (which are detected); with --num_processes and --process_id")
@@ -33,7 +52,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    result = train.pretrain(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+    resume = {"true": True, "false": False, "auto": "auto"}[_RESUME.value]
+    result = train.pretrain(_CONFIG.value, _WORKDIR.value, resume=resume)
   except validate.UsageError as e:
     print(f"mpma-pretrain: {e}", file=sys.stderr)
     sys.exit(2)
