@@ -41,6 +41,28 @@ class Logger:
       print(line, flush=True)
 
 
+COUNTERS = ("bad_image", "truncated")  # data counters, summed over the run (metrics data_<name>)
+
+
+def resume_counters(workdir: str, step: int) -> dict[str, int]:
+  """The data counters of a run resumed at `step`: those of its last train line in metrics.jsonl
+  at or before that step (0 without one), so that they keep counting over the whole run."""
+  counts, last = {k: 0 for k in COUNTERS}, -1
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return counts
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a hard kill
+        continue
+      if row.get("split") == "train" and last <= row.get("step", -1) <= step:
+        last = row["step"]
+        counts = {k: int(row.get(f"data_{k}", 0)) for k in COUNTERS}
+  return counts
+
+
 def format_metrics(metrics: dict) -> str:
   keys = [k for k in ("loss", *LOSS_NAMES, "mlm_acc", "itm_acc") if k in metrics]
   line = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)

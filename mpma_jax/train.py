@@ -298,13 +298,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
           untrained = json.load(f)
       start = latest
       log.print(f"resumed from step {start}")
+      # metrics.jsonl: lines after `start` (logged, never checkpointed) are repeated from here on
+      log.scalars(start, {"from_step": start}, prefix="restart")
 
     train_step = make_train_step(config, model, tx, state_shardings, mesh)
     throughput = logger.Throughput(config)
     steps, log_every = config.train.steps, config.train.log_every
     stop_at = min(steps, start + config.train.run_steps) if config.train.run_steps else steps
     t0, pending, unchecked, saved, reason = time.perf_counter(), [], [], start, None
-    data_counts = {"bad_image": 0, "truncated": 0}  # since this process started, global batch
+    # over the whole run (carried over on resume), global batch
+    data_counts = (logger.resume_counters(workdir, start)
+                   if start else {k: 0 for k in logger.COUNTERS})
     nonfinite = NonFiniteSteps(config.train, start)
 
     def check_finite(done):

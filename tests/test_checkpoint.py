@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mpma_jax import checkpoint, losses, optim, overrides, sharding, train
+from mpma_jax import checkpoint, logger, losses, optim, overrides, sharding, train
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models.mpma import MPMA
 from tests import train_worker
@@ -84,8 +84,13 @@ def test_half_restart_half_equals_straight(straight, tmp_path, tokenizer_dir, da
                                     resume=True)
   assert second == straight[1]  # the same retrieval figures, untrained ones included
   assert_same(restore_state(run_config(), workdir, 6), restore_state(run_config(), straight[0], 6))
-  # the logged losses continue exactly where the first half stopped
+  # the logged losses continue exactly where the first half stopped, after a restart marker
   assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4, 5, 6]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  marker = [i for i, r in enumerate(rows) if r["split"] == "restart"]
+  assert len(marker) == 1 and rows[marker[0]]["step"] == rows[marker[0]]["from_step"] == 3
+  assert [r["step"] for r in rows[:marker[0]] if r["split"] == "train"] == [1, 2, 3]
   assert [r["loss"] for r in train_rows(workdir)] == [r["loss"] for r in train_rows(straight[0])]
 
 
@@ -329,3 +334,16 @@ def test_run_config_upgrades_an_older_format(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="newer than this mpma_jax reads"):
     checkpoint.run_config(str(tmp_path))
+
+
+def test_resume_counters_continue_from_the_checkpointed_step(tmp_path):
+  lines = [{"step": 5, "split": "train", "data_bad_image": 2.0, "data_truncated": 1.0},
+           {"step": 10, "split": "train", "data_bad_image": 4.0,
+            "data_truncated": 3.0}, {"step": 10, "split": "eval", "i2t_r1": 0.5},
+           {"step": 15, "split": "train", "data_bad_image": 9.0, "data_truncated": 9.0}]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in lines) + '\n{"step": 20, "spl')  # cut short
+  assert logger.resume_counters(str(tmp_path), 10) == {"bad_image": 4, "truncated": 3}
+  assert logger.resume_counters(str(tmp_path), 7) == {"bad_image": 2, "truncated": 1}
+  assert logger.resume_counters(str(tmp_path), 20) == {"bad_image": 9, "truncated": 9}
+  assert logger.resume_counters(str(tmp_path / "none"), 10) == {"bad_image": 0, "truncated": 0}
