@@ -146,3 +146,38 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
   dry = run(str(target / "bin" / "mpma-sweep"), "--config", "pretrain.py:tiny", "--workdir",
             str(tmp_path / "sweep"), "--dry_run")
   assert dry.returncode == 0 and "mpma-pretrain" in dry.stdout, dry.stderr[-1000:]
+
+
+def test_simulated_devices_get_a_thread_pool_when_they_outnumber_the_cores():
+  from mpma_jax import cli  # pylint: disable=g-import-not-at-top
+  flags8 = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
+  assert cli.simulated_device_threads(flags8, cpu_count=2) == "32"
+  assert cli.simulated_device_threads({"XLA_FLAGS": "--xla_force_host_platform_device_count=16"},
+                                      cpu_count=4) == "64"
+  assert cli.simulated_device_threads(flags8, cpu_count=8) is None  # enough cores
+  assert cli.simulated_device_threads({**flags8, "PJRT_NPROC": "12"}, cpu_count=2) is None
+  assert cli.simulated_device_threads({}, cpu_count=2) is None
+
+
+@pytest.mark.slow
+def test_sigterm_during_setup_stops_with_one_line(tmp_path):
+  """SIGTERM while mpma-pretrain prepares the run (here: generating the synthetic set) ends it
+  with a message naming what to do, not a bare 143."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([
+      sys.executable, "-m", "mpma_jax.cli.pretrain", "--config", "configs/pretrain.py:tiny",
+      "--workdir",
+      str(workdir), "--config.data.num_train=200000"
+  ], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while not workdir.exists() and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)
+  time.sleep(1.0)  # inside the data generation
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 143, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith("mpma-pretrain: stopped by SIGTERM outside the "
+                                                 "training loop"), err[-2000:]
+  assert "Traceback" not in err

@@ -5,8 +5,9 @@ docstring (usage and an example) and letting `--config` name a packaged config (
 `finetune/vqa_rad.py`) as well as a file.
 """
 import os
+import re
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import app, flags
 
@@ -42,8 +43,22 @@ def resolve_config_args(argv: list[str]) -> list[str]:
   return out
 
 
+def simulated_device_threads(environ, cpu_count: int) -> Optional[str]:
+  """PJRT_NPROC for a process that simulates more CPU devices than it has cores
+  (XLA_FLAGS=--xla_force_host_platform_device_count=N), unless set: the N devices share one XLA
+  thread pool of max(cores, N) threads, and on a small machine their collectives can block every
+  thread for good; a larger pool leaves threads for the devices still computing."""
+  found = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+  if not found or "PJRT_NPROC" in environ or int(found.group(1)) <= cpu_count:
+    return None
+  return str(max(32, 4 * int(found.group(1))))
+
+
 def run(main: Callable, module_name: str) -> None:
   """app.run(main) for the command defined in `module_name`."""
+  threads = simulated_device_threads(os.environ, os.cpu_count() or 1)
+  if threads:  # read when JAX creates its CPU client, i.e. later
+    os.environ["PJRT_NPROC"] = threads
   module = sys.modules[module_name]
   # --help lists the key flags of the module named by sys.argv[0] (the console-script wrapper, which
   # defines none) and prints __main__'s docstring: give it the command's flags and docstring.

@@ -9,6 +9,7 @@ explicit with --coordinator_address/--num_processes/--process_id otherwise). Eve
 this same command; the workdir must be on storage that all of them see. Prints one JSON line.
 """
 import json
+import signal
 import sys
 
 from absl import flags, logging
@@ -47,8 +48,18 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (ex
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _Terminated(Exception):
+  """SIGTERM outside the training loop (which saves a checkpoint and stops cleanly on its own)."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise _Terminated()
+
+
 def main(argv):
   del argv
+  signal.signal(signal.SIGTERM, _raise_terminated)  # the loop's own handler replaces it there
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
@@ -57,6 +68,12 @@ def main(argv):
   except validate.UsageError as e:
     print(f"mpma-pretrain: {e}", file=sys.stderr)
     sys.exit(2)
+  except _Terminated:
+    print(
+        f"mpma-pretrain: stopped by SIGTERM outside the training loop (setup or the final "
+        f"evaluation); the checkpoints in {_WORKDIR.value} are intact: run the same command "
+        "with --resume=auto to continue", file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
   if "stopped_at" in result:  # SIGTERM or train.run_steps: a clean stop with a checkpoint
     print(json.dumps(result))
     sys.exit(0)
