@@ -24,6 +24,46 @@ def all_finite(tree) -> jax.Array:
   return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all() if leaves else jnp.array(True)
 
 
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read, or whose arrays differ from their checksums at save time;
+  the message is one line naming the step, the path and what is wrong."""
+
+
+# Checksums: per array, the wrapping uint32 sum of its bits times a position-dependent odd weight
+# (a flipped bit, a changed value or two swapped elements change it). Integer sums are exact in any
+# order, so the figure does not depend on the mesh or on how XLA splits the reduction.
+_GOLDEN = 2654435761  # Knuth's multiplicative hash constant (odd)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+  index = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
+  for axis in range(1, x.ndim):  # the element's flat (row-major) index
+    index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+  weight = index * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+  return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.stack([_array_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+
+
+def checksums(tree: Any) -> dict[str, int]:
+  """{array path: checksum} of every array in `tree` (device arrays, sharded over any mesh and any
+  number of processes, or host arrays)."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  values = _checksums(tree)
+  if not values.is_fully_addressable:  # replicated: every process holds all of it
+    values = values.addressable_data(0)
+  return dict(zip(paths, (int(v) for v in np.asarray(jax.device_get(values)))))
+
+
 def abstract_like(state: Any) -> Any:
   """Shapes, dtypes and shardings of a live state: the restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -42,8 +82,15 @@ class Checkpointer:
 
   `save` refuses a state that is not finite, so every checkpoint here is a good one and Orbax's
   rotation (train.keep_checkpoints) can only ever replace good checkpoints by newer good ones.
+
+  Every save records the checksum of each array (<directory>/../checkpoint_checksums/<step>.json,
+  written by process 0 from figures computed on the devices); `restore` recomputes them and raises
+  CorruptCheckpointError, naming the step, the path and the arrays, when a file was damaged, cut
+  short or removed.
   """
   def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.abspath(directory)
+    self.checksum_dir = os.path.join(os.path.dirname(self.directory), "checkpoint_checksums")
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
@@ -60,24 +107,74 @@ class Checkpointer:
           f"refusing to checkpoint step {step}: the train state is not finite; " +
           (f"the last good checkpoint is step {latest}"
            if latest is not None else "there is no checkpoint yet"))
+    sums = checksums(state)  # before the save: the donated buffers are reused by the next step
     self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(data_iterator.get_state())))
+    if jax.process_index() == 0:
+      os.makedirs(self.checksum_dir, exist_ok=True)
+      with open(os.path.join(self.checksum_dir, f"{step}.json.tmp"), "w") as f:
+        json.dump({"step": step, "checksums": sums}, f)
+      os.replace(os.path.join(self.checksum_dir, f"{step}.json.tmp"),
+                 os.path.join(self.checksum_dir, f"{step}.json"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
-    """The state saved at `step`, laid out as `abstract_state` says; the data iterator (when
-    given) is set to continue where that step left off."""
+    """The state saved at `step`, laid out as `abstract_state` says and checked against its
+    checksums; the data iterator (when given) is then set to continue where that step left off.
+    CorruptCheckpointError when the checkpoint cannot be read or does not match."""
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    where = f"checkpoint step {step} ({self.step_path(step)})"
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # Orbax / TensorStore: a file missing, cut short or unparseable
+      raise CorruptCheckpointError(f"{where} cannot be read: {_first_line(e)}") from e
+    verify(restored["state"], os.path.join(self.checksum_dir, f"{step}.json"), where)
     if data_iterator is not None:
       data_iterator.set_state(restored["data"])
     return restored["state"]
 
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged checkpoint out of the way (never deleting it), so that training from an
+    earlier one can save that step again; returns where it went."""
+    self.manager.wait_until_finished()
+    target = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints", str(step))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if jax.process_index() == 0:
+      os.replace(self.step_path(step), target)
+    self.manager.reload()
+    return target
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
+
+
+def verify(tree: Any, checksum_file: str, where: str) -> None:
+  """Raises CorruptCheckpointError when an array of `tree` differs from its checksum recorded in
+  checksum_file (arrays not recorded there are not checked; no file: nothing to check)."""
+  if not os.path.exists(checksum_file):
+    return
+  with open(checksum_file) as f:
+    want = json.load(f)["checksums"]
+  got = checksums(tree)
+  bad = [path for path, value in got.items() if path in want and want[path] != value]
+  if bad:
+    raise CorruptCheckpointError(
+        f"{where}: {len(bad)} of {len(got)} arrays differ from their checksums at save time "
+        f"(e.g. {bad[0]}); the files were changed after the save")
 
 
 def latest_step(directory: str) -> Optional[int]:
@@ -93,7 +190,12 @@ def latest_step(directory: str) -> Optional[int]:
 # The pre-training config's format_version, and what each version added (with the value that
 # reproduces a config of the version before): version 1 configs have no format_version.
 CONFIG_FORMAT = 2
-ADDED_IN_FORMAT = {2: {"model.scan": False, "model.mim.activation": "gelu", "model.mim.eps": 1e-6}}
+ADDED_IN_FORMAT = {
+    2: {
+        "model.scan": False, "model.mim.activation": "gelu", "model.mim.eps": 1e-6,
+        "train.ckpt_fallback": True
+    }
+}
 
 
 def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -142,8 +244,15 @@ def restore_params(workdir: str, step: Optional[int] = None) -> tuple[Any, int]:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         manager.item_metadata(step)["state"])
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
+  where = f"checkpoint step {step} ({directory}/{step})"
+  try:
+    restored = manager.restore(step,
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  except Exception as e:  # Orbax / TensorStore: a file missing, cut short or unparseable
+    raise CorruptCheckpointError(f"{where} cannot be read: {_first_line(e)}") from e
+  finally:
+    manager.close()
+  verify(restored["state"], os.path.join(workdir, "checkpoint_checksums", f"{step}.json"), where)
   return jax.tree.map(np.asarray, restored["state"]["params"]), step
 
 

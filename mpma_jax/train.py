@@ -254,6 +254,24 @@ class NonFiniteSteps:
     return None
 
 
+def restore_intact(config, ckpt: checkpoint.Checkpointer, abstract, data_iter, log):
+  """(state, step) of the newest checkpoint that reads back intact. A damaged one is moved to
+  <workdir>/damaged_checkpoints/ with a warning and the one before it is tried, unless
+  train.ckpt_fallback is off; then, or when none is intact, validate.UsageError (one line)."""
+  steps = ckpt.all_steps()
+  for i, step in enumerate(reversed(steps)):
+    try:
+      return ckpt.restore(step, abstract, data_iter), step
+    except checkpoint.CorruptCheckpointError as e:
+      if not config.train.ckpt_fallback:
+        raise validate.UsageError(f"{e} (train.ckpt_fallback=False)") from e
+      if i == len(steps) - 1:
+        raise validate.UsageError(f"{e}; no intact checkpoint is left") from e
+      moved = ckpt.set_aside(step)
+      log.print(f"warning: {e}; moved to {moved}, resuming from the checkpoint before it")
+  raise AssertionError("restore_intact needs at least one checkpoint")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenizer,
                        tokenizer_dir: str, data_dir: str, resume: bool = False) -> dict:
   """Pre-trains, checkpoints, and ends with zero-shot retrieval. Returns the eval dict, or
@@ -291,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
           json.dump(untrained, f)
       start = 0
     else:  # restored straight into its shardings: the fresh state is never allocated
-      state = ckpt.restore(latest, abstract, data_iter)
-      untrained = None  # (runs from before this file existed have no untrained figures)
+      state, latest = restore_intact(config, ckpt, abstract, data_iter, log)
+      untrained = None
       if os.path.exists(untrained_file):
         with open(untrained_file) as f:
           untrained = json.load(f)

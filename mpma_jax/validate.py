@@ -47,7 +47,7 @@ DIVIDES = (("model.image.heads", "model.image.width"), ("model.text.heads", "mod
            ("train.grad_accum", "train.batch_size"))
 # Fields a resumed run may change: how long and how it runs, not what the checkpoint holds.
 RESUMABLE = ("train.steps", "train.run_steps", "train.log_every", "train.ckpt_every",
-             "train.keep_checkpoints", "train.ckpt_async", "train.nonfinite",
+             "train.keep_checkpoints", "train.ckpt_async", "train.ckpt_fallback", "train.nonfinite",
              "train.max_nonfinite_consecutive", "train.max_nonfinite_total", "train.peak_tflops",
              "train.grad_accum", "data.workers", "data.prefetch", "data.read_threads",
              "data.read_buffer", "data.data_dir", "eval.batch_size", "eval.pictures", "mesh.",

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mpma_jax import checkpoint, logger, losses, optim, overrides, sharding, train
+from mpma_jax import checkpoint, logger, losses, optim, overrides, sharding, train, validate
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models.mpma import MPMA
 from tests import train_worker
@@ -347,3 +347,62 @@ def test_resume_counters_continue_from_the_checkpointed_step(tmp_path):
   assert logger.resume_counters(str(tmp_path), 7) == {"bad_image": 2, "truncated": 1}
   assert logger.resume_counters(str(tmp_path), 20) == {"bad_image": 9, "truncated": 9}
   assert logger.resume_counters(str(tmp_path / "none"), 10) == {"bad_image": 0, "truncated": 0}
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------------
+def _largest_file(step_dir: str) -> str:
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_bytes(path: str, offset_fraction: float = 0.3, count: int = 8) -> None:
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    start = int(len(data) * offset_fraction)
+    for i in range(start, min(start + count, len(data))):
+      data[i] ^= 0x01
+    f.seek(0)
+    f.write(bytes(data))
+
+
+def _copy_run(src: str, dst: str) -> str:
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  return dst
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_checkpoint_is_named_and_the_run_falls_back(straight, tmp_path, tokenizer_dir,
+                                                              data_dir, damage):
+  """The straight run's checkpoints: steps 2, 4, 6. Damaging step 6 (a bit in each of 8 bytes of
+  its largest data file flipped, which the storage layer reads back without complaint; that file
+  cut to half; or removed): restoring it fails with one line naming the step and the path (for the
+  flip: from the checksums recorded at save time); resuming moves it aside and continues from step
+  4, and the two steps trained again equal the straight run's bit for bit."""
+  workdir = _copy_run(straight[0], str(tmp_path / "run"))
+  step6 = os.path.join(workdir, "checkpoints", "6")
+  target = _largest_file(os.path.join(step6, "state"))
+  if damage == "flip":
+    _flip_bytes(target)
+  elif damage == "truncate":
+    with open(target, "r+b") as f:
+      f.truncate(os.path.getsize(target) // 2)
+  else:
+    os.remove(target)
+  config = run_config()
+  with pytest.raises(checkpoint.CorruptCheckpointError) as info:
+    restore_state(config, workdir, 6)
+  message = str(info.value)
+  assert "\n" not in message and "checkpoint step 6" in message and step6 in message, message
+  if damage == "flip":
+    assert "differ from their checksums at save time" in message, message
+  # (re-running the finished run's last steps: drop what marks it finished)
+  os.remove(os.path.join(workdir, "eval.json"))
+  strict = run_config(**{"train.ckpt_fallback": False})
+  tok = tokenizers.load_tokenizer(tokenizer_dir)
+  with pytest.raises(validate.UsageError, match="checkpoint step 6 .*train.ckpt_fallback=False"):
+    train.train_and_evaluate(strict, workdir, tok, tokenizer_dir, data_dir, resume=True)
+  result = train.train_and_evaluate(config, workdir, tok, tokenizer_dir, data_dir, resume=True)
+  assert result["trained"] == straight[1]["trained"]
+  assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "6"))  # kept, not deleted
+  assert_same(restore_state(config, workdir, 6), restore_state(config, straight[0], 6))

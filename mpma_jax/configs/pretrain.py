@@ -153,6 +153,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.ckpt_every = 5000  # Orbax checkpoint interval (one is always written at the end)
   c.train.keep_checkpoints = 3
   c.train.ckpt_async = True  # write checkpoints in the background while training goes on
+  # --resume with a damaged latest checkpoint (its arrays no longer match their checksums, or it
+  # cannot be read): True = set it aside with a warning and resume from the one before; False = stop
+  c.train.ckpt_fallback = True
   # A step whose loss, gradient, new parameters or new optimizer state is not finite never changes
   # the state (and no checkpoint is ever written from a non-finite one); then: skip (count it and
   # go on, up to the limits below) | stop (raise, keeping the last good checkpoint).
