@@ -104,3 +104,34 @@ def test_load_tokenizer_errors(tmp_path):
     tokenizer.load_tokenizer(str(tmp_path / "no_such_dir"))
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     tokenizer.load_tokenizer(str(tmp_path))
+
+
+def test_training_is_a_pure_function_of_the_texts(tmp_path):
+  """Same texts, same size: the same files, byte for byte (Hugging Face's trainer breaks ties in
+  hash-map order and gave a different vocabulary on every run)."""
+  rng = np.random.default_rng(0)
+  words = [
+      "lung", "opacity", "effusion", "normal", "heart", "size", "no", "acute", "left", "right",
+      "pleural", "small", "consolidation", "pneumothorax", "cardiomegaly", "mild"
+  ]
+  texts = [" ".join(rng.choice(words, 12)) for _ in range(500)]
+  digests = []
+  for i in range(3):
+    tokenizer.train_wordpiece(texts, 120, str(tmp_path / str(i)))
+    digests.append(
+        {f: (tmp_path / str(i) / f).read_bytes() for f in sorted(os.listdir(tmp_path / str(i)))})
+  assert digests[0] == digests[1] == digests[2]
+  vocab = tokenizer.wordpiece_vocab(texts, 120)
+  assert vocab[:5] == list(tokenizer.SPECIAL_TOKENS) and len(vocab) == len(set(vocab))
+  assert "pneumothorax" in vocab and "cardiomegaly" in vocab  # frequent words become one piece
+  tok = tokenizer.load_tokenizer(str(tmp_path / "0"))
+  assert tok.tokenize("Mild cardiomegaly.") == ["mild", "cardiomegaly", "[UNK]"]
+
+
+def test_merges_take_the_most_frequent_pair_ties_to_the_smallest():
+  # characters first (sorted), then merges: "ab" x3 and "cd" x3 tie, so "ab" comes first; "ef"
+  # (x1) is never merged before them
+  vocab = tokenizer.wordpiece_vocab(["ab ab ab cd cd cd ef"], 100)
+  assert vocab[5:] == ["##b", "##d", "##f", "a", "c", "e", "ab", "cd", "ef"]
+  assert tokenizer.wordpiece_vocab(["ab ab ab cd cd cd ef"],
+                                   12)[5:] == ["##b", "##d", "##f", "a", "c", "e", "ab"]
