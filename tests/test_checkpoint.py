@@ -69,6 +69,7 @@ def straight(tmp_path_factory, tokenizer_dir, data_dir):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_half_restart_half_equals_straight(straight, tmp_path, tokenizer_dir, data_dir):
   """(a) train.run_steps=3 stops with a checkpoint at 3; --resume runs 3 more: the parameters,
   optimizer state and evaluation equal those of the straight run exactly."""
@@ -94,6 +95,7 @@ def test_half_restart_half_equals_straight(straight, tmp_path, tokenizer_dir, da
   assert [r["loss"] for r in train_rows(workdir)] == [r["loss"] for r in train_rows(straight[0])]
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(straight):
   """(b) saved on (8, 1, 1); restored onto (2, 2, 2) and (1, 8, 1): the same values, laid out as
   the new mesh asks."""
@@ -111,6 +113,7 @@ def worker(workdir, tokenizer_dir, data_dir, overrides, *extra):
   return train_worker.start(workdir, tokenizer_dir, data_dir, {**OVERRIDES, **overrides}, *extra)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tokenizer_dir, data_dir):
   """(c) A long run gets SIGTERM after a few steps: it checkpoints the step it is at (not an
   interval step) and exits 0; a restart continues from there."""
@@ -144,6 +147,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tokenizer_dir, d
   assert steps[-2:] == [k + 1, k + 2] and len(steps) == len(set(steps))
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(straight, tmp_path, tokenizer_dir,
                                                              data_dir):
   """(d) The process is killed (SIGKILL) while checkpoint 4 is being written: checkpoint 2 stays
@@ -179,6 +183,7 @@ def _poison(monkeypatch, position):
   monkeypatch.setattr(train, "compute_losses", poisoned)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data_dir):
   """The batch of step 3 gives a NaN loss. 'skip': counted, the run finishes with finite
   parameters. 'stop': the run raises and the last checkpoint is step 2 (the good one)."""
@@ -199,6 +204,7 @@ def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data
   assert sorted(os.listdir(os.path.join(stop_dir, "checkpoints"))) == ["2"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e39 -> inf
 def test_nonfinite_updates_are_skipped_and_never_checkpointed(tmp_path, tokenizer_dir, data_dir):
   """optim.lr=1e39 overflows float32: every update is NaN although loss and gradient are finite.
@@ -239,6 +245,7 @@ def _nan_learning_rate_from(monkeypatch, count):
                                                                    schedule(config, peak)(n))))
 
 
+@pytest.mark.slow
 def test_skip_limit_stops_naming_the_last_good_step_and_keeps_a_good_checkpoint(
     monkeypatch, tmp_path, tokenizer_dir, data_dir):
   """Steps 1-2 are applied, every later one is non-finite. With at most 2 in a row, step 5 stops
@@ -371,6 +378,7 @@ def _copy_run(src: str, dst: str) -> str:
   return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_damaged_checkpoint_is_named_and_the_run_falls_back(straight, tmp_path, tokenizer_dir,
                                                               data_dir, damage):

@@ -22,6 +22,8 @@ from mpma_jax.data import builders, downstream
 from mpma_jax.data.builders import chexpert, rsna_pneumonia
 from tests.data.builders import test_chexpert, test_roco, test_rsna_pneumonia, test_vqa_sets
 
+pytestmark = pytest.mark.slow  # the slow tier: fine-tunes every task of the suite
+
 BATCH = 8  # train and eval batches split over conftest's 8 simulated devices
 _jpeg = lambda i: test_vqa_sets._jpeg(i % 12)  # pylint: disable=protected-access
 

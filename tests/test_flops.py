@@ -91,8 +91,11 @@ def _matmul_flops(hlo: str) -> float:
   return total
 
 
-@pytest.mark.parametrize("variant",
-                         ["clean_memory", "masked_no_memory_256", "every_layer_gather_itm"])
+@pytest.mark.parametrize("variant", [
+    "clean_memory",
+    pytest.param("masked_no_memory_256", marks=pytest.mark.slow),
+    pytest.param("every_layer_gather_itm", marks=pytest.mark.slow),
+])
 def test_forward_flops_match_xla(variant):
   config = _variant(variant)
   compiled = _compiled_forward(config)

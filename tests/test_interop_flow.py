@@ -21,6 +21,8 @@ from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.vit import normalize_images
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the slow tier: trains a run to export
+
 TOL = 1e-4
 
 

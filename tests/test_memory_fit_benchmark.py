@@ -11,6 +11,7 @@ from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 def test_fsdp8_state_bytes_are_an_eighth_up_to_the_unsplit_parameters():
   config = tiny_config()

@@ -10,9 +10,12 @@ import socket
 
 import jax
 import numpy as np
+import pytest
 
 from tests import train_worker
 from tests.test_checkpoint import restore_state, run_config, train_rows
+
+pytestmark = pytest.mark.slow  # the slow tier: several training processes
 
 # AdamW eps 1e-4: with a tiny eps Adam's early updates lr * g / (|g| + eps) turn float
 # reduction-order noise in near-zero gradient entries into visible parameter differences.

@@ -38,6 +38,7 @@ def test_analytic_param_count_equals_eval_shape(variant):
   assert scaling_model.analytic_param_counts(config) == real
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 @pytest.mark.parametrize("fsdp", [2, 8])
 def test_state_bytes_per_device_match_the_compiled_shardings(fsdp):
@@ -221,6 +222,7 @@ def test_markers_are_checked():
     scaling.read_tables(doc + doc)
 
 
+@pytest.mark.slow
 def test_command_checks_and_rewrites_the_documents_tables(tmp_path, capsys):
   """The committed document is current for the analytic tables (--check, no compile); a changed
   assumption rewrites the tables and only them, which --check then reports."""

@@ -14,6 +14,8 @@ from mpma_jax.data import pipeline
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the slow tier: train steps compiled on several meshes
+
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
 
 

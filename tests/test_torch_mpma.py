@@ -120,7 +120,11 @@ def max_diffs(a: dict, b: dict) -> dict:
   return {k: float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# the first case in the fast tier, every case in the slow one
+FIRST_FAST = [c if i == 0 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("case", FIRST_FAST)
 def test_torch_equals_jax(case):
   seed = list(CASES).index(case)
   config = make_config(CASES[case])

@@ -12,6 +12,8 @@ from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the slow tier: end-to-end training runs
+
 
 def _batches(config, tokenizer_dir, data_dir, n, **kw):
   it = iter(pipeline.pretrain_dataset(config, tokenizer_dir, data_dir, **kw))

@@ -15,6 +15,8 @@ from mpma_jax.interop.common import flatten
 from mpma_jax.models import gla
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the slow tier: compiles the benchmark's JAX and PyTorch steps
+
 BATCH = 8
 LOSS_RTOL = 1e-4
 PARAM_ATOL = 1e-5

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mpma_jax import losses, masking, train, visualize
+from mpma_jax import losses, masking, retrieval, train, visualize
 from mpma_jax.data import pipeline
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models.mpma import MPMA
@@ -210,7 +210,7 @@ def test_retrieval_ranking_is_the_gla_global_similarity_sorted(model, pairs):
   sim, top = visualize.retrieval_ranking(config.model, params, pairs["image"], pairs["text_ids"],
                                          pairs["text_mask"], k=5)
   image_emb, text_emb = _apply(config, params, pairs["image"], pairs["text_ids"],
-                               pairs["text_mask"], method=train.evaluate._global_embeddings)
+                               pairs["text_mask"], method=retrieval._global_embeddings)
   np.testing.assert_allclose(sim, image_emb @ text_emb.T, atol=1e-5)
   assert top.shape == (12, 5)
   np.testing.assert_array_equal(top, np.argsort(-sim, axis=0)[:5].T)
@@ -323,6 +323,7 @@ def run_dir(tmp_path_factory, tokenizer_dir, data_dir):
   return workdir
 
 
+@pytest.mark.slow
 def test_visualize_run_writes_the_four_pictures_and_tensorboard_images(run_dir):
   paths = visualize.visualize_run(run_dir, num=3, gallery=8)
   names = ["mim", "alignment", "retrieval", "curves"]
@@ -337,6 +338,7 @@ def test_visualize_run_writes_the_four_pictures_and_tensorboard_images(run_dir):
     visualize.visualize_run(run_dir, step=1)
 
 
+@pytest.mark.slow
 def test_visualize_command_line(run_dir, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

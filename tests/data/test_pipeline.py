@@ -111,6 +111,7 @@ def test_mixture_follows_the_weights_and_keeps_sources_apart(pairs_dir, tok_dir)
   assert np.all(grey[source == 1] >= 200) and np.all(grey[source == 0] < 200)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_resume_exactly(pairs_dir, tok_dir):
   config = _config("pairs_a:1,pairs_b:1")
   want, _ = _take(config, tok_dir, pairs_dir, 4)

@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mpma_jax import losses, masking, train
 from mpma_jax.configs.pretrain import get_config
@@ -64,6 +65,7 @@ def count_params(config) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract)))
 
 
+@pytest.mark.slow
 def test_base_parameter_count():
   config = get_config("base")
   total = count_params(config)
@@ -83,6 +85,7 @@ def test_base_parameter_count():
   assert 370e6 < total < 380e6, total
 
 
+@pytest.mark.slow
 def test_every_parameter_gets_a_gradient():
   config = tiny_config()
   config.loss.itm = 1.0  # exercise every head
@@ -101,6 +104,7 @@ def test_every_parameter_gets_a_gradient():
   assert all(np.isfinite(np.asarray(g)).all() for _, g in flat)
 
 
+@pytest.mark.slow
 def test_alignment_losses_unchanged_by_extra_padding():
   """Local (and global) alignment ignore padding: the same texts padded to a longer length give the
   same GLA losses."""
@@ -121,6 +125,7 @@ def test_alignment_losses_unchanged_by_extra_padding():
     np.testing.assert_allclose(long[k], short[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_m3ae_mode_has_no_memory_and_no_gla_cost():
   """memory off + GLA weights 0 + ITM 1 = M3AE: no memory parameters, and the GLA heads do not
   influence the loss."""
@@ -136,6 +141,7 @@ def test_m3ae_mode_has_no_memory_and_no_gla_cost():
   assert set(metrics) >= {"mlm", "mim", "itm"} and not {"global", "local"} & set(metrics)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_losses():
   """model.dtype = bfloat16: the same parameters give float32 losses close to the float32 ones."""
   config = tiny_config()

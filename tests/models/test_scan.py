@@ -2,12 +2,15 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from mpma_jax import losses, train
 from mpma_jax.data import pipeline
 from mpma_jax.models import mpma
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow  # the slow tier: compiles the whole train step twice
 
 
 def _batch(config, seed=0):

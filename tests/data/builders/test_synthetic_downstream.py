@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from mpma_jax.data import builders, cli, images, synthetic
+from mpma_jax.cli import data as cli
+from mpma_jax.data import builders, images, synthetic
 from mpma_jax.data.builders import synthetic_downstream as sd
 
 SIZE, NUM, NUM_EVAL, SEED = 32, 12, 4, 3
