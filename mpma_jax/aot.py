@@ -17,13 +17,15 @@ for the compiler.
 """
 import contextlib
 import dataclasses
+import json
 import math
+import multiprocessing
 import os
 import pickle
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -31,6 +33,8 @@ from jax.experimental import serialize_executable, topologies
 import ml_collections
 
 from mpma_jax import flops, optim, sharding, train
+from mpma_jax.data import pipeline
+from mpma_jax.models.mpma import MPMA
 
 GiB = 1024**3
 
@@ -239,7 +243,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None)
   devices = target_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(config.mesh, devices)
   rule_table = sharding.rules(config.mesh)
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   tx = optim.make_optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
     t0 = time.perf_counter()
@@ -248,7 +252,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, devices=None)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-        for k, v in train.dummy_batch(config, config.train.batch_size).items()
+        for k, v in pipeline.dummy_batch(config, config.train.batch_size).items()
     }
     lowered = step.lower(abstract, batch)
     t1, c1 = time.perf_counter(), time.process_time()
@@ -678,7 +682,7 @@ def mesh_candidates(config, num_devices: int) -> list[tuple[int, int, int]]:
 
 def num_params(config) -> int:
   """Parameters of the model (shapes only: nothing is initialised)."""
-  model = train.make_model(config)
+  model = MPMA.from_config(config)
   shapes = jax.eval_shape(lambda: train.init_params(config, model, jax.random.key(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
 
@@ -689,12 +693,57 @@ def state_bytes_per_device(params: int, fsdp: int, tensor: int) -> float:
   return 16.0 * params / (fsdp * tensor)
 
 
+def _child_main(conn, fn, args) -> None:
+  try:
+    conn.send(("ok", fn(*args)))
+  except Exception as e:  # pylint: disable=broad-except  (reported to the parent)
+    text = str(e).strip().splitlines()
+    conn.send(("error", f"{type(e).__name__}: {text[0] if text else ''}"))
+  conn.close()
+
+
+def run_isolated(fn: Callable, *args, timeout: Optional[float] = None):
+  """fn(*args) in a fresh child process (spawn; fn importable, args picklable): (result, None), or
+  (None, why) when the child raised, died (a compiler abort, a segfault, out of memory) or ran
+  past `timeout` seconds. The parent survives whatever the child does."""
+  ctx = multiprocessing.get_context("spawn")
+  receive, send = ctx.Pipe(duplex=False)
+  proc = ctx.Process(target=_child_main, args=(send, fn, args), daemon=True)
+  proc.start()
+  send.close()  # the child holds the only write end: its death ends the wait below
+  try:
+    if not receive.poll(timeout):
+      proc.kill()
+      return None, f"no result after {timeout:.0f} s"
+    status, value = receive.recv()
+  except EOFError:
+    proc.join()
+    code = proc.exitcode
+    return None, (f"the compiling process was killed by signal {-code}"
+                  if code and code < 0 else f"the compiling process exited with {code}")
+  finally:
+    proc.join(timeout=60)
+    receive.close()
+  return (value, None) if status == "ok" else (None, value)
+
+
+def _report_in_child(config_json: str, topology: str, hbm_bytes: float) -> dict:
+  """`report` of one compile, run by `suggest` in a child process."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return report(config, compile_step(config, topology), hbm_bytes)
+
+
 def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_bytes: float = 0.0,
-            max_fits: int = 0, log=None) -> dict:
+            max_fits: int = 0, log=None, isolate: Optional[bool] = None) -> dict:
   """Compiles settings for `topology` at config.train.batch_size and returns {'tried': [...],
   'fits': [...]} (rows of `report`, plus 'setting'); 'fits' holds only settings whose compiled
   peak memory fits the chip (hbm_bytes overrides the chip's), fastest first by the estimate.
-  Stops after max_compiles compiles, or once max_fits (> 0) settings fit."""
+  Stops after max_compiles compiles, or once max_fits (> 0) settings fit.
+
+  isolate (default: when `devices` is not given): each compile runs in its own child process, so
+  that a compiler that aborts on one setting ends that setting (recorded with the reason), not the
+  search."""
+  isolate = devices is None if isolate is None else isolate
   devices = target_devices(topology) if devices is None else devices
   limit = hbm_bytes or chip_for(topology, devices).hbm_bytes
   batch = config.train.batch_size
@@ -721,7 +770,14 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
       setting = _setting(data, fsdp, tensor, remat, accum)
       say(f"compiling {setting} ...")
       compiles += 1
-      row = report(c, compile_step(c, topology, devices), hbm_bytes)
+      if isolate:
+        row, why = run_isolated(_report_in_child, c.to_json_best_effort(), topology, hbm_bytes)
+        if row is None:
+          tried.append({"setting": setting, "fits": False, "skipped": f"compile failed: {why}"})
+          say(f"  compile failed: {why}")
+          continue
+      else:
+        row = report(c, compile_step(c, topology, devices), hbm_bytes)
       row["setting"] = setting
       tried.append(row)
       say(f"  peak {_gib(row['memory']['peak'])}: {'fits' if row['fits'] else 'does not fit'}"

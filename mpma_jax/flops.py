@@ -13,7 +13,7 @@ What is counted
   FLOPs of the compiled forward pass exactly, and is 93-97% of XLA's cost analysis at widths
   128-256 (XLA also counts the elementwise ops; their share shrinks as the width grows).
 * `forward_flops` = one `MPMA.__call__` (with ITM exactly when config.loss.itm > 0, as the train
-  step calls it) + the contractions of the losses in `train.compute_losses` whose weight is
+  step calls it) + the contractions of the losses in `losses.compute_losses` whose weight is
   non-zero. It counts what the compiled step computes:
     - the patch embedding once, though both image passes embed the same image (XLA's
       common-subexpression elimination merges them); likewise the memory slots' key and value

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 from tensorboardX import SummaryWriter
 
 from mpma_jax import checkpoint, losses, masking
@@ -381,7 +382,6 @@ def _report(tokenizer, ids, mask) -> str:
 def _render(fig, path: Optional[str]) -> np.ndarray:
   """Draws the figure with Agg -> uint8 [H, W, 3]; also writes it as a PNG to path (when given)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   canvas = FigureCanvasAgg(fig)
   canvas.draw()
   rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -249,3 +249,37 @@ def test_cli_reports_fit_writes_json_and_saves_a_step_that_runs(tmp_path):
   ], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("mpma-compile: --topology 'v9:2x2'")
+
+
+def _abort():
+  os.abort()
+
+
+def _raise():
+  raise ValueError("no such setting\nsecond line")
+
+
+def _double(x):
+  return 2 * x
+
+
+def test_a_child_that_aborts_or_raises_does_not_end_the_parent():
+  assert aot.run_isolated(_double, 21) == (42, None)
+  result, why = aot.run_isolated(_raise)
+  assert result is None and why == "ValueError: no such setting"
+  result, why = aot.run_isolated(_abort, timeout=120)
+  assert result is None and why, why
+
+
+@pytest.mark.slow
+def test_suggest_in_child_processes_matches_in_process():
+  """The isolated search (each compile in its own process, as mpma-compile --suggest runs it)
+  gives the same rows as compiling here."""
+  config = _scanned_tiny(4, 1)
+  config.train.batch_size = 8
+  here = aot.suggest(config, "cpu:4", jax.devices()[:4], max_compiles=1, isolate=False)
+  there = aot.suggest(config, "cpu:4", max_compiles=1, isolate=True)
+  assert there["compiles"] == here["compiles"] == 1
+  a, b = here["tried"][0], there["tried"][0]
+  assert a["setting"] == b["setting"] and a["fits"] == b["fits"]
+  assert a["memory"]["peak"] == b["memory"]["peak"]

@@ -69,6 +69,7 @@ def straight(tmp_path_factory, tokenizer_dir, data_dir):
   return workdir, result
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_half_restart_half_equals_straight(straight, tmp_path, tokenizer_dir, data_dir):
   """(a) train.run_steps=3 stops with a checkpoint at 3; --resume runs 3 more: the parameters,
@@ -113,6 +114,7 @@ def worker(workdir, tokenizer_dir, data_dir, overrides, *extra):
   return train_worker.start(workdir, tokenizer_dir, data_dir, {**OVERRIDES, **overrides}, *extra)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tokenizer_dir, data_dir):
   """(c) A long run gets SIGTERM after a few steps: it checkpoints the step it is at (not an
@@ -147,6 +149,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tokenizer_dir, d
   assert steps[-2:] == [k + 1, k + 2] and len(steps) == len(set(steps))
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(straight, tmp_path, tokenizer_dir,
                                                              data_dir):
@@ -183,6 +186,7 @@ def _poison(monkeypatch, position):
   monkeypatch.setattr(train, "compute_losses", poisoned)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data_dir):
   """The batch of step 3 gives a NaN loss. 'skip': counted, the run finishes with finite
@@ -204,6 +208,7 @@ def test_nonfinite_loss_skip_and_stop(monkeypatch, tmp_path, tokenizer_dir, data
   assert sorted(os.listdir(os.path.join(stop_dir, "checkpoints"))) == ["2"]
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e39 -> inf
 def test_nonfinite_updates_are_skipped_and_never_checkpointed(tmp_path, tokenizer_dir, data_dir):
@@ -245,6 +250,7 @@ def _nan_learning_rate_from(monkeypatch, count):
                                                                    schedule(config, peak)(n))))
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_skip_limit_stops_naming_the_last_good_step_and_keeps_a_good_checkpoint(
     monkeypatch, tmp_path, tokenizer_dir, data_dir):
@@ -288,6 +294,7 @@ def test_nonfinite_steps_limits():
     train.NonFiniteSteps(config("ignore"), 0)
 
 
+@pytest.mark.faults
 def test_checkpointer_refuses_a_non_finite_state(tmp_path):
   """Every checkpoint is a good one, so the rotation never drops the last good checkpoint."""
   ckpt = checkpoint.Checkpointer(str(tmp_path), tiny_config())
@@ -323,6 +330,7 @@ def test_restore_params_reads_the_state_without_orbax_warnings(tmp_path, caplog)
   ]
 
 
+@pytest.mark.faults
 def test_run_config_upgrades_an_older_format(tmp_path):
   """A config.json written before format_version existed (format 1: no model.scan, no MIM decoder
   activation / eps) reads back in the current format with the values that keep its behaviour; a
@@ -343,6 +351,7 @@ def test_run_config_upgrades_an_older_format(tmp_path):
     checkpoint.run_config(str(tmp_path))
 
 
+@pytest.mark.faults
 def test_resume_counters_continue_from_the_checkpointed_step(tmp_path):
   lines = [{"step": 5, "split": "train", "data_bad_image": 2.0, "data_truncated": 1.0},
            {"step": 10, "split": "train", "data_bad_image": 4.0,
@@ -378,6 +387,7 @@ def _copy_run(src: str, dst: str) -> str:
   return dst
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_damaged_checkpoint_is_named_and_the_run_falls_back(straight, tmp_path, tokenizer_dir,

@@ -148,6 +148,7 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
   assert dry.returncode == 0 and "mpma-pretrain" in dry.stdout, dry.stderr[-1000:]
 
 
+@pytest.mark.faults
 def test_simulated_devices_get_a_thread_pool_when_they_outnumber_the_cores():
   from mpma_jax import cli  # pylint: disable=g-import-not-at-top
   flags8 = {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}
@@ -159,6 +160,7 @@ def test_simulated_devices_get_a_thread_pool_when_they_outnumber_the_cores():
   assert cli.simulated_device_threads({}, cpu_count=2) is None
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_sigterm_during_setup_stops_with_one_line(tmp_path):
   """SIGTERM while mpma-pretrain prepares the run (here: generating the synthetic set) ends it

@@ -210,7 +210,7 @@ def test_image_classification_finetune_and_linear_probe(pretrained_run, downstre
 
 def test_zero_shot_retrieval_equals_the_pretraining_evaluation_and_reranks(
     pretrained_run, data_dir, tmp_path):
-  """roco.py:zero_shot on the synthetic pairs gives exactly the recall of evaluate.retrieval on
+  """roco.py:zero_shot on the synthetic pairs gives exactly the recall of retrieval.evaluate on
   the same pairs; ITM re-ranking reorders only each query's top-k."""
   from mpma_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mpma_jax.data import tokenizer as tokenizers

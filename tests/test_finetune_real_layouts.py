@@ -226,7 +226,7 @@ def real_layouts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def suite_run(pretrained_run, real_layouts, tmp_path_factory):
-  """evaluate.suite over TASKS: (workdir, table, rows, logged lines)."""
+  """suite.run over TASKS: (workdir, table, rows, logged lines)."""
   data_dir, _ = real_layouts
   workdir = str(tmp_path_factory.mktemp("suite"))
   lines = []

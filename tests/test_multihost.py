@@ -73,6 +73,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
       open(os.path.join(single_dir, "checkpoints", "3", "data", "metadata")))
 
 
+@pytest.mark.faults
 def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, tokenizer_dir, data_dir):
   """Preemption of one host: JAX's preemption service agrees on one step, both hosts save it
   together and exit 0."""

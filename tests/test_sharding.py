@@ -204,6 +204,7 @@ def _assert_params_and_optimizer_equal(before, after):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.faults
 def test_a_non_finite_step_changes_nothing(host_batches):
   """An out-of-vocabulary MLM label makes the loss NaN: the step is counted and skipped."""
   config = mesh_config()
@@ -225,6 +226,7 @@ def test_a_non_finite_step_changes_nothing(host_batches):
         jax.tree.leaves(before.params), jax.tree.leaves(jax.device_get(state.params))))
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("optim_override", [{"lr": 1e39}, {"eps": 0.0}])
 def test_a_non_finite_update_changes_nothing(host_batches, optim_override):
   """A finite loss and gradient can still give non-finite new parameters: a learning rate that

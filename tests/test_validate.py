@@ -11,6 +11,7 @@ from mpma_jax import checkpoint, train, validate
 from tests.conftest import ROOT, tiny_config
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("field, value, expected", [
     ("model.image.size", 60, "model.image.size=60: must be divisible by model.image.patch=8"),
     ("model.image.heads", 3, "model.image.width=64: must be divisible by model.image.heads=3"),
@@ -86,6 +87,7 @@ def _fake_run(workdir, config):
     f.write(config.to_json_best_effort(indent=2))
 
 
+@pytest.mark.faults
 def test_refused_commands_leave_the_workdir_byte_for_byte(tmp_path):
   workdir = str(tmp_path / "run")
   _fake_run(workdir, tiny_config())
@@ -107,6 +109,7 @@ def test_refused_commands_leave_the_workdir_byte_for_byte(tmp_path):
   assert checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 20
 
 
+@pytest.mark.faults
 def test_a_refused_start_creates_no_workdir(tmp_path):
   config = tiny_config()
   config.model.image.size = 60
@@ -115,6 +118,7 @@ def test_a_refused_start_creates_no_workdir(tmp_path):
   assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_the_command_prints_one_line_and_exits_2(tmp_path):
   workdir = tmp_path / "run"
@@ -135,6 +139,7 @@ def test_the_command_prints_one_line_and_exits_2(tmp_path):
   assert missing.returncode != 0 and not workdir.exists()
 
 
+@pytest.mark.faults
 def test_resume_auto_continues_when_there_is_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   assert train.resume_decision(workdir, "auto") == (False, None)  # nothing there: start

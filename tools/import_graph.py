@@ -12,11 +12,9 @@ import os
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpma_jax")
-# Imported inside functions on purpose, and only these: optional extras (torch, libtpu), what only
-# one path needs and is slow to import (matplotlib and PIL for pictures, transformers and
-# safetensors for Hugging Face import/export, TFDS for building datasets, pydicom for DICOM files).
-DEFERRED_OK = ("torch", "libtpu", "matplotlib", "PIL", "transformers", "safetensors",
-               "tensorflow_datasets", "pydicom", "mpma_jax.data.builders")
+# Imported inside functions on purpose, and only these: the optional extras (torch, libtpu) and
+# matplotlib, which only the pictures need.
+DEFERRED_OK = ("torch", "libtpu", "matplotlib", "mpma_jax.data.builders")
 # Function-level imports of the package itself: only the dataset registry, which imports each
 # builder on demand, by name.
 DEFERRED_PACKAGE_OK = ("mpma_jax.data.builders",)

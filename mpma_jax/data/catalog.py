@@ -6,6 +6,7 @@ import sys
 
 from absl import logging as absl_logging
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mpma_jax.data import builders, images
 from mpma_jax.data.builders import base
@@ -13,7 +14,6 @@ from mpma_jax.data.builders import base
 
 def quiet() -> None:
   """TFDS prints progress bars and INFO lines; the command's output is the JSON line."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger("absl").setLevel(logging.ERROR)

@@ -9,8 +9,10 @@ import io
 
 import numpy as np
 from PIL import Image
+import pydicom
+from pydicom import pixels
 
-from mpma_jax.models.vit import CLIP_MEAN, CLIP_STD
+from mpma_jax.constants import CLIP_MEAN, CLIP_STD
 
 # Refuse decompression bombs but allow large radiographs (MIMIC-CXR JPGs are ~3000 x 3000).
 Image.MAX_IMAGE_PIXELS = 20_000**2
@@ -45,8 +47,6 @@ def decode_dicom(data: bytes) -> np.ndarray:
   """DICOM -> RGB uint8 [H, W, 3]. Colour: as decoded (YBR is converted to RGB by pydicom),
   palettes applied. Grey: modality LUT (rescale), the file's VOI window if it has one (else
   min-max), MONOCHROME1 inverted so that bone is bright. First frame of multi-frame files."""
-  import pydicom  # imported here: only DICOM datasets need it
-  from pydicom import pixels
   try:
     ds = pydicom.dcmread(io.BytesIO(data))
     arr = ds.pixel_array  # pydicom >= 3 returns YBR_FULL(_422) already as RGB: do not convert again

@@ -35,6 +35,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mpma_jax import masking
 from mpma_jax.data import builders, images
@@ -74,7 +75,6 @@ def _builder(config: ml_collections.ConfigDict, name: str, data_dir: str):
 def _generate_synthetic(config, b, data_dir: str, timeout_s: float = 1800.0):
   """Process 0 writes the synthetic set; the other processes wait until it is there."""
   if jax.process_index() == 0:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     b.download_and_prepare(download_config=tfds.download.DownloadConfig())
     return b
   deadline = time.monotonic() + timeout_s

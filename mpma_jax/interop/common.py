@@ -9,6 +9,7 @@ import os
 from typing import Any, Callable
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from mpma_jax.constants import flatten, unflatten  # noqa: F401  (re-exported)
 
@@ -63,7 +64,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """
   path = find_weights(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     raw = load_file(path)
   else:
     import torch  # pylint: disable=g-import-not-at-top
@@ -192,6 +192,5 @@ def heads_out(heads: int) -> Layout:
 def save_safetensors(tensors: dict[str, Any], path: str):
   """Writes float32 tensors as a PyTorch-flavoured safetensors file (metadata format 'pt', which
   transformers expects)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
   save_file(arrays, path, metadata={"format": "pt"})

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import numpy as np
+import transformers
 
 from mpma_jax.interop import common
 from mpma_jax.models.vit import resize_pos_embed
@@ -55,7 +56,6 @@ def hf_vision_config(path: str):
   `path` is not a directory with a config.json."""
   if not (os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))):
     return None
-  import transformers  # pylint: disable=g-import-not-at-top
   # A CLIPModel's config.json nests the tower's config under 'vision_config'; this reads either.
   return transformers.CLIPVisionConfig.from_pretrained(path)
 
@@ -128,7 +128,6 @@ def export_clip_vision(params: Any, image_config: Any, out_dir: str) -> str:
   """Writes params['image_encoder'] as a HF CLIPVisionModel directory (config.json,
   model.safetensors) that `CLIPVisionModel.from_pretrained(out_dir)` loads completely.
   Returns out_dir."""
-  import transformers  # pylint: disable=g-import-not-at-top
   c = image_config
   flat = common.flatten(params)
   missing = [p for p in ("patch_embed/kernel", "position_embedding") if SCOPE + p not in flat]

@@ -16,6 +16,7 @@ import shutil
 from typing import Any
 
 import numpy as np
+import transformers
 
 from mpma_jax.interop import common
 
@@ -95,7 +96,6 @@ def text_config_from_hf(path: str) -> dict[str, Any]:
   if model_type not in STYLES:
     raise ValueError(f"{config_file}: model_type is {model_type!r}, expected one of "
                      f"{sorted(STYLES)}")
-  import transformers  # pylint: disable=g-import-not-at-top
   hf = transformers.AutoConfig.from_pretrained(path)  # fills the fields config.json leaves out
   position_type = raw.get("position_embedding_type", "absolute")
   if position_type != "absolute":
@@ -189,7 +189,6 @@ def export_hf_text(params: Any, text_config: Any, out_dir: str, tokenizer_dir: s
   ('bert') directory, without a pooler; with_mlm_head: as a RobertaForMaskedLM / BertForMaskedLM
   with params['mlm_head'] (decoder tied to the word embeddings when they are equal). Copies
   every file of `tokenizer_dir` along. Returns out_dir."""
-  import transformers  # pylint: disable=g-import-not-at-top
   c = text_config
   style = c.position_style
   if style not in PREFIXES:

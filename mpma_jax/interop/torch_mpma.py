@@ -23,6 +23,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -470,7 +471,6 @@ class MPMATorch(nn.Module):
   @classmethod
   def from_pretrained(cls, path: str) -> "MPMATorch":
     """Builds the module from path/config.json and loads path/model.safetensors strictly."""
-    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
     with open(os.path.join(path, CONFIG_FILE)) as fh:
       model = cls(json.load(fh))
     model.load_checked(load_file(os.path.join(path, WEIGHTS_FILE)))
@@ -684,7 +684,6 @@ def params_from_state_dict(state_dict: Mapping[str, Any], model_config: Any) -> 
 
 def save_pretrained(params: Any, model_config: Any, out_dir: str):
   """Writes out_dir/model.safetensors and out_dir/config.json (the model config)."""
-  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   state = state_dict_from_params(params, model_config)
   os.makedirs(out_dir, exist_ok=True)
   save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, WEIGHTS_FILE))

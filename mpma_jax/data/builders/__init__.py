@@ -2,6 +2,8 @@
 import importlib
 import re
 
+import tensorflow_datasets as tfds
+
 # short name -> (module, class), modules imported on demand. Your own dataset: add its builder class
 # (or a (dotted module path, class name) pair) here or in your launcher.
 BUILDERS = {
@@ -59,7 +61,6 @@ def build(name: str, manual_dir: str, data_dir: str, **kwargs):
 
   report: {split: {"written": n, "skipped": {reason: count}}}, also saved as build_report.json.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from mpma_jax.data.builders import base  # noqa  pylint: disable=g-import-not-at-top
   b = builder(name, data_dir, **kwargs)
