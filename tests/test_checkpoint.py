@@ -183,7 +183,7 @@ def _poison(monkeypatch, position):
     metrics["loss"] = total
     return total, metrics
 
-  monkeypatch.setattr(train, "compute_losses", poisoned)
+  monkeypatch.setattr(losses, "compute_losses", poisoned)
 
 
 @pytest.mark.faults
@@ -246,8 +246,9 @@ def _nan_learning_rate_from(monkeypatch, count):
   non-finite too."""
   schedule = optim.schedule
   monkeypatch.setattr(
-      optim, "schedule", lambda config, peak: (lambda n: jnp.where(n >= count, jnp.nan,
-                                                                   schedule(config, peak)(n))))
+      optim, "schedule", lambda optim_config, steps, peak:
+      (lambda n: jnp.where(n >= count, jnp.nan,
+                           schedule(optim_config, steps, peak)(n))))
 
 
 @pytest.mark.faults
