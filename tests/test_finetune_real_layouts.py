@@ -355,10 +355,10 @@ def test_command_line_suite_and_eval_of_its_run(pretrained_run, real_layouts, su
   only_rad.mkdir()
   os.symlink(os.path.join(data_dir, "vqa_rad"), only_rad / "vqa_rad")
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or ""}
-  # `python -m mpma_jax.evaluate`, with conftest's one-computation-at-a-time setting for 8 devices.
+  # `mpma-eval`, with conftest's one-computation-at-a-time setting for 8 devices.
   cmd = [
       sys.executable, "-c", "import jax; jax.config.update('jax_cpu_enable_async_dispatch', "
-      "False); from mpma_jax import evaluate; evaluate.run()"
+      "False); from mpma_jax.cli import evaluate; evaluate.run()"
   ]
   overrides = [f"--override={k}={v!r}" for k, v in OVERRIDES.items() if not isinstance(v, dict)]
   done = subprocess.run(

@@ -65,7 +65,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_dir, data_dir):
   config = run_config(**STEPS)
   a, b = restore_state(config, single_dir, 3), restore_state(config, multi_dir, 3)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-6, rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=4e-6, rtol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
   # one copy of the data-iterator state, valid for any number of hosts
   data_state = json.load(open(os.path.join(multi_dir, "checkpoints", "3", "data", "metadata")))
