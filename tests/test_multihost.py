@@ -7,12 +7,15 @@ with every worker's stacks, should a run stop using CPU.
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from tests import train_worker
+from tests.conftest import ROOT
 from tests.test_checkpoint import restore_state, run_config, train_rows
 
 pytestmark = pytest.mark.slow  # the slow tier: several training processes
@@ -98,3 +101,35 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path, tokenizer_dir
   k = stopped[0]["stopped_at"]
   assert stopped[1]["stopped_at"] == k >= 3 and "SIGTERM" in stopped[0]["reason"]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(k)]
+
+
+_DECIDE = """
+import json, sys
+from mpma_jax import distributed, train
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+print("DECISION " + json.dumps(train.resume_decision(workdir, "auto")), flush=True)
+"""
+
+
+@pytest.mark.faults
+def test_resume_auto_is_decided_once_for_every_host(tmp_path):
+  """--resume=auto on two hosts whose views of the workdir differ (storage still settling: host 1
+  does not see the checkpoint yet): process 0 decides for both."""
+  seen, unseen = tmp_path / "host0", tmp_path / "host1"
+  (seen / "checkpoints" / "40").mkdir(parents=True)
+  unseen.mkdir()
+  port = _free_port()
+  procs = [
+      subprocess.Popen([sys.executable, "-c", _DECIDE,
+                        str(port), str(i), str(d)], env=_env(1), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+      for i, d in enumerate((seen, unseen))
+  ]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  decisions = [[
+      json.loads(line[len("DECISION "):]) for line in out.splitlines()
+      if line.startswith("DECISION ")
+  ] for out in outs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert decisions == [[[True, 40]], [[True, 40]]], outs
