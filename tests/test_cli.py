@@ -116,8 +116,7 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
       ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
                                     ".pytest_cache"))
   subprocess.run([
-      sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-      "--target",
+      sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
       str(target),
       str(source)
   ], check=True, capture_output=True, text=True, timeout=600)
