@@ -28,7 +28,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from mpma_jax import overrides
+from mpma_jax import checkpoint, overrides
 
 Overrides = dict[str, Any]  # dotted config field -> value
 
@@ -268,13 +268,6 @@ def run_logged(argv: list[str], log_path: str) -> int:
   return proc.returncode
 
 
-def latest_step(workdir: str) -> Optional[int]:
-  """The newest checkpoint's step in <workdir>/checkpoints/<step>/, or None."""
-  ckpt = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-  return max(steps, default=None)
-
-
 def i2t_r5(workdir: str) -> Optional[float]:
   """The trained model's image->text R@5 from <workdir>/eval.json, or None."""
   try:
@@ -301,7 +294,7 @@ def run_local(plan: Plan, runner: Callable[[list[str], str], int]) -> int:
       if rc != 0:
         statuses[run.name] = f"failed (exit {rc}){resumed}"
       elif run_state(run.workdir) != "skip":  # a clean early stop: SIGTERM, train.run_steps
-        step = latest_step(run.workdir)
+        step = checkpoint.latest_step(os.path.join(run.workdir, "checkpoints"))
         statuses[run.name] = (f"stopped at step {step}"
                               if step is not None else "ended without eval.json")
       else:

@@ -14,7 +14,7 @@ from mpma_jax.data.builders import synthetic_downstream as sd
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.slow  # the slow tier: fine-tunes the session's pre-trained run on every task type
+pytestmark = pytest.mark.slow  # the slow tier: fine-tunes the shared pre-trained run on every task type
 
 
 def ft_config(name: str, data_dir: str, variant: str = ""):
