@@ -48,20 +48,28 @@ def _array_checksum(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * weight, dtype=jnp.uint32)
 
 
-@jax.jit
-def _checksums(tree) -> jax.Array:
+def _checksum_stack(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   return jnp.stack([_array_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+
+
+_checksums = jax.jit(_checksum_stack)
+# Checkpointer.save: finiteness and checksums in one pass over the state.
+_finite_and_checksums = jax.jit(lambda tree: (all_finite(tree), _checksum_stack(tree)))
+
+
+def _by_path(tree: Any, values: jax.Array) -> dict[str, int]:
+  """The per-leaf figures of `_checksum_stack` keyed by each array's path in `tree`."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  if not values.is_fully_addressable:  # replicated: every process holds all of it
+    values = values.addressable_data(0)
+  return dict(zip(paths, (int(v) for v in np.asarray(jax.device_get(values)))))
 
 
 def checksums(tree: Any) -> dict[str, int]:
   """{array path: checksum} of every array in `tree` (device arrays, sharded over any mesh and any
   number of processes, or host arrays)."""
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-  values = _checksums(tree)
-  if not values.is_fully_addressable:  # replicated: every process holds all of it
-    values = values.addressable_data(0)
-  return dict(zip(paths, (int(v) for v in np.asarray(jax.device_get(values)))))
+  return _by_path(tree, _checksums(tree))
 
 
 def abstract_like(state: Any) -> Any:
@@ -101,13 +109,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator) -> None:
-    if not jax.jit(all_finite)(state):
+    finite, values = _finite_and_checksums(state)
+    if not finite:
       latest = self.latest_step()
       raise NonFiniteLossError(
           f"refusing to checkpoint step {step}: the train state is not finite; " +
           (f"the last good checkpoint is step {latest}"
            if latest is not None else "there is no checkpoint yet"))
-    sums = checksums(state)  # before the save: the donated buffers are reused by the next step
+    sums = _by_path(state, values)  # taken before the save: the next step reuses the buffers
     self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(data_iterator.get_state())))

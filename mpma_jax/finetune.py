@@ -112,7 +112,6 @@ def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.Gradi
                      {"encoder": 1.0, "fusion": o.fusion_mult, "head": o.head_mult, "frozen": None})
 
 
-# --- losses ---------------------------------------------------------------------------------------
 # --- steps ----------------------------------------------------------------------------------------
 def build_model(config, model_cfg, num_outputs: int) -> Downstream:
   return Downstream(ml_collections.FrozenConfigDict(model_cfg), config.task, num_outputs,

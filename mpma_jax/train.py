@@ -406,8 +406,7 @@ def prepare_tokenizer(config, workdir: str, data_dir: str):
   """The run's tokenizer, saved in (or read from) <workdir>/tokenizer so a resumed run or an export
   sees exactly the same ids. Returns (tokenizer, directory)."""
   run_dir = os.path.join(workdir, "tokenizer")
-  # Process 0 writes the run's tokenizer (training one is not repeatable, so exactly one process
-  # may do it); the others wait for it and read the same files.
+  # Process 0 writes the run's tokenizer; the others wait for it and read the same files.
   if jax.process_index() == 0 and not os.path.isdir(run_dir):
     if config.data.tokenizer == "builtin":  # WordPiece trained on (up to 20k) training texts
       corpus = pipeline.report_corpus(config, data_dir, 20_000)
@@ -475,7 +474,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, resume=False) -> d
   except (ValueError, FileNotFoundError) as e:
     raise validate.UsageError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
-  tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)
+  try:
+    tok, tok_dir = prepare_tokenizer(config, workdir, data_dir)
+  except (ValueError, FileNotFoundError) as e:  # the tokenizer does not fit model.text
+    raise validate.UsageError(str(e)) from e
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
