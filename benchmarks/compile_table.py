@@ -1,7 +1,8 @@
 """The docs/scaling.md table of compiled settings: `mpma-compile --suggest` for each target row.
 
   python benchmarks/compile_table.py [--rows base-bf16-v5e16,...] [--results DIR]
-                                     [--max_compiles 3] [--write docs/scaling.md]
+                                     [--max_compiles 3] [--hlo_dir DIR]
+                                     [--write docs/scaling.md]
 
 Each row is one `aot.suggest` (the same search `mpma-compile --suggest` runs, with the command
 printed beside it); its JSON goes to --results/<row>.json and is reused on the next call (delete it
@@ -38,7 +39,7 @@ def command(variant: str, dtype: str, topology: str, batch: int) -> str:
           f"--config.train.batch_size={batch}")
 
 
-def run_row(name, variant, dtype, topology, batch, max_compiles, results) -> dict:
+def run_row(name, variant, dtype, topology, batch, max_compiles, results, hlo_dir) -> dict:
   """One row, in a child process: an XLA compiler that aborts (a failed CHECK) ends only that row,
   recorded with its message."""
   path = os.path.join(results, f"{name}.json")
@@ -46,7 +47,7 @@ def run_row(name, variant, dtype, topology, batch, max_compiles, results) -> dic
     proc = subprocess.run([
         sys.executable,
         os.path.abspath(__file__), "--rows", name, "--results", results, "--max_compiles",
-        str(max_compiles), "--child"
+        str(max_compiles), "--hlo_dir", hlo_dir, "--child"
     ], stderr=subprocess.PIPE, text=True)
     if proc.returncode and not os.path.exists(path):
       failed = [l for l in proc.stderr.splitlines() if "Check failed" in l or "Error" in l]
@@ -63,14 +64,14 @@ def run_row(name, variant, dtype, topology, batch, max_compiles, results) -> dic
     return json.load(f)
 
 
-def compile_row(name, variant, dtype, topology, batch, max_compiles, results) -> dict:
+def compile_row(name, variant, dtype, topology, batch, max_compiles, results, hlo_dir) -> dict:
   path = os.path.join(results, f"{name}.json")
   config = pretrain.get_config(variant)
   config.model.update(scan=True, dtype=dtype)
   config.train.batch_size = batch
   print(f"== {name}: {command(variant, dtype, topology, batch)}", flush=True)
   result = aot.suggest(config, topology, max_compiles=max_compiles, max_fits=1,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), hlo_dir=hlo_dir)
   result.update(name=name, variant=variant, dtype=dtype,
                 command=command(variant, dtype, topology, batch))
   os.makedirs(results, exist_ok=True)
@@ -124,6 +125,8 @@ def main():
   parser.add_argument("--max_compiles", type=int, default=3,
                       help="per row; a row stops at its first fitting setting")
   parser.add_argument("--write", default="", help="a Markdown file with the compile-table markers")
+  parser.add_argument("--hlo_dir", default="",
+                      help="also keep each compiled HLO here, gzipped (tens of MB per base row)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   wanted = set(filter(None, args.rows.split(",")))
@@ -132,9 +135,9 @@ def main():
     parser.error(f"unknown rows {sorted(wanted - {r[0] for r in ROWS})}; known: "
                  f"{[r[0] for r in ROWS]}")
   if args.child:  # one row, in this process
-    compile_row(*rows[0], args.max_compiles, args.results)
+    compile_row(*rows[0], args.max_compiles, args.results, args.hlo_dir)
     return
-  done = [run_row(*r, args.max_compiles, args.results) for r in rows]
+  done = [run_row(*r, args.max_compiles, args.results, args.hlo_dir) for r in rows]
   # Every row with a result, in table order (also those from earlier invocations).
   every = []
   for r in ROWS:

@@ -17,6 +17,7 @@ for the compiler.
 """
 import contextlib
 import dataclasses
+import gzip
 import json
 import math
 import multiprocessing
@@ -325,6 +326,14 @@ def _group_size(attrs: str, num_devices: int) -> int:
   if m:
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
     return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", m.group(2)))
+  m = re.search(r"source_target_pairs=\{(\{.*?\})\}", attrs)
+  if m:  # a permute: the length of the ring the first source is on
+    step = {int(a): int(b) for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))}
+    first = next(iter(step), None)
+    device, length = step.get(first), 1
+    while device is not None and device != first and length <= len(step):
+      device, length = step.get(device), length + 1
+    return length if device == first else num_devices
   return num_devices
 
 
@@ -345,6 +354,75 @@ class Hlo:
   runs: dict
   sequences: set
   sliced: dict = dataclasses.field(default_factory=dict)  # memo of _sliced_reads
+  in_place: dict = dataclasses.field(default_factory=dict)  # memo of _in_place_writes
+
+
+def _find(instructions, name: str) -> Optional[tuple[str, str, str]]:
+  for instruction in instructions:
+    m = _INSTRUCTION.match(instruction[2])
+    if m and m.group(2) == name:
+      return instruction
+  return None
+
+
+def _constant(instruction) -> Optional[int]:
+  if instruction is None or instruction[0] != "constant":
+    return None
+  m = re.search(r"constant\((-?\d+)\)", instruction[2])
+  return int(m.group(1)) if m else None
+
+
+def _inferred_trip_count(computations: dict, caller: str, while_line: str) -> int:
+  """Trip count of a while loop whose backend config does not give one (XLA:TPU's compiled HLO
+  drops known_trip_count): its condition is `counter < N` (or <=, or N > counter) with the
+  counter a tuple element that starts at a constant (0 when it is not a constant) and that the
+  body adds a constant to (1 when it is not found), as in lax.scan / fori_loop and XLA's
+  windowed-einsum loops (which step by 2: one chunk each way round the ring). 1 when the
+  condition has another form."""
+  cond = re.search(r"condition=%?([\w.\-]+)", while_line)
+  instructions = computations.get(cond.group(1), []) if cond else []
+  root = next((i for i in instructions if re.match(r"^\s*ROOT\s", i[2])), None)
+  if root is None or root[0] != "compare":
+    return 1
+  direction = re.search(r"direction=(\w+)", root[2])
+  lhs, rhs = (_operands(root[2]) + ["", ""])[:2]
+  bound, counter = _constant(_find(instructions, rhs)), _find(instructions, lhs)
+  flip = {"GT": "LT", "GE": "LE"}
+  op = direction.group(1) if direction else ""
+  if bound is None:  # N > counter
+    bound, counter, op = _constant(_find(instructions, lhs)), _find(instructions, rhs), flip.get(op)
+  if bound is None or counter is None or counter[0] != "get-tuple-element" or op not in ("LT",
+                                                                                         "LE"):
+    return 1
+  index = int(re.search(r"index=(\d+)", counter[2]).group(1))
+  start = 0
+  init = _operands(while_line)
+  tuple_op = _find(computations.get(caller, []), init[0]) if init else None
+  if tuple_op is not None and tuple_op[0] == "tuple":
+    elements = _operands(tuple_op[2])
+    if index < len(elements):
+      value = _constant(_find(computations[caller], elements[index]))
+      start = value if value is not None else 0
+  return max(-(-(bound - start + (op == "LE")) // _counter_step(computations, while_line, index)),
+             1)
+
+
+def _counter_step(computations: dict, while_line: str, index: int) -> int:
+  """What the loop body adds to tuple element `index` per trip (1 when it is not a constant)."""
+  body = re.search(r"body=%?([\w.\-]+)", while_line)
+  instructions = computations.get(body.group(1), []) if body else []
+  root = next((i for i in instructions if re.match(r"^\s*ROOT\s", i[2])), None)
+  if root is None or root[0] != "tuple" or index >= len(_operands(root[2])):
+    return 1
+  update = _find(instructions, _operands(root[2])[index])
+  if update is None or update[0] != "add":
+    return 1
+  for a, b in (_operands(update[2])[:2], _operands(update[2])[1::-1]):
+    read, step = _find(instructions, a), _constant(_find(instructions, b))
+    if (read is not None and read[0] == "get-tuple-element" and step and step > 0 and
+        int(re.search(r"index=(\d+)", read[2]).group(1)) == index):
+      return step
+  return 1
 
 
 def parse_hlo(hlo_text: str) -> Hlo:
@@ -379,7 +457,7 @@ def parse_hlo(hlo_text: str) -> Hlo:
       trip = 1
       if op == "while":
         t = _TRIP_COUNT.search(line)
-        trip = int(t.group(1)) if t else 1
+        trip = int(t.group(1)) if t else _inferred_trip_count(computations, name, line)
       for role, callee in _CALLEES.findall(line):
         if callee in computations:
           if op in ("while", "call", "conditional"):
@@ -413,7 +491,8 @@ _SLICES = ("dynamic-slice", "slice", "gather")
 
 def _sliced_reads(hlo: Hlo, fused: str) -> dict[int, float]:
   """Fused-computation parameters that are only sliced inside (a scanned layer's weights taken
-  from the [layers, ...] stack): parameter index -> bytes actually read (the slices)."""
+  from the [layers, ...] stack), directly or by a fusion nested in it: parameter index -> bytes
+  actually read (the slices)."""
   if fused in hlo.sliced:
     return hlo.sliced[fused]
   out = hlo.sliced[fused] = {}
@@ -423,18 +502,90 @@ def _sliced_reads(hlo: Hlo, fused: str) -> dict[int, float]:
       continue
     name = _INSTRUCTION.match(line).group(2)
     index = int(re.search(r"parameter\((\d+)\)", line).group(1))
-    users = [(u_op, u_shape) for u_op, u_shape, u_line in instructions
-             if u_op != "parameter" and name in _operands(u_line)]
-    if users and all(u_op in _SLICES for u_op, _ in users):
-      out[index] = sum(shape_bytes(u_shape) for _, u_shape in users)
+    read, only_sliced = 0.0, True
+    for u_op, u_shape, u_line in instructions:
+      if u_op == "parameter" or name not in _operands(u_line):
+        continue
+      if u_op in _SLICES and _operands(u_line)[0] == name and _operands(u_line).count(name) == 1:
+        read += shape_bytes(u_shape)  # the sliced operand (not a start index)
+        continue
+      inner = re.search(r"calls=%?([\w.\-]+)", u_line) if u_op == "fusion" else None
+      inner_sliced = _sliced_reads(hlo, inner.group(1)) if inner else {}
+      positions = [i for i, o in enumerate(_operands(u_line)) if o == name]
+      if positions and all(i in inner_sliced for i in positions):
+        read += sum(inner_sliced[i] for i in positions)
+        continue
+      only_sliced = False
+      break
+    if only_sliced and read:
+      out[index] = read
   return out
+
+
+def _in_place_writes(hlo: Hlo, fused: str) -> tuple[dict[int, float], set[int]]:
+  """Outputs of a fused computation that are dynamic-update-slices of one of its parameters
+  (a scan writing one layer's activations into the [layers, ...] stack, in place) or that are a
+  parameter passed through: ({output index: bytes actually written (the update; 0)}, {parameter
+  indices updated in place or passed through, not read})."""
+  if fused in hlo.in_place:
+    return hlo.in_place[fused]
+  instructions = hlo.computations.get(fused, [])
+  by_name = {
+      _INSTRUCTION.match(line).group(2): (op, shape, line) for op, shape, line in instructions
+  }
+  root = next((i for i in instructions if re.match(r"^\s*ROOT\s", i[2])), None)
+  elements = [root] if root is not None and root[0] != "tuple" else [
+      by_name.get(o) for o in (_operands(root[2]) if root is not None else [])
+  ]
+  written, aliased = {}, set()
+  for index, element in enumerate(elements):
+    while element is not None and element[0] == "bitcast":
+      element = by_name.get(_operands(element[2])[0])
+    if element is not None and element[0] == "parameter":  # passed through (XLA:TPU's async
+      written[index] = 0.0  # collective fusions hand on the buffers of a collective in flight)
+      aliased.add(int(re.search(r"parameter\((\d+)\)", element[2]).group(1)))
+      continue
+    if element is None or element[0] != "dynamic-update-slice":
+      continue
+    target, update = (_operands(element[2]) + ["", ""])[:2]
+    buffer = by_name.get(target)
+    if buffer is None or buffer[0] != "parameter" or update not in by_name:
+      continue
+    written[index] = shape_bytes(by_name[update][1])
+    aliased.add(int(re.search(r"parameter\((\d+)\)", buffer[2]).group(1)))
+  hlo.in_place[fused] = (written, aliased)
+  return written, aliased
+
+
+def _result_bytes(shape: str, written: dict[int, float]) -> float:
+  """Bytes an instruction writes: its result, with in-place updated outputs as their updates."""
+  if not written:
+    return shape_bytes(shape)
+  parts = _tuple_elements(shape) if shape.startswith("(") else [shape]
+  return sum(written.get(i, shape_bytes(part)) for i, part in enumerate(parts))
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """'(bf16[2,3]{1,0}, (f32[], s32[4]), u8[1])' -> its top-level element types."""
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(shape):
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+      if depth == 0:
+        out.append(shape[start:i])
+    elif ch == "," and depth == 1:
+      out.append(shape[start:i])
+      start = i + 1
+  return [e.strip() for e in out if e.strip()]
 
 
 def step_hbm_bytes(hlo: Hlo) -> float:
   """Bytes read and written per step by the instructions that run one after another (a fusion
   reads its operands from and writes its result to memory once; an operand it only slices, just
-  the slices), loops times their trip counts. XLA's own 'bytes accessed' counts a loop body once;
-  this is what the roofline uses."""
+  the slices; a buffer it updates in place, just the update), loops times their trip counts.
+  XLA's own 'bytes accessed' counts a loop body once; this is what the roofline uses."""
   total = 0.0
   for name in hlo.sequences:
     shapes = {}
@@ -443,36 +594,58 @@ def step_hbm_bytes(hlo: Hlo) -> float:
     for op, shape, line in hlo.computations[name]:
       if op in _NO_TRAFFIC or op.endswith("-start"):
         continue
-      sliced = {}
+      operands = _operands(line)
+      sliced, written, aliased = {}, {}, set()
       if op == "fusion":
         callee = re.search(r"calls=%?([\w.\-]+)", line)
-        sliced = _sliced_reads(hlo, callee.group(1)) if callee else {}
-      operands = _operands(line)
-      nbytes = shape_bytes(shape) + sum(
-          sliced.get(i, shape_bytes(shapes.get(o, ""))) for i, o in enumerate(operands))
-      total += nbytes * hlo.runs.get(name, 0)
+        if callee:
+          sliced = _sliced_reads(hlo, callee.group(1))
+          written, aliased = _in_place_writes(hlo, callee.group(1))
+      elif op == "dynamic-update-slice" and len(operands) > 1:
+        written, aliased = {0: shape_bytes(shapes.get(operands[1], ""))}, {0}
+      reads = sum(0.0 if i in aliased else sliced.get(i, shape_bytes(shapes.get(o, "")))
+                  for i, o in enumerate(operands))
+      total += (_result_bytes(shape, written) + reads) * hlo.runs.get(name, 0)
   return total
+
+
+_WINDOWED = ("wide.windowed_dot_general_body_ag", "wide.windowed_dot_general_body_rs")
 
 
 def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
   """Every collective of a compiled HLO module with its executions per step.
 
-  Counts asynchronous pairs once (at '-done', whose result is the output), treats an all-reduce
+  Counts asynchronous pairs once (at '-done', whose result is the output) and a collective that
+  several async-collective fusions share (one channel_id) once, treats an all-reduce
   inside a computation named all-reduce-scatter* (XLA:TPU's fused reduce-scatter) as a
-  reduce-scatter, and multiplies ops inside while loops by the loop's known trip count (loops
-  without one count once)."""
+  reduce-scatter, the permutes of XLA:TPU's windowed-einsum loops as the all-gather or
+  reduce-scatter they carry out, and multiplies ops inside while loops by the loop's trip count
+  (its known_trip_count, else read from its condition: `_inferred_trip_count`)."""
   hlo = parse_hlo(hlo_text) if isinstance(hlo_text, str) else hlo_text
   computations, runs = hlo.computations, hlo.runs
 
   found: dict[tuple[str, float, int], int] = {}
+  channels: set[str] = set()
   for name, times in runs.items():
     for op, shape, line in computations[name]:
       base = op[:-5] if op.endswith("-done") else op
       if base not in COLLECTIVE_KINDS or op.endswith("-start"):
         continue
+      # XLA:TPU's async collective fusions repeat one collective (same channel) in the fusions
+      # that start, advance and finish it: count it once
+      channel = re.search(r"channel_id=(\d+)", line)
+      if channel and channel.group(1) in channels:
+        continue
+      if channel:
+        channels.add(channel.group(1))
       kind = base
       if base == "all-reduce" and name.startswith("all-reduce-scatter"):
         kind = "reduce-scatter"
+      elif base == "collective-permute" and name.startswith(_WINDOWED):
+        # XLA:TPU's windowed einsum (collective matmul): an FSDP all-gather or reduce-scatter
+        # done as a loop of permutes overlapped with the matmul's chunks
+        # (bytes: the chunks it permutes add up to the gathered output / the scattered input)
+        kind = "reduce-scatter" if name.startswith(_WINDOWED[1]) else "all-gather"
       nbytes = shape_bytes(shape)
       if op.endswith("-done"):  # attributes (replica groups) are on the matching -start
         group = num_devices
@@ -551,15 +724,24 @@ def estimate(config, compiled_cost: dict, step_bytes: float, found: list[Collect
   }
 
 
-def report(config, compiled: Compiled, hbm_bytes: float = 0.0) -> dict:
+def report(config, compiled: Compiled, hbm_bytes: float = 0.0, hlo_dir: str = "") -> dict:
   """Everything `mpma-compile` prints for one compiled step, as a JSON-ready dict. hbm_bytes > 0
-  replaces the chip's memory in the fit check."""
+  replaces the chip's memory in the fit check; hlo_dir: also keep the compiled HLO there
+  (gzipped, named after the topology and setting)."""
   chip = chip_for(compiled.topology, compiled.devices)
   if hbm_bytes:
     chip = dataclasses.replace(chip, hbm_bytes=hbm_bytes)
   mem = memory(compiled.executable)
   cst = cost(compiled.executable)
-  hlo = parse_hlo(compiled.executable.as_text())
+  text = compiled.executable.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    m = compiled.mesh
+    name = (f"{config.model.dtype}_{compiled.topology.replace(':', '_')}_mesh{m['data']}x"
+            f"{m['fsdp']}x{m['tensor']}_{config.model.remat}_x{config.train.grad_accum}.hlo.gz")
+    with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
+      f.write(text)
+  hlo = parse_hlo(text)
   found = collectives(hlo, len(compiled.devices))
   step_bytes = step_hbm_bytes(hlo)
   out = {
@@ -727,18 +909,19 @@ def run_isolated(fn: Callable, *args, timeout: Optional[float] = None):
   return (value, None) if status == "ok" else (None, value)
 
 
-def _report_in_child(config_json: str, topology: str, hbm_bytes: float) -> dict:
+def _report_in_child(config_json: str, topology: str, hbm_bytes: float, hlo_dir: str) -> dict:
   """`report` of one compile, run by `suggest` in a child process."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return report(config, compile_step(config, topology), hbm_bytes)
+  return report(config, compile_step(config, topology), hbm_bytes, hlo_dir)
 
 
 def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_bytes: float = 0.0,
-            max_fits: int = 0, log=None, isolate: Optional[bool] = None) -> dict:
+            max_fits: int = 0, log=None, isolate: Optional[bool] = None, hlo_dir: str = "") -> dict:
   """Compiles settings for `topology` at config.train.batch_size and returns {'tried': [...],
   'fits': [...]} (rows of `report`, plus 'setting'); 'fits' holds only settings whose compiled
   peak memory fits the chip (hbm_bytes overrides the chip's), fastest first by the estimate.
-  Stops after max_compiles compiles, or once max_fits (> 0) settings fit.
+  Stops after max_compiles compiles, or once max_fits (> 0) settings fit. hlo_dir: keep each
+  compiled HLO there (`report`).
 
   isolate (default: when `devices` is not given): each compile runs in its own child process, so
   that a compiler that aborts on one setting ends that setting (recorded with the reason), not the
@@ -771,13 +954,14 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
       say(f"compiling {setting} ...")
       compiles += 1
       if isolate:
-        row, why = run_isolated(_report_in_child, c.to_json_best_effort(), topology, hbm_bytes)
+        row, why = run_isolated(_report_in_child, c.to_json_best_effort(), topology, hbm_bytes,
+                                hlo_dir)
         if row is None:
           tried.append({"setting": setting, "fits": False, "skipped": f"compile failed: {why}"})
           say(f"  compile failed: {why}")
           continue
       else:
-        row = report(c, compile_step(c, topology, devices), hbm_bytes)
+        row = report(c, compile_step(c, topology, devices), hbm_bytes, hlo_dir)
       row["setting"] = setting
       tried.append(row)
       say(f"  peak {_gib(row['memory']['peak'])}: {'fits' if row['fits'] else 'does not fit'}"

@@ -24,6 +24,7 @@ import optax
 
 from mpma_jax import checkpoint, logger, metrics, optim, sharding, tasks, train, visualize
 from mpma_jax.data import downstream
+from mpma_jax.data import text as texts
 from mpma_jax.data import tokenizer as tokenizers
 from mpma_jax.models import vit
 from mpma_jax.models.heads import Downstream
@@ -114,8 +115,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.Gradi
 
 # --- steps ----------------------------------------------------------------------------------------
 def build_model(config, model_cfg, num_outputs: int) -> Downstream:
-  return Downstream(ml_collections.FrozenConfigDict(model_cfg), config.task, num_outputs,
-                    config.linear_probe)
+  task = tasks.get(config.task)
+  return Downstream(ml_collections.FrozenConfigDict(model_cfg), task.head, num_outputs,
+                    task.output_bias(num_outputs), config.linear_probe)
 
 
 def dummy_batch(config, model_cfg, num_outputs: int, batch_size: int = 2) -> dict:
@@ -255,7 +257,7 @@ def pictures(config, model_cfg, params, test_rows: dict, tokenizer_dir: str, wor
   if config.train.epochs and os.path.exists(metrics_path):
     paths.append(os.path.join(out, "curves.png"))
     images["curves"] = visualize.training_curves(metrics_path, paths[-1])
-  if config.task == "retrieval" and "image" in test_rows:
+  if tasks.get(config.task).head == "alignment" and "image" in test_rows:
     tok = tokenizers.load_tokenizer(tokenizer_dir)
     n = min(100, len(test_rows["image"]))
     pairs = {k: test_rows[k][:n] for k in ("image", "text_ids", "text_mask")}
@@ -275,9 +277,9 @@ def majority_baseline(builder, plan: downstream.Plan, test: dict) -> dict:
   answers, closed = [], []
   for i in plan.train[1]:
     record = source[int(i)]
-    first = [vocab[a] for a in downstream.accepted_answers(record["answer"]) if a in vocab]
+    first = [vocab[a] for a in texts.accepted_answers(record["answer"]) if a in vocab]
     answers.append(first[0] if first else -1)
-    closed.append(downstream._str(record["answer_type"]) == "closed")  # pylint: disable=protected-access
+    closed.append(texts.record_str(record["answer_type"]) == "closed")
   pred = metrics.majority_answers(np.array(answers), np.array(closed), test["closed"].astype(bool))
   return metrics.vqa_accuracy(pred, test["accepted"], test["closed"].astype(bool))
 
@@ -389,10 +391,11 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
                 f"{select_metric} on {plan.select[0]} {val[select_metric]:.4f}")
       best_ckpt.save(epoch, params, val[select_metric])
     params, best = best_ckpt.restore_best(params)
-    rerank = config.task == "retrieval" and config.retrieval.rerank_k > 0
+    alignment = task.head == "alignment"  # retrieval: ITM re-ranking, pictures of the top images
+    rerank = alignment and config.retrieval.rerank_k > 0
     test_rows = predict_split(config, predict, params,
                               downstream.eval_batches(config, source["test"], *plan.test, decode),
-                              mesh, keep_inputs=config.task == "retrieval")
+                              mesh, keep_inputs=alignment)
     test = task.score(test_rows, scored)
     if rerank:
       test = {
@@ -406,7 +409,7 @@ def run_protocol(config, protocol: str, pre_config, pretrained, tokenizer_dir: s
       "num_select": len(plan.select[1]), "num_test": int(test["n"]), "test": test,
       "history": history
   }
-  if config.task == "vqa":
+  if task.answers:
     result["majority_baseline"] = majority_baseline(builder, plan, test_rows)
     result["num_answers"] = len(plan.vocab)
   log.scalars(step, {k: v for k, v in test.items() if isinstance(v, float)}, prefix="test")

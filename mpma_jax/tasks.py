@@ -1,9 +1,11 @@
-"""The downstream tasks, one row each: the loss, the metrics, the metric that selects the
-checkpoint, the number of outputs and the batch fields of the task (fine-tuning, mpma-eval, the
-suite). The model's heads (models/heads.py) and the record decoding (data/downstream.py) follow
-the same task names."""
+"""The downstream tasks, one row each: what a task reads from a record, which head it puts on the
+pre-trained model, its loss, its metrics, the metric that selects the checkpoint, the number of
+outputs and the batch fields. Fine-tuning, mpma-eval, the suite, the fine-tuning model
+(models/heads.py builds the head this table names) and the record decoding (data/downstream.py)
+read it; nothing else branches on a task's name."""
 import dataclasses
-from typing import Callable
+import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import numpy as np
 import optax
 
 from mpma_jax import losses, metrics
+from mpma_jax.data import text as texts
 
 
 def _masked_mean(per_row, valid):
@@ -39,6 +42,26 @@ def _retrieval_loss(out, batch):  # symmetric InfoNCE of the GLA global embeddin
   return losses.global_alignment_loss(out["image"], out["text"], out["temperature"])
 
 
+# --- the label fields of a decoded example, from a record (decode: the data.downstream.Decode) ---
+def _vqa_targets(decode, record) -> dict:
+  accepted = np.zeros(max(len(decode.vocab), 1), np.float32)  # [A]
+  for answer in texts.accepted_answers(record["answer"]):
+    if answer in decode.vocab:
+      accepted[decode.vocab[answer]] = 1.0
+  return {
+      "accepted": accepted, "closed": np.int32(texts.record_str(record["answer_type"]) == "closed")
+  }
+
+
+def _classification_targets(decode, record) -> dict:
+  return {"label": np.int32(record["label"])}
+
+
+def _image_classification_targets(decode, record) -> dict:
+  targets, mask = decode.targets(np.asarray(record["labels"], np.float32))  # [C], [C]
+  return {"targets": targets, "target_mask": mask}
+
+
 def _vqa_score(p, class_names):
   return metrics.vqa_accuracy(p["out"], p["accepted"], p["closed"].astype(bool))
 
@@ -65,22 +88,51 @@ class Task:
   select_metric: str  # the checkpoint with the highest value on the selection split is kept
   num_outputs: Callable  # (config, answer vocabulary, class names) -> head outputs
   batch_fields: Callable  # (batch size, num_outputs) -> the task's own fields, as zeros
+  # models/heads.py: "joint" (fused [CLS] pair -> MLP), "image" (image encoder [CLS] -> linear),
+  # "alignment" (no new head: GLA global embeddings, ITM for re-ranking)
+  head: str
+  text_field: str  # the record field the text comes from ("texts": the first of a list)
+  targets: Callable  # (Decode, record) -> the task's label fields of a decoded example
+  output_bias: Callable = lambda num_outputs: 0.0  # initial head bias (models/heads.JointHead)
+  # records sharing a value of this field share an image: held-out validation takes whole images
+  # and decoded images are cached by it (VQA: many questions per image)
+  image_group: Optional[str] = None
+  answers: bool = False  # outputs are an answer vocabulary (VQA: majority-answer baseline)
+  label_columns: bool = False  # targets are the dataset's class columns named in data.labels
   other_train_dataset: bool = False  # trains on config.data.train_dataset (ROCO retrieval)
 
 
 TASKS = {
     t.name: t for t in (
         Task(
-            "vqa", _vqa_loss, _vqa_score, "overall", lambda config, vocab, names: len(vocab), lambda
-            b, n: {"accepted": np.zeros((b, n), np.float32), "closed": np.zeros((b,), np.int32)}),
-        Task("classification", _classification_loss, _classification_score, "accuracy", lambda
-             config, vocab, names: len(names), lambda b, n: {"label": np.zeros((b,), np.int32)}),
+            "vqa",
+            _vqa_loss,
+            _vqa_score,
+            "overall",
+            num_outputs=lambda config, vocab, names: len(vocab),
+            batch_fields=lambda b, n:
+            {"accepted": np.zeros((b, n), np.float32), "closed": np.zeros((b,), np.int32)},
+            head="joint",
+            text_field="question",
+            targets=_vqa_targets,
+            # binary cross-entropy per answer: biases start at logit(1/C)
+            output_bias=lambda n: -math.log(max(n - 1, 1)),
+            image_group="image_id",
+            answers=True),
+        Task("classification", _classification_loss, _classification_score, "accuracy",
+             num_outputs=lambda config, vocab, names: len(names),
+             batch_fields=lambda b, n: {"label": np.zeros((b,), np.int32)}, head="joint",
+             text_field="text", targets=_classification_targets),
         Task(
             "image_classification", _image_classification_loss, _image_classification_score, "mean",
-            lambda config, vocab, names: len(config.data.labels), lambda b, n:
-            {"targets": np.zeros((b, n), np.float32), "target_mask": np.ones((b, n), np.float32)}),
-        Task("retrieval", _retrieval_loss, _retrieval_score, "rsum", lambda config, vocab, names: 0,
-             lambda b, n: {}, other_train_dataset=True),
+            num_outputs=lambda config, vocab, names: len(config.data.labels),
+            batch_fields=lambda b, n:
+            {"targets": np.zeros((b, n), np.float32), "target_mask": np.ones(
+                (b, n), np.float32)}, head="image", text_field="text",
+            targets=_image_classification_targets, label_columns=True),
+        Task("retrieval", _retrieval_loss, _retrieval_score, "rsum", num_outputs=lambda config,
+             vocab, names: 0, batch_fields=lambda b, n: {}, head="alignment", text_field="texts",
+             targets=lambda decode, record: {}, other_train_dataset=True),
     )
 }
 

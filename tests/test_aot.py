@@ -97,6 +97,126 @@ def test_hbm_bytes_count_loops_in_full_and_sliced_operands_as_slices():
   assert 0 < entry_only < 12 * body  # the ENTRY's few ops, counted once
 
 
+# XLA:TPU's compiled HLO: loops without known_trip_count (a scan counting 0..12 by 1; a windowed
+# einsum counting 0..8 by 2 whose permutes gather a weight), one all-gather split over the async
+# collective fusions that start and finish it (one channel), a scan writing its layer's output
+# into the [12, ...] stack in place, and a stacked operand that a nested fusion only slices.
+TPU_HLO = """HloModule tpu
+
+%slice_layer (p0: f32[12,64,64], p1: s32[]) -> f32[64,64] {
+  %p0 = f32[12,64,64]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %ds = f32[1,64,64]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,64,64}
+  ROOT %b = f32[64,64]{1,0} bitcast(%ds)
+}
+
+%outer (q0: f32[12,64,64], q1: s32[]) -> f32[64,64] {
+  %q0 = f32[12,64,64]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  ROOT %f = f32[64,64]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%slice_layer
+}
+
+%write_layer (r0: f32[12,64,64], r1: f32[1,64,64], r2: s32[]) -> f32[12,64,64] {
+  %r0 = f32[12,64,64]{2,1,0} parameter(0)
+  %r1 = f32[1,64,64]{2,1,0} parameter(1)
+  %r2 = s32[] parameter(2)
+  ROOT %dus = f32[12,64,64]{2,1,0} dynamic-update-slice(%r0, %r1, %r2, %r2, %r2)
+}
+
+%ag_start (a0: bf16[2,256]) -> (bf16[2,256], bf16[8,256]) {
+  %a0 = bf16[2,256]{1,0} parameter(0)
+  %ag.1 = bf16[8,256]{1,0} all-gather(%a0), channel_id=40, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %t = (bf16[2,256], bf16[8,256]) tuple(%a0, %ag.1)
+}
+
+%ag_done (d0: bf16[2,256], d1: bf16[8,256]) -> bf16[8,256] {
+  %d0 = bf16[2,256]{1,0} parameter(0)
+  %d1 = bf16[8,256]{1,0} parameter(1)
+  ROOT %ag.2 = bf16[8,256]{1,0} all-gather(%d0), channel_id=40, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+%wide.windowed_dot_general_body_ag.1 (w: (bf16[16,128], u32[])) -> (bf16[16,128], u32[]) {
+  %w = (bf16[16,128], u32[]) parameter(0)
+  %chunk = bf16[16,128]{1,0} get-tuple-element(%w), index=0
+  %k = u32[] get-tuple-element(%w), index=1
+  %cps.1 = (bf16[16,128], bf16[16,128]) collective-permute-start(%chunk), channel_id=41, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %cpd.1 = bf16[16,128]{1,0} collective-permute-done(%cps.1)
+  %cps.2 = (bf16[16,128], bf16[16,128]) collective-permute-start(%chunk), channel_id=42, source_target_pairs={{0,3},{1,0},{2,1},{3,2}}
+  %cpd.2 = bf16[16,128]{1,0} collective-permute-done(%cps.2)
+  %two = u32[] constant(2)
+  %next = u32[] add(%k, %two)
+  ROOT %out = (bf16[16,128], u32[]) tuple(%cpd.2, %next)
+}
+
+%wide.windowed_dot_general_cond_ag.1 (c: (bf16[16,128], u32[])) -> pred[] {
+  %c = (bf16[16,128], u32[]) parameter(0)
+  %limit = u32[] constant(8)
+  %ck = u32[] get-tuple-element(%c), index=1
+  ROOT %lt = pred[] compare(%ck, %limit), direction=LT
+}
+
+%scan_body (s: (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64])) -> (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64]) {
+  %s = (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64]) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %stack = f32[12,64,64]{2,1,0} get-tuple-element(%s), index=1
+  %acts = f32[12,64,64]{2,1,0} get-tuple-element(%s), index=2
+  %x = f32[1,64,64]{2,1,0} get-tuple-element(%s), index=3
+  %layer = f32[64,64]{1,0} fusion(%stack, %i), kind=kLoop, calls=%outer
+  %written = f32[12,64,64]{2,1,0} fusion(%acts, %x, %i), kind=kLoop, calls=%write_layer
+  %one = s32[] constant(1)
+  %i2 = s32[] add(%i, %one)
+  ROOT %o = (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64]) tuple(%i2, %stack, %written, %x)
+}
+
+%scan_cond (sc: (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64])) -> pred[] {
+  %sc = (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64]) parameter(0)
+  %si = s32[] get-tuple-element(%sc), index=0
+  %n = s32[] constant(12)
+  ROOT %more = pred[] compare(%n, %si), direction=GT
+}
+
+ENTRY %main (e0: f32[12,64,64], e1: bf16[2,256], e2: bf16[16,128]) -> f32[] {
+  %e0 = f32[12,64,64]{2,1,0} parameter(0)
+  %e1 = bf16[2,256]{1,0} parameter(1)
+  %e2 = bf16[16,128]{1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %uzero = u32[] constant(0)
+  %x0 = f32[1,64,64]{2,1,0} constant({...})
+  %init = (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64]) tuple(%zero, %e0, %e0, %x0)
+  %loop = (s32[], f32[12,64,64], f32[12,64,64], f32[1,64,64]) while(%init), condition=%scan_cond, body=%scan_body
+  %winit = (bf16[16,128], u32[]) tuple(%e2, %uzero)
+  %window = (bf16[16,128], u32[]) while(%winit), condition=%wide.windowed_dot_general_cond_ag.1, body=%wide.windowed_dot_general_body_ag.1
+  %start = (bf16[2,256], bf16[8,256]) fusion(%e1), kind=kCustom, calls=%ag_start
+  %s0 = bf16[2,256]{1,0} get-tuple-element(%start), index=0
+  %s1 = bf16[8,256]{1,0} get-tuple-element(%start), index=1
+  %done = bf16[8,256]{1,0} fusion(%s0, %s1), kind=kCustom, calls=%ag_done
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_tpu_hlo_loops_windowed_einsum_async_fusions_and_in_place_updates():
+  hlo = aot.parse_hlo(TPU_HLO)
+  # Trip counts read from the conditions: 12 (N > i, from 0 by 1) and 4 (k < 8, from 0 by 2).
+  assert hlo.runs["scan_body"] == 12
+  assert hlo.runs["wide.windowed_dot_general_body_ag.1"] == 4
+  summary = aot.collective_summary(aot.collectives(hlo, num_devices=4))
+  # The windowed loop's 2 permutes x 4 trips are an all-gather of 8 chunks of bf16[16,128]; the
+  # async fusions' two all-gathers (channel 40) are one bf16[8,256] gather.
+  assert summary["all-gather"] == {"ops": 8 + 1, "bytes": 8 * 16 * 128 * 2 + 8 * 256 * 2}
+  assert summary["collective-permute"] == {"ops": 0, "bytes": 0.0}
+  ring = [c for c in aot.collectives(hlo, 4) if c.bytes == 16 * 128 * 2]
+  assert {c.group for c in ring} == {4}  # the ring the permutes go round
+  # Per scan trip: the nested fusion reads one [64, 64] layer (+ the s32 index) and writes
+  # [64, 64]; the in-place update reads the [1, 64, 64] update (+ index) and writes it, not the
+  # [12, 64, 64] stack.
+  layer = 64 * 64 * 4
+  per_trip = (layer + 4 + layer) + (layer + 4 + layer) + 4 + 4  # + the counter's add
+  scan = aot.step_hbm_bytes(hlo) - aot.step_hbm_bytes(aot.parse_hlo(
+      TPU_HLO.replace("while(%init), condition=%scan_cond, body=%scan_body", "tuple(%zero)")))
+  assert scan == pytest.approx(12 * per_trip, rel=0.01)
+
+
 def test_collective_time_follows_ring_algorithms():
   chip = aot.CHIPS["v5e"]
   bw = chip.link_gbps * 1e9 * chip.ring_links

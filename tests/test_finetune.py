@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpma_jax import checkpoint, evaluate, finetune, retrieval, suite
-from mpma_jax.data import builders, downstream
+from mpma_jax.data import builders, downstream, text
 from mpma_jax.data.builders import synthetic_downstream as sd
 from mpma_jax.models.mpma import MPMA
 from tests.conftest import tiny_config
@@ -150,7 +150,7 @@ def test_vqa_runs_both_protocols_with_their_vocabularies_and_the_majority_baseli
     # The majority baseline answers "yes"/"no" (whichever training majority) on every closed
     # question: its closed accuracy is that answer's share of the test's closed questions.
     closed = [
-        downstream.accepted_answers(test[i]["answer"])[0] for i in range(len(test))
+        text.accepted_answers(test[i]["answer"])[0] for i in range(len(test))
         if test[i]["answer_type"] == b"closed"
     ]
     share = max(closed.count("yes"), closed.count("no")) / len(closed)

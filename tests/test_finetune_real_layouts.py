@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mpma_jax import suite
-from mpma_jax.data import builders, downstream
+from mpma_jax.data import builders, downstream, text
 from mpma_jax.data.builders import chexpert, rsna_pneumonia
 from tests.data.builders import test_chexpert, test_roco, test_rsna_pneumonia, test_vqa_sets
 
@@ -337,7 +337,7 @@ def test_vqa_med_2019_is_all_open_and_accepts_every_alternative(suite_run, real_
   decode = downstream.Decode("vqa", os.path.join(pretrained_run, "tokenizer"), 32, 24, vocab)
   alternatives = 0
   for i in range(len(test)):
-    accepted = downstream.accepted_answers(test[i]["answer"])
+    accepted = text.accepted_answers(test[i]["answer"])
     assert all("#" not in a for a in accepted) and set(accepted) <= set(vocab)
     example = decode.map({"record": test[i], "index": i})
     assert example["accepted"].sum() == len(accepted) and example["closed"] == 0

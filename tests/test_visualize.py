@@ -7,6 +7,7 @@ import struct
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -308,18 +309,18 @@ def test_to_tensorboard_writes_image_summaries(tmp_path):
 
 # --- a run directory ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer_dir, data_dir):
-  """2 steps of pre-training, written as mpma-pretrain does (config.json, tokenizer/)."""
-  config = tiny_config()
+def run_dir(tmp_path_factory, pretrained_run, data_dir):
+  """A copy of the session's pre-training run (conftest.pretrained_run: checkpoint at step 100),
+  without the pictures and TensorBoard images its end-of-run evaluation wrote, and with its
+  data_dir named in config.json as mpma-pretrain writes it."""
+  workdir = str(tmp_path_factory.mktemp("vis") / "run")
+  shutil.copytree(pretrained_run, workdir, ignore=shutil.ignore_patterns("pictures", "tb"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
   config.data.data_dir = data_dir
-  config.train.update(steps=2, log_every=1, ckpt_every=2)
   config.eval.update(num_pairs=16, batch_size=16)
-  workdir = str(tmp_path_factory.mktemp("vis_run"))
-  shutil.copytree(tokenizer_dir, os.path.join(workdir, "tokenizer"))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  train.train_and_evaluate(config, workdir, tokenizers.load_tokenizer(tokenizer_dir), tokenizer_dir,
-                           data_dir)
   return workdir
 
 
@@ -327,14 +328,14 @@ def run_dir(tmp_path_factory, tokenizer_dir, data_dir):
 def test_visualize_run_writes_the_four_pictures_and_tensorboard_images(run_dir):
   paths = visualize.visualize_run(run_dir, num=3, gallery=8)
   names = ["mim", "alignment", "retrieval", "curves"]
-  assert paths == [os.path.join(run_dir, "pictures", f"{n}_step2.png") for n in names]
+  assert paths == [os.path.join(run_dir, "pictures", f"{n}_step100.png") for n in names]
   tb = _tb_images(os.path.join(run_dir, "tb"))
   for name, path in zip(names, paths):
-    np.testing.assert_array_equal(tb[(f"pictures/{name}", 2)], _decode_png(path))
+    np.testing.assert_array_equal(tb[(f"pictures/{name}", 100)], _decode_png(path))
   _size(_decode_png(paths[0]), 4 * 1.9 + 0.1, 0.2 + 3 * 2.2 + 0.1)  # one row per example
   _size(_decode_png(paths[2]), 2.6 + 5 * 1.9 + 0.1, 3 * 2.05 + 0.1)
   # A step without a checkpoint names the ones there are.
-  with pytest.raises(ValueError, match=r"no checkpoint for step 1 .* \[2\]"):
+  with pytest.raises(ValueError, match=r"no checkpoint for step 1 .* \[100\]"):
     visualize.visualize_run(run_dir, step=1)
 
 
@@ -344,11 +345,13 @@ def test_visualize_command_line(run_dir, tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's run would have
   done = subprocess.run([
-      sys.executable, "-m", "mpma_jax.cli.visualize", "--workdir", run_dir, "--step", "2", "--out",
+      sys.executable, "-m", "mpma_jax.cli.visualize", "--workdir", run_dir, "--step", "100",
+      "--out",
       str(tmp_path / "cli"), "--num", "2"
   ], capture_output=True, text=True, env=env, check=True)
   paths = json.loads(done.stdout.strip().splitlines()[-1])["paths"]
   assert paths == [
-      str(tmp_path / "cli" / f"{n}_step2.png") for n in ("mim", "alignment", "retrieval", "curves")
+      str(tmp_path / "cli" / f"{n}_step100.png")
+      for n in ("mim", "alignment", "retrieval", "curves")
   ]
   assert all(_decode_png(p).shape[0] > 0 for p in paths)

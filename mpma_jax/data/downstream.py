@@ -29,6 +29,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from mpma_jax import tasks
 from mpma_jax.data import builders, images, pipeline
 from mpma_jax.data import text as texts
 
@@ -44,15 +45,6 @@ def open_builder(name: str, data_dir: str):
   return b
 
 
-def _str(value) -> str:
-  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def accepted_answers(raw) -> list[str]:
-  """The normalised accepted answers of a record ('#' separates alternatives, VQA-Med-2019)."""
-  return [texts.normalize_answer(a) for a in _str(raw).split("#") if a.strip()]
-
-
 def answer_vocab(builder, splits: Sequence[str], indices: Optional[dict] = None) -> list[str]:
   """Sorted distinct normalised answers of the given splits (optionally only `indices[split]`).
   Every alternative of a '#'-separated answer is a class."""
@@ -60,7 +52,7 @@ def answer_vocab(builder, splits: Sequence[str], indices: Optional[dict] = None)
   for split in splits:
     source = builder.as_data_source(split)
     for i in (range(len(source)) if indices is None or split not in indices else indices[split]):
-      answers.update(accepted_answers(source[int(i)]["answer"]))
+      answers.update(texts.accepted_answers(source[int(i)]["answer"]))
   return sorted(answers)
 
 
@@ -83,11 +75,12 @@ class Plan:
 
 def _carve(builder, split: str, task: str, fraction: float, seed: int):
   """(train indices, validation indices) of `split`: a seeded `fraction` of its images (VQA
-  questions grouped by image_id) held out."""
+  questions grouped by image_id: tasks.Task.image_group) held out."""
   source = builder.as_data_source(split)
   n = len(source)
-  if task == "vqa":
-    groups = [_str(source[i]["image_id"]) for i in range(n)]
+  group = tasks.get(task).image_group
+  if group:
+    groups = [texts.record_str(source[i][group]) for i in range(n)]
   else:
     groups = list(range(n))
   keys = sorted(set(groups), key=str)
@@ -117,7 +110,7 @@ def plan(builder, config: ml_collections.ConfigDict, protocol: str) -> Plan:
   config (its `task`, `data.test_split`, `data.val_fraction`, `data.label_fraction`, `seed`)."""
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-  if config.task == "retrieval":
+  if tasks.get(config.task).other_train_dataset:
     return _retrieval_plan(builder, config, protocol)
   splits = list(builder.info.splits)
   d = config.data
@@ -144,7 +137,7 @@ def plan(builder, config: ml_collections.ConfigDict, protocol: str) -> Plan:
   if d.label_fraction < 1:
     notes.append(f"trained on {len(train)} records = {d.label_fraction:.0%} of the training labels")
   vocab = []
-  if config.task == "vqa":
+  if tasks.get(config.task).answers:
     if protocol == "prior":
       vocab = answer_vocab(builder, splits)
       notes.append("answer vocabulary from every split, test included (prior protocol)")
@@ -197,19 +190,20 @@ class Decode(grain.transforms.Map):
                labels: Sequence[str] = (), uncertain: str = "ones", blank: str = "zeros",
                cache_images: int = 2048):
     self.task, self.tokenizer_dir, self.size, self.max_len = task, tokenizer_dir, size, max_len
+    self.text_field, self.image_group = tasks.get(task).text_field, tasks.get(task).image_group
     self.vocab = {a: i for i, a in enumerate(vocab)}
     self.columns = [list(class_names).index(n) for n in labels]  # image_classification targets
     self.uncertain, self.blank = uncertain, blank
     # VQA questions share images (VQA-RAD: 3,515 questions on 315 images): decoded + resized images
     # are kept by image_id, the most recently used `cache_images` of them (0 = no cache).
-    self.cache_images = cache_images if task == "vqa" else 0
+    self.cache_images = cache_images if self.image_group else 0
     self._cache: collections.OrderedDict = collections.OrderedDict()
 
   def __getstate__(self):  # worker processes start with an empty cache
     return {**self.__dict__, "_cache": collections.OrderedDict()}
 
   def _image(self, record: dict) -> tuple[np.ndarray, int]:
-    key = record.get("image_id") if self.cache_images else None
+    key = record.get(self.image_group) if self.cache_images else None
     if key is not None:
       try:  # (Grain's reader threads share the cache: an entry may go between two calls)
         self._cache.move_to_end(key)
@@ -233,29 +227,16 @@ class Decode(grain.transforms.Map):
     record = item["record"]
     image, valid = self._image(record)
     image = image.copy()  # batches must not alias the cached array
-    if self.task == "vqa":
-      text = record["question"]
-    elif self.task in ("classification", "image_classification"):
-      text = record["text"]
-    else:
-      text = pipeline.choose_text(record["texts"], "first", None)
+    text = record[self.text_field]
+    if self.text_field == "texts":  # a list of texts (retrieval): the first
+      text = pipeline.choose_text(text, "first", None)
     tok = pipeline._load_tokenizer(self.tokenizer_dir)  # pylint: disable=protected-access
-    enc = pipeline.encode_texts(tok, [_str(text)], self.max_len)
+    enc = pipeline.encode_texts(tok, [texts.record_str(text)], self.max_len)
     out = {
         "image": image, "text_ids": enc["text_ids"][0], "text_mask": enc["text_mask"][0],
         "valid": np.int32(valid), "index": np.int64(item["index"])
     }
-    if self.task == "vqa":
-      accepted = np.zeros(max(len(self.vocab), 1), np.float32)
-      for answer in accepted_answers(record["answer"]):
-        if answer in self.vocab:
-          accepted[self.vocab[answer]] = 1.0
-      out["accepted"] = accepted
-      out["closed"] = np.int32(_str(record["answer_type"]) == "closed")
-    elif self.task == "classification":
-      out["label"] = np.int32(record["label"])
-    elif self.task == "image_classification":
-      out["targets"], out["target_mask"] = self.targets(np.asarray(record["labels"], np.float32))
+    out.update(tasks.get(self.task).targets(self, record))  # the task's label fields
     return out
 
   def targets(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +259,7 @@ def decoder(config: ml_collections.ConfigDict, builder, tokenizer_dir: str, size
             vocab=()) -> Decode:
   """The Decode transform of a fine-tuning config, for images of `size` pixels."""
   class_names = list(builder.info.metadata.get("class_names", ()))
-  labels = list(config.data.labels) if config.task == "image_classification" else []
+  labels = list(config.data.labels) if tasks.get(config.task).label_columns else []
   unknown = [n for n in labels if n not in class_names]
   if unknown:
     raise ValueError(f"data.labels {unknown} are not classes of {builder.name}: {class_names}")

@@ -97,6 +97,17 @@ def normalize_answer(answer: Union[str, bytes, int, float, None]) -> str:
   return " ".join(words)
 
 
+def record_str(value) -> str:
+  """A string field of a built record (bytes from TFDS) -> str; undecodable bytes replaced (the
+  builders admitted only valid UTF-8, so this only guards against hand-made records)."""
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def accepted_answers(raw) -> list[str]:
+  """The normalised accepted answers of a record ('#' separates alternatives, VQA-Med-2019)."""
+  return [normalize_answer(a) for a in record_str(raw).split("#") if a.strip()]
+
+
 def answer_vocab(answers) -> list[str]:
   """Sorted distinct normalised answers (the prior protocol's classifier vocabulary)."""
   return sorted({normalize_answer(a) for a in answers})

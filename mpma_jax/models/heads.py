@@ -1,13 +1,12 @@
 """Downstream heads on the pre-trained model (docs/method.md §6) and the fine-tuning model around them.
+Which head a task uses is in its row of mpma_jax/tasks.py.
 
-  vqa / classification    joint feature [B, 2d] -> linear 2d->2d, LayerNorm, GELU, linear -> [B, C]
-                          (answer scores for BCE, or class logits for cross-entropy)
-  image_classification    image encoder [CLS] [B, Dv] -> linear -> [B, C] (linear probe: the encoder
-                          is frozen and its features get no gradient)
-  retrieval               no new head: GLA global embeddings, and the ITM head for re-ranking
+  joint      joint feature [B, 2d] -> linear 2d->2d, LayerNorm, GELU, linear -> [B, C]
+             (VQA answer scores for BCE, or class logits for cross-entropy)
+  image      image encoder [CLS] [B, Dv] -> linear -> [B, C] (image classification; linear probe:
+             the encoder is frozen and its features get no gradient)
+  alignment  no new head: GLA global embeddings, and the ITM head for re-ranking (retrieval)
 """
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from mpma_jax.models import layers
 from mpma_jax.models.mpma import MPMA, compute_dtype
 from mpma_jax.models.vit import normalize_images
 
-TASKS = ("vqa", "classification", "image_classification", "retrieval")
+HEADS = ("joint", "image", "alignment")
 
 
 class JointHead(nn.Module):
@@ -49,37 +48,36 @@ class Downstream(nn.Module):
 
   model: the `model` section of the pre-training config (image.size may differ: the position
   embedding is resized when the checkpoint is loaded).
+  head_kind: one of HEADS (module doc); output_bias: the joint head's initial output biases.
   """
   model: ml_collections.FrozenConfigDict
-  task: str
+  head_kind: str
   num_outputs: int = 0
+  output_bias: float = 0.0
   linear_probe: bool = False
 
   def setup(self):
-    if self.task not in TASKS:
-      raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if self.head_kind not in HEADS:
+      raise ValueError(f"head must be one of {HEADS}, got {self.head_kind!r}")
     self.mpma = MPMA(self.model)
     dt = compute_dtype(self.model.dtype)
-    if self.task == "vqa":  # binary cross-entropy per answer: biases start at logit(1/C)
-      self.head = JointHead(self.num_outputs, output_bias=-math.log(max(self.num_outputs - 1, 1)),
-                            dtype=dt)
-    elif self.task == "classification":
-      self.head = JointHead(self.num_outputs, dtype=dt)
-    elif self.task == "image_classification":
+    if self.head_kind == "joint":
+      self.head = JointHead(self.num_outputs, output_bias=self.output_bias, dtype=dt)
+    elif self.head_kind == "image":
       self.head = layers.Dense(self.num_outputs, ("embed", "classes"), dt)
 
   def __call__(self, batch, deterministic: bool = True):
-    """Float32 outputs: logits [B, C] (vqa, classification, image_classification); for retrieval
-    the GLA global embeddings image [B, G], text [B, G] and the global temperature."""
+    """Float32 outputs: logits [B, C] (joint and image heads); for the alignment head the GLA
+    global embeddings image [B, G], text [B, G] and the global temperature."""
     m = self.mpma
-    if self.task == "image_classification":
+    if self.head_kind == "image":
       feats = m.image_encoder(normalize_images(batch["image"]), None, deterministic)[:, 0]
       if self.linear_probe:
         feats = jax.lax.stop_gradient(feats)  # [B, Dv]
       return self.head(feats).astype(jnp.float32)
     image = m.embed_image(batch["image"], None, deterministic)  # [B, 1+N, d]
     text = m.embed_text(batch["text_ids"], batch["text_mask"], deterministic)  # [B, L, d]
-    if self.task == "retrieval":
+    if self.head_kind == "alignment":
       image_gla, text_gla = m.align(image, text)
       return {
           "image": image_gla[:, 0], "text": text_gla[:, 0], "temperature": m.gla.temperatures()[0]
@@ -96,8 +94,8 @@ class Downstream(nn.Module):
     return jax.nn.softmax(logits, axis=-1)[:, 1]
 
   def init_all(self, batch):
-    """Initialisation touching every module the task uses (retrieval: also the ITM path)."""
+    """Initialisation touching every module the head uses (alignment: also the ITM path)."""
     out = self(batch)
-    if self.task == "retrieval":
+    if self.head_kind == "alignment":
       out = (out, self.itm_scores(batch))
     return out

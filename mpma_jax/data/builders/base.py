@@ -25,30 +25,32 @@ import tensorflow_datasets as tfds
 from mpma_jax.data import images
 from mpma_jax.data import text as texts
 
-TASKS = ("pretrain", "vqa", "classification", "retrieval")
 _IMAGE = tfds.features.Tensor(shape=(), dtype=np.object_)  # encoded bytes, decoded with Pillow
+# The record schema of each kind of dataset (see module doc): (number of classes) -> features.
+SCHEMAS = {
+    "pretrain": lambda num_classes: {
+        "id": tfds.features.Text(), "image": _IMAGE, "texts": tfds.features.Sequence(tfds.features.
+                                                                                     Text())
+    },
+    "vqa": lambda num_classes: {
+        "id": tfds.features.Text(), "image_id": tfds.features.Text(
+        ), "image": _IMAGE, "question": tfds.features.Text(), "answer": tfds.features.Text(),
+        "answer_type": tfds.features.Text(), "category": tfds.features.Text()
+    },
+    "classification": lambda num_classes: {
+        "id": tfds.features.Text(), "image": _IMAGE, "text": tfds.features.Text(),
+        "label": tfds.features.Tensor(shape=(), dtype=np.int64), "labels": tfds.features.Tensor(
+            shape=(num_classes,), dtype=np.float32)
+    },
+}
+SCHEMAS["retrieval"] = SCHEMAS["pretrain"]  # (image, texts) pairs
 
 
 def features_for(task: str, num_classes: int = 0) -> tfds.features.FeaturesDict:
-  """The TFDS feature schema of `task` (see module doc)."""
-  if task in ("pretrain", "retrieval"):
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Text(), "image": _IMAGE,
-        "texts": tfds.features.Sequence(tfds.features.Text())
-    })
-  if task == "vqa":
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Text(), "image_id": tfds.features.Text(), "image": _IMAGE,
-        "question": tfds.features.Text(), "answer": tfds.features.Text(),
-        "answer_type": tfds.features.Text(), "category": tfds.features.Text()
-    })
-  if task == "classification":
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Text(), "image": _IMAGE, "text": tfds.features.Text(),
-        "label": tfds.features.Tensor(shape=(), dtype=np.int64),
-        "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32)
-    })
-  raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  """The TFDS feature schema of a dataset of kind `task` (SCHEMAS)."""
+  if task not in SCHEMAS:
+    raise ValueError(f"unknown task {task!r}; expected one of {list(SCHEMAS)}")
+  return tfds.features.FeaturesDict(SCHEMAS[task](num_classes))
 
 
 class ManualDirError(FileNotFoundError):
