@@ -212,8 +212,9 @@ def test_tpu_hlo_loops_windowed_einsum_async_fusions_and_in_place_updates():
   # [12, 64, 64] stack.
   layer = 64 * 64 * 4
   per_trip = (layer + 4 + layer) + (layer + 4 + layer) + 4 + 4  # + the counter's add
-  scan = aot.step_hbm_bytes(hlo) - aot.step_hbm_bytes(aot.parse_hlo(
-      TPU_HLO.replace("while(%init), condition=%scan_cond, body=%scan_body", "tuple(%zero)")))
+  scan = aot.step_hbm_bytes(hlo) - aot.step_hbm_bytes(
+      aot.parse_hlo(
+          TPU_HLO.replace("while(%init), condition=%scan_cond, body=%scan_body", "tuple(%zero)")))
   assert scan == pytest.approx(12 * per_trip, rel=0.01)
 
 
