@@ -2,12 +2,15 @@
 
 `run(main, module)` starts a command with absl, making `--help` show the command's own flags and its
 docstring (usage and an example) and letting `--config` name a packaged config (`pretrain.py:tiny`,
-`finetune/vqa_rad.py`) as well as a file.
+`finetune/vqa_rad.py`) as well as a file. Every command reports an error in its input (a missing
+or malformed file, a bad path or permission, a config value) as one line and exits with status 2
+(`one_line_errors`); anything else is a bug and keeps its traceback.
 """
 import os
 import re
 import sys
-from typing import Callable, Optional
+import traceback
+from typing import Any, Callable, Optional
 
 from absl import app, flags
 
@@ -54,6 +57,38 @@ def simulated_device_threads(environ, cpu_count: int) -> Optional[str]:
   return str(max(32, 4 * int(found.group(1))))
 
 
+COMMANDS = {  # module -> the console script's name
+    "compile": "mpma-compile", "data": "mpma-data", "evaluate": "mpma-eval",
+    "export": "mpma-export", "finetune": "mpma-finetune", "pretrain": "mpma-pretrain",
+    "sweep": "mpma-sweep", "visualize": "mpma-visualize"
+}
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def expected_failure(error: BaseException) -> bool:
+  """An error in the command's input, not a bug: a file-system error (a missing, unreadable or
+  unwritable path: the exception names it), or a ValueError raised by this package's own code
+  (whose messages name the file, row or field; validate.UsageError is one)."""
+  if isinstance(error, OSError):
+    return True
+  if isinstance(error, ValueError):
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
+  return False
+
+
+def one_line_errors(command: str, fn: Callable, *args) -> Any:
+  """fn(*args); an expected failure is printed as `command: error: <message on one line>` and
+  2 returned (the exit status: absl's app.run exits with what main returns)."""
+  try:
+    return fn(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    if not expected_failure(e):
+      raise
+    print(f"{command}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run(main: Callable, module_name: str) -> None:
   """app.run(main) for the command defined in `module_name`."""
   threads = simulated_device_threads(os.environ, os.cpu_count() or 1)
@@ -66,4 +101,6 @@ def run(main: Callable, module_name: str) -> None:
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   sys.modules["__main__"].__doc__ = module.__doc__
   sys.argv = resolve_config_args(sys.argv)
-  app.run(main)
+  spec = getattr(module, "__spec__", None)  # `python -m mpma_jax.cli.X`: __main__ is X
+  command = COMMANDS.get((spec.name if spec else module_name).rpartition(".")[2], module_name)
+  app.run(lambda argv: one_line_errors(command, main, argv))

@@ -1,7 +1,9 @@
 """mpma-data: build a dataset from the files as distributed, and look at what was built.
 
-  mpma-data build NAME --manual_dir DIR --data_dir DIR   # prints one JSON line: per split, examples
-                                                         # written and skipped by reason
+  mpma-data build NAME --manual_dir DIR --data_dir DIR [--overwrite]
+      prints one JSON line: "built" or "reused" (the same files as the build in data_dir), per
+      split the examples written and skipped by reason; refuses (exit 2) when data_dir holds a
+      build from other files, naming what changed, unless --overwrite
   mpma-data show NAME --data_dir DIR [--split S] [--num N]
   mpma-data list                                         # the dataset names and their tasks
 """
@@ -9,6 +11,7 @@ import argparse
 import json
 import sys
 
+from mpma_jax import cli
 from mpma_jax.data import builders, catalog
 
 
@@ -20,6 +23,8 @@ def main(argv=None) -> int:
   p.add_argument("name", help=f"one of: {', '.join(sorted(builders.BUILDERS))}")
   p.add_argument("--manual_dir", default="", help="the dataset's files as distributed")
   p.add_argument("--data_dir", required=True, help="where the built dataset goes")
+  p.add_argument("--overwrite", action="store_true",
+                 help="build again when data_dir holds a build of this dataset from other files")
   p = sub.add_parser("show", help="print a few decoded examples of a built dataset")
   p.add_argument("name")
   p.add_argument("--data_dir", required=True)
@@ -29,17 +34,18 @@ def main(argv=None) -> int:
   sub.add_parser("list", help="dataset names and tasks")
   args = parser.parse_args(argv)
   catalog.quiet()
-  try:
-    if args.command == "build":
-      print(json.dumps(catalog.build(args.name, args.manual_dir, args.data_dir)), flush=True)
-    elif args.command == "show":
-      print("\n".join(catalog.show(args.name, args.data_dir, args.split, args.num, args.size)),
-            flush=True)
-    else:
-      print("\n".join(catalog.catalog()))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"mpma-data {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  return cli.one_line_errors(f"mpma-data {args.command}", _run, args)
+
+
+def _run(args) -> int:
+  if args.command == "build":
+    print(json.dumps(catalog.build(args.name, args.manual_dir, args.data_dir, args.overwrite)),
+          flush=True)
+  elif args.command == "show":
+    print("\n".join(catalog.show(args.name, args.data_dir, args.split, args.num, args.size)),
+          flush=True)
+  else:
+    print("\n".join(catalog.catalog()))
   return 0
 
 

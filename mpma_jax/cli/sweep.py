@@ -107,13 +107,10 @@ def _absl_defaults_only(argv: list[str]) -> list[str]:
 
 def run():
   def _main(argv):
-    try:
-      return main(argv)
+    try:  # a bad sweep or override: its one-line message names it
+      return cli.one_line_errors("mpma-sweep", main, argv)
     except flags.Error as e:
       print(f"mpma-sweep: {e}; see mpma-sweep --help", file=sys.stderr)
-      return 2
-    except ValueError as e:  # a bad sweep or override: the message names it
-      print(f"mpma-sweep: {e}", file=sys.stderr)
       return 2
 
   sys.argv = cli.resolve_config_args(sys.argv)

@@ -19,15 +19,32 @@ def quiet() -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def build(name: str, manual_dir: str, data_dir: str) -> dict:
-  """Builds NAME; returns {"dataset", "data_dir", "splits": {split: {"written", "skipped"}}}."""
+def build(name: str, manual_dir: str, data_dir: str, overwrite: bool = False) -> dict:
+  """Builds NAME; returns {"dataset", "status" ("built" | "reused"), "data_dir", "splits": {split:
+  {"written", "skipped"}}} and, when some key is in several splits, "duplicates_across_splits"."""
   cls = builders.get(name)
   if not cls.GENERATED and not os.path.isdir(manual_dir):
     raise base.ManualDirError(
         f"{name}: --manual_dir {manual_dir!r} is not a directory. Expected layout:\n{cls.LAYOUT}")
+  check_writable(data_dir)
   with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress lines on stdout
-    b, report = builders.build(name, manual_dir, data_dir)
-  return {"dataset": name, "data_dir": os.fspath(b.data_dir), "splits": report}
+    b, report = builders.build(name, manual_dir, data_dir, overwrite=overwrite)
+  out = {"dataset": name, "status": b.status, "data_dir": os.fspath(b.data_dir), "splits": report}
+  if b.across_splits:
+    out["duplicates_across_splits"] = dict(b.across_splits)
+  return out
+
+
+def check_writable(data_dir: str) -> None:
+  """ValueError naming --data_dir when it is a file or cannot be created or written to."""
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f"--data_dir {data_dir!r} is a file, not a directory")
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--data_dir {data_dir!r} cannot be created: {e.strerror}") from e
+  if not os.access(data_dir, os.W_OK | os.X_OK):
+    raise ValueError(f"--data_dir {data_dir!r} is not writable")
 
 
 def _describe(value) -> str:

@@ -1,6 +1,8 @@
 """One TFDS builder per dataset (ArrayRecord output), looked up by the short names of `mpma-data`."""
 import importlib
+import os
 import re
+import shutil
 
 import tensorflow_datasets as tfds
 
@@ -56,17 +58,36 @@ def _config(cls, config_name: str):
   return importlib.import_module(cls.__module__).config_for(*map(int, match.groups()))
 
 
-def build(name: str, manual_dir: str, data_dir: str, **kwargs):
+def build(name: str, manual_dir: str, data_dir: str, overwrite: bool = False, **kwargs):
   """Builds (or reuses) the named dataset as ArrayRecord; returns (builder, report).
 
-  report: {split: {"written": n, "skipped": {reason: count}}}, also saved as build_report.json.
+  report: {split: {"written": n, "skipped": {reason: count}}}, also saved as build_report.json
+  with a listing of the files read from manual_dir. A dataset already built in data_dir is reused
+  (`builder.status` = "reused") when manual_dir holds the same files as when it was built; if they
+  differ, ValueError names what changed, unless overwrite=True, which builds it again.
   """
-
   from mpma_jax.data.builders import base  # noqa  pylint: disable=g-import-not-at-top
   b = builder(name, data_dir, **kwargs)
-  if b.is_prepared():
-    return b, base.read_report(b) or b.report()
+  source = None if b.GENERATED else base.source_listing(manual_dir)
+  if b.is_prepared() and not overwrite:
+    record = base.read_build_record(b) or {}
+    built_from = base.read_source_listing(b)
+    if source is not None and built_from is not None:
+      changes = base.source_changes(built_from, source["files"])
+      if changes:
+        was = record.get("manual_dir", "?")
+        where = (f"from another manual_dir ({was!r})"
+                 if was != source["manual_dir"] else "and its manual_dir has changed since")
+        raise ValueError(f"{name} is already built in {os.fspath(b.data_dir)!r} {where}: "
+                         f"{changes}; build again with --overwrite (or use another --data_dir)")
+    b.status = "reused"
+    b.across_splits.update(record.get("duplicates_across_splits", {}))
+    return b, record.get("splits") or b.report()
+  if b.is_prepared():  # overwrite: this version's folder only
+    shutil.rmtree(os.fspath(b.data_dir))
+    b = builder(name, data_dir, **kwargs)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  b.status = "built"
   report = b.report()
-  base.write_report(b, report)
+  base.write_report(b, report, source)
   return b, report

@@ -15,6 +15,8 @@ Schemas (one per task, so the input pipeline and downstream code need not know t
   retrieval       id, image, texts [n]
 """
 import collections
+import gzip
+import hashlib
 import json
 import os
 from typing import Iterable, Iterator, Optional, Sequence
@@ -84,6 +86,10 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(data_dir=data_dir, **kwargs)
     self.skipped: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    # keys found in more than one split: "first split/later split" -> count (reported, kept)
+    self.across_splits: collections.Counter = collections.Counter()
+    self._key_split: dict[str, str] = {}
+    self.status = ""  # builders.build: "built" or "reused"
 
   @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self) -> str:  # noqa: N802 (TFDS's name)
@@ -111,10 +117,20 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
 
   def _checked(self, split: str, examples: Iterator) -> Iterator:
-    """Passes examples through; a split left empty is an error that says what was skipped."""
-    n = 0
-    for n, example in enumerate(examples, 1):
-      yield example
+    """Passes examples through, keeping the first of a key repeated within the split (the rest are
+    counted as 'duplicate'; TFDS would stop the build on them) and noting keys already written to
+    another split (`across_splits`). A split left empty is an error that says what was skipped."""
+    n, seen = 0, set()
+    for key, example in examples:
+      if key in seen:
+        self.skip(split, "duplicate")
+        continue
+      seen.add(key)
+      first = self._key_split.setdefault(key, split)
+      if first != split:
+        self.across_splits[f"{first}/{split}"] += 1
+      n += 1
+      yield key, example
     if n == 0:
       raise ValueError(f"{self.name}: split {split!r} has no usable examples (skipped: "
                        f"{dict(self.skipped.get(split, {})) or 'nothing; the file lists none'})")
@@ -206,17 +222,91 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return out
 
 
-def write_report(builder: Builder, report: dict) -> str:
-  """Saves the build report next to the ArrayRecord files; returns its path."""
+def write_report(builder: Builder, report: dict, source: Optional[dict] = None) -> str:
+  """Saves the build report next to the ArrayRecord files (with keys found in several splits, the
+  builder's version and, for a manual_dir, the listing of what was read: `source_listing`);
+  returns its path."""
   path = os.path.join(os.fspath(builder.data_dir), "build_report.json")
+  record = {
+      "format": 2, "splits": report, "duplicates_across_splits": dict(builder.across_splits),
+      "builder_version": str(builder.VERSION)
+  }
+  if source is not None:
+    record["manual_dir"] = source["manual_dir"]
+    with gzip.open(os.path.join(os.fspath(builder.data_dir), SOURCE_FILE), "wt") as f:
+      json.dump(source["files"], f)
   with open(path, "w") as f:
-    json.dump(report, f, indent=1)
+    json.dump(record, f, indent=1)
   return path
 
 
-def read_report(builder: Builder) -> Optional[dict]:
+def read_build_record(builder: Builder) -> Optional[dict]:
+  """build_report.json as `write_report` wrote it (an older one, which held only the per-split
+  report, as {"splits": ...}); None if there is none."""
   path = os.path.join(os.fspath(builder.data_dir), "build_report.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
+    record = json.load(f)
+  return record if record.get("format") == 2 else {"splits": record}
+
+
+def read_report(builder: Builder) -> Optional[dict]:
+  """The per-split report of a built dataset (written, skipped by reason), or None."""
+  record = read_build_record(builder)
+  return record["splits"] if record else None
+
+
+# --- what a build read: files, sizes, modification times, and hashes of the annotation files ----
+SOURCE_FILE = "source_files.json.gz"
+HASHED_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".tsv", ".xml")  # annotations, not images
+HASH_LIMIT = 64 << 20  # annotation files up to this size are hashed as well
+
+
+def source_listing(manual_dir: str) -> dict:
+  """{"manual_dir": absolute path, "files": {relative path: [size, mtime_ns, sha256 or ""]}} of
+  every file under manual_dir (sha256 for annotation files up to HASH_LIMIT)."""
+  files = {}
+  root = os.path.abspath(manual_dir)
+  for folder, dirs, names in os.walk(root):
+    dirs.sort()
+    for name in sorted(names):
+      path = os.path.join(folder, name)
+      try:
+        st = os.stat(path)
+      except OSError:  # a dangling link: not a file the build can read
+        continue
+      digest = ""
+      if name.lower().endswith(HASHED_SUFFIXES) and st.st_size <= HASH_LIMIT:
+        with open(path, "rb") as f:
+          digest = hashlib.sha256(f.read()).hexdigest()
+      files[os.path.relpath(path, root)] = [st.st_size, st.st_mtime_ns, digest]
+  return {"manual_dir": root, "files": files}
+
+
+def read_source_listing(builder: Builder) -> Optional[dict]:
+  path = os.path.join(os.fspath(builder.data_dir), SOURCE_FILE)
+  if not os.path.exists(path):
+    return None
+  with gzip.open(path, "rt") as f:
     return json.load(f)
+
+
+def source_changes(old: dict, new: dict) -> str:
+  """'' if the two file listings ({path: [size, mtime_ns, sha256]}) agree, else what differs,
+  e.g. "2 files added ('a.jpg', ...), 1 removed ('b.jpg'), 1 changed ('captions.txt')". A file
+  whose hash is unchanged counts as unchanged whatever its modification time."""
+  def changed(path):
+    (size_a, time_a, hash_a), (size_b, time_b, hash_b) = old[path], new[path]
+    if hash_a and hash_b:
+      return hash_a != hash_b
+    return size_a != size_b or time_a != time_b
+
+  groups = (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
+            ("changed", sorted(p for p in set(old) & set(new) if changed(p))))
+  parts = []
+  for what, paths in groups:
+    if paths:
+      examples = ", ".join(repr(p) for p in paths[:2]) + (", ..." if len(paths) > 2 else "")
+      parts.append(f"{len(paths)} file{'s' if len(paths) > 1 else ''} {what} ({examples})")
+  return ", ".join(parts)

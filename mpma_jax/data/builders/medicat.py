@@ -1,5 +1,6 @@
 """MedICaT (Subramanian et al. 2020): the radiology figures of PubMed Central papers, with captions
-and the sentences that refer to them; the prior split (seed 42, last 2,000 held out)."""
+and the sentences that refer to them; the prior split (seed 42, last 2,000 held out; a copy with
+fewer figures holds out a tenth of them, at least 2: see `held_out`)."""
 import json
 import os
 
@@ -15,6 +16,7 @@ class Medicat(base.Builder):
   TASK = "pretrain"
   SEED = 42
   HELD_OUT = 2000  # the last HELD_OUT shuffled figures: first half validation, second half test
+  HELD_FRACTION = 0.1  # ... or this fraction of a smaller copy (the public sample, a subset)
   LAYOUT = f"""\
   {JSONL}
                   one JSON object per line: pdf_hash, fig_uri, s2_caption, s2orc_references (list
@@ -28,7 +30,7 @@ class Medicat(base.Builder):
     # user could not fetch does not move other figures between splits.
     order = np.random.default_rng(self.SEED).permutation(len(records))
     shuffled = [records[i] for i in order]
-    n_train = max(len(shuffled) - self.HELD_OUT, 0)
+    n_train = len(shuffled) - self.held_out(len(shuffled))
     held = shuffled[n_train:]
     return {
         "train": {"records": shuffled[:n_train], "figures": figures},
@@ -36,9 +38,17 @@ class Medicat(base.Builder):
         "test": {"records": held[len(held) // 2:], "figures": figures}
     }
 
+  def held_out(self, n: int) -> int:
+    """Figures held out of n for validation + test: HELD_OUT (the prior split) when that leaves
+    most for training, else HELD_FRACTION of them, at least 2 (one each); ValueError when n < 3."""
+    if n < 3:
+      raise ValueError(f"{self.name}: {n} usable radiology figure(s) in {JSONL}; a train / "
+                       "validation / test split needs at least 3")
+    return min(self.HELD_OUT, max(2, round(self.HELD_FRACTION * n)))
+
   def _radiology_records(self, path):
     """The radiology figures in file order, as (pdf_hash, fig_uri, caption, references)."""
-    records = []
+    records, seen = [], set()
     with open(path, "rb") as f:
       for line in f:
         if not line.strip():
@@ -54,6 +64,10 @@ class Medicat(base.Builder):
         if r.get("radiology") is not True:
           self.skip("train", "not radiology")
           continue
+        if key in seen:  # the same figure twice: kept once, before the split is drawn
+          self.skip("train", "duplicate")
+          continue
+        seen.add(key)
         references = r.get("s2orc_references") or []
         if isinstance(references, str):  # a lone sentence, not a list of them
           references = [references]

@@ -14,7 +14,7 @@ _LONG = "Axial CT of the chest shows a nodule."
 
 class SmallMedicat(medicat.Medicat):
   """MedICaT with 4 figures held out (2 validation, 2 test)."""
-  HELD_OUT = 4
+  HELD_OUT, HELD_FRACTION = 4, 0.5
 
 
 def _figure(i, caption=_LONG, references=None, radiology=True):
@@ -116,3 +116,21 @@ def test_missing_file_is_named(tmp_path, missing):
   # The message also lists the whole layout: look for the file named as the one not found.
   with pytest.raises(FileNotFoundError, match=re.escape(f"expected '{missing}' in manual_dir")):
     builders.build("medicat", str(tmp_path / "manual"), str(tmp_path / "out"))
+
+
+def test_small_copies_hold_out_a_tenth_and_duplicates_count_once(tmp_path):
+  """The real builder (HELD_OUT 2000) on 10 figures, one of them listed twice: it holds out 2
+  (a tenth, at least one each for validation and test) instead of sending all to validation/test;
+  the repeated line is counted as a duplicate before the split, so nothing else moves."""
+  _write(tmp_path / "manual")
+  jsonl = tmp_path / "manual" / "release" / medicat.JSONL.split("/")[-1]
+  jsonl.write_text(jsonl.read_text() + json.dumps(FIGURES[0]) + "\n")
+  b, report = builders.build("medicat", str(tmp_path / "manual"), str(tmp_path / "out"))
+  assert b.held_out(10) == 2 and b.held_out(200_000) == 2000 and b.held_out(3) == 2
+  assert report["train"]["skipped"]["duplicate"] == 1
+  assert report["validation"]["written"] + report["test"]["written"] == 2
+  # Seed 42 over 10 figures: [5 6 0 7 3 2 4 9 1 8]; 8 train, validation = 1, test = 8.
+  assert set(_ids(b, "validation")) == {"hash01_2-Figure1-1.png"}
+  assert set(_ids(b, "test")) == {"hash08_2-Figure8-1.png"}
+  with pytest.raises(ValueError, match="2 usable radiology figure.*at least 3"):
+    b.held_out(2)
