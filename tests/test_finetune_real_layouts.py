@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from mpma_jax import suite
@@ -143,14 +142,11 @@ def _chexpert(root):
 def _rsna_pneumonia(root):
   """40 patients (normal: one row without a box; pneumonia: one to three boxes) + test_rsna's
   empty id, missing image, corrupt image and three-box patient. Labels alternate along the
-  builder's seeded patient order, so that validation and test hold both classes."""
+  patients ordered by their split, so that validation and test hold both classes."""
   quirks = {p: test_rsna_pneumonia.PATIENTS[p] for p in ("", "pid04", "pid10", "pid13")}
   ids = [f"rsna{i:03d}" for i in range(40)]
-  order = sorted(ids + list(quirks))
-  order = [
-      order[i]
-      for i in np.random.default_rng(rsna_pneumonia.RsnaPneumonia.SEED).permutation(len(order))
-  ]
+  split_of = rsna_pneumonia.RsnaPneumonia.split_of  # (the 40 ids split 28 / 4 / 8)
+  order = sorted(ids + list(quirks), key=lambda p: (split_of(p), p))
   box = test_rsna_pneumonia.BOX
   patients = dict(quirks)
   for rank, p in enumerate(q for q in order if q in ids):

@@ -26,6 +26,16 @@ def to_str(raw: Union[str, bytes, None]) -> str:
   return str(raw)
 
 
+def utf8(raw: str) -> str:
+  """A field read with errors="surrogateescape" (or a JSON string) -> itself; raises
+  TextError('non-UTF-8 text') if it holds bytes that were not UTF-8 (or a lone surrogate)."""
+  try:
+    raw.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise TextError("non-UTF-8 text", repr(raw[:40])) from e
+  return raw
+
+
 def clean(raw: Union[str, bytes, None], min_words: int = MIN_WORDS) -> str:
   """Collapses whitespace and strips; raises TextError for empty or too-short texts."""
   text = _SPACE.sub(" ", to_str(raw)).strip()

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from mpma_jax.data import text as texts
 from mpma_jax.data.builders import base
 
 DIR = "CheXpert-v1.0-small"
@@ -36,16 +37,31 @@ class Chexpert(base.Builder):
     return {"train": {"path": train, "root": root}, "validation": {"path": valid, "root": root}}
 
   def _examples(self, split, path, root):
-    with open(path, encoding="utf-8", newline="") as f:
+    # Bytes that are not UTF-8 stay escaped and are counted per row.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
       reader = csv.DictReader(f)
-      missing = [c for c in ("Path", *LABELS) if c not in (reader.fieldnames or ())]
-      if missing:
-        raise ValueError(f"{path}: no column(s) {missing}")
-      rows = list(reader)
+      try:
+        columns, rows = reader.fieldnames or (), list(reader)
+      except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.reader.line_num}: {e}") from None
+    missing = [c for c in ("Path", *LABELS) if c not in columns]
+    if missing:
+      raise ValueError(f"{path}: no column(s) {missing}")
     seen = set()
     for r in rows:
+      if None in r.values():  # fewer fields than the header: its last labels are unknown
+        self.skip(split, "truncated row")
+        continue
+      if None in r:
+        self.skip(split, "too many fields")
+        continue
+      try:
+        name = texts.utf8(r["Path"])
+      except texts.TextError as e:
+        self.skip(split, e.reason)
+        continue
       # Path starts with the distribution's directory name, which manual_dir may be or contain.
-      name = (r["Path"] or "").strip().replace("\\", "/")
+      name = name.strip().replace("\\", "/")
       parts = name.split("/")
       rel = "/".join(parts[1:] if len(parts) > 1 and parts[0] not in ("train", "valid") else parts)
       if not rel:
@@ -69,7 +85,7 @@ class Chexpert(base.Builder):
     """The 14 label values (NaN for empty) as float32, or None if one is not 1, 0, -1 or empty."""
     out = np.full(len(LABELS), np.nan, np.float32)
     for i, name in enumerate(LABELS):
-      value = (row[name] or "").strip()
+      value = row[name].strip()
       if not value:
         continue
       try:

@@ -26,6 +26,10 @@ class Medicat(base.Builder):
   def _split_paths(self, manual_dir):
     path, figures = self.require(manual_dir, JSONL, "release/figures")
     records = self._radiology_records(path)
+    if len(records) < 3:
+      raise ValueError(f"{self.name}: {path!r} lists {len(records)} usable radiology figure(s) "
+                       f"(skipped: {dict(self.skipped['train'])}); a train / validation / test "
+                       "split needs at least 3")
     # The split is decided on the records, before any image is looked at, so that a figure the
     # user could not fetch does not move other figures between splits.
     order = np.random.default_rng(self.SEED).permutation(len(records))
@@ -42,8 +46,8 @@ class Medicat(base.Builder):
     """Figures held out of n for validation + test: HELD_OUT (the prior split) when that leaves
     most for training, else HELD_FRACTION of them, at least 2 (one each); ValueError when n < 3."""
     if n < 3:
-      raise ValueError(f"{self.name}: {n} usable radiology figure(s) in {JSONL}; a train / "
-                       "validation / test split needs at least 3")
+      raise ValueError(f"{self.name}: {n} usable radiology figure(s); a train / validation / "
+                       "test split needs at least 3")
     return min(self.HELD_OUT, max(2, round(self.HELD_FRACTION * n)))
 
   def _radiology_records(self, path):

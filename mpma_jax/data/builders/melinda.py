@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from mpma_jax.data import text as texts
 from mpma_jax.data.builders import base
 
 SPLITS = {"train": "train", "dev": "validation", "test": "test"}  # file -> TFDS split
@@ -25,7 +26,8 @@ class Melinda(base.Builder):
     paths = {split: self.require(manual_dir, f"{name}.csv")[0] for name, split in SPLITS.items()}
     # The class list is the sorted p_meth_label values of train.csv (recorded in the dataset's
     # metadata); a test or dev label outside it is skipped and counted.
-    names = sorted({row["p_meth_label"].strip() for row in self._rows(paths["train"])} - {""})
+    fields = [self._fields(row) for row in self._rows(paths["train"])]
+    names = sorted({f[2] for f in fields if isinstance(f, tuple)} - {""})
     if len(names) != NUM_CLASSES:
       raise ValueError(f"{paths['train']}: expected {NUM_CLASSES} p_meth_label classes, found "
                        f"{len(names)}: {names}")
@@ -35,27 +37,52 @@ class Melinda(base.Builder):
 
   @staticmethod
   def _rows(path):
-    with open(path, encoding="utf-8", newline="") as f:
+    """The rows of a MELINDA CSV as dicts; bytes that are not UTF-8 stay escaped (see _fields)."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
       reader = csv.DictReader(f)
-      missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-      if missing:
-        raise ValueError(f"{path}: no column(s) {missing}; found {reader.fieldnames}")
-      return list(reader)
+      try:
+        columns, rows = reader.fieldnames or (), list(reader)
+      except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.reader.line_num}: {e}") from None
+    missing = [c for c in COLUMNS if c not in columns]
+    if missing:
+      raise ValueError(f"{path}: no column(s) {missing}; found {list(columns)}")
+    return rows
+
+  @staticmethod
+  def _fields(row):
+    """(figure_file, caption, label) of a row, stripped, or the reason it is unusable (a str)."""
+    if None in row or None in row.values():  # more or fewer fields than the header
+      return "malformed line"
+    try:
+      return tuple(texts.utf8(row[c]).strip() for c in COLUMNS)
+    except texts.TextError as e:
+      return e.reason
 
   def _examples(self, split, path, image_dir):
     index = {name: i for i, name in enumerate(self.class_names)}
     for row in self._rows(path):
-      label = row["p_meth_label"].strip()
+      fields = self._fields(row)
+      if isinstance(fields, str):
+        self.skip(split, fields)
+        continue
+      name, caption, label = fields
       if label not in index:
         self.skip(split, "unknown label")
         continue
-      caption = " ".join((row.get("caption") or "").split())  # may be empty: image-only use
-      image = self.read_image(split, os.path.join(image_dir, row["figure_file"]))
+      if not name:
+        self.skip(split, "no image name")
+        continue
+      image_path = os.path.join(image_dir, name)
+      if os.path.isdir(image_path):  # a folder, not an image file
+        self.skip(split, "missing image")
+        continue
+      image = self.read_image(split, image_path)
       if image is None:
         continue
       onehot = np.zeros(NUM_CLASSES, np.float32)
       onehot[index[label]] = 1.0
-      yield row["figure_file"], {
-          "id": row["figure_file"], "image": image, "text": caption, "label": index[label],
-          "labels": onehot
+      caption = " ".join(caption.split())  # may be empty: image-only use
+      yield name, {
+          "id": name, "image": image, "text": caption, "label": index[label], "labels": onehot
       }

@@ -18,37 +18,91 @@ CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
                    "Support Devices")
 SPLITS = {"train": "train", "validate": "validation", "test": "test"}  # file value -> TFDS split
 VIEWS = ("PA", "AP")
-# A header at the start of a line: 'FINDINGS:', 'Impression :', 'RECOMMENDATION(S):', ...
-_HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z ()/&-]*?)[ \t]*:", re.M)
+# Section headers of MIMIC-CXR reports (upper case, spaces collapsed) -> the text they hold:
+# 'findings', 'impression' (FINDINGS AND IMPRESSION and CONCLUSION included), or None for a
+# section that is not used but ends the one before it; common misspellings are listed too. Any
+# other 'WORDS:' at the start of a line ('NG TUBE:', 'PA AND LATERAL VIEWS OF THE CHEST:', 'Note:')
+# is text of the section it is in.
+_FINDINGS = ("FINDINGS", "FINDING", "FINDINS", "FINDNGS", "FINIDNGS")
+_IMPRESSION = ("IMPRESSION", "IMPRESSIONS", "IMPRESSON", "IMPRESION", "IMPESSION", "CONCLUSION",
+               "CONCLUSIONS", "FINDINGS AND IMPRESSION", "FINDINGS AND IMPRESSIONS",
+               "FINDINGS/IMPRESSION", "FINDINGS/IMPRESSIONS", "IMPRESSION/FINDINGS",
+               "FINDINGS & IMPRESSION")
+_OTHER = ("INDICATION", "INDICATIONS", "CLINICAL INDICATION", "HISTORY", "CLINICAL HISTORY",
+          "PATIENT HISTORY", "CLINICAL INFORMATION", "REASON FOR EXAMINATION", "REASON FOR EXAM",
+          "EXAMINATION", "EXAM", "TYPE OF EXAMINATION", "PROCEDURE", "TECHNIQUE", "COMPARISON",
+          "COMPARISONS", "COMPARISON EXAM", "COMPARISON FILM", "REFERENCE EXAM", "WET READ",
+          "WETREAD", "PROVISIONAL FINDINGS IMPRESSION (PFI)", "PFI", "NOTIFICATION",
+          "RECOMMENDATION", "RECOMMENDATIONS", "RECOMMENDATION(S)", "ADDENDUM", "COMMENT",
+          "COMMENTS", "DATE")
+HEADERS = {
+    **dict.fromkeys(_FINDINGS, "findings"), **dict.fromkeys(_IMPRESSION, "impression"),
+    **dict.fromkeys(_OTHER, None)
+}
+# Words and a colon at the start of a line: 'FINDINGS:', 'Impression :', 'RECOMMENDATION(S):', ...
+_HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z ,()/&-]*?)[ \t]*:", re.M)
+
+
+def _header_name(words: str) -> str:
+  """'Findings / impression ' -> 'FINDINGS/IMPRESSION' (the form of the HEADERS keys)."""
+  return re.sub(r" ?/ ?", "/", " ".join(words.upper().split()))
 
 
 def _csv_rows(path, columns):
-  """The rows of a .csv or .csv.gz file as dicts (ValueError naming the file if a column is not
-  in its header)."""
+  """(line number, row as a dict) of a .csv or .csv.gz file. ValueError naming the file (and the
+  line) if a column is not in its header, a row has more or fewer fields or is not UTF-8, or the
+  file cannot be read as CSV."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in columns if c not in (reader.fieldnames or ())]
-    if missing:
-      raise ValueError(f"{path}: no column(s) {missing}")
-    yield from reader
+  line = 0
+  try:
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+      reader = csv.DictReader(f)
+      missing = [c for c in columns if c not in (reader.fieldnames or ())]
+      if missing:
+        raise ValueError(f"{path}: no column(s) {missing}")
+      for row in reader:
+        line = reader.line_num
+        if None in row or None in row.values():
+          raise ValueError(f"{path}: line {line}: {'more' if None in row else 'fewer'} fields "
+                           f"than the {len(reader.fieldnames)} columns of the header")
+        try:
+          texts.utf8("".join(row.values()))
+        except texts.TextError:
+          raise ValueError(f"{path}: line {line}: not UTF-8") from None
+        yield line, row
+  except (OSError, EOFError, csv.Error) as e:
+    raise ValueError(f"{path}: not readable as CSV after line {line} ({e})") from None
+
+
+def _labels(path, line, row) -> np.ndarray:
+  """The 14 CheXpert values of a label-file row (NaN for empty); ValueError naming the file and
+  line for a value other than 1, 0, -1 or empty."""
+  out = np.full(len(CHEXPERT_LABELS), np.nan, np.float32)
+  for i, name in enumerate(CHEXPERT_LABELS):
+    value = row[name].strip()
+    if not value:
+      continue
+    try:
+      number = float(value)
+    except ValueError:
+      number = None
+    if number not in (1.0, 0.0, -1.0):
+      raise ValueError(f"{path}: line {line}: {name} is {value!r}; expected 1.0, 0.0, -1.0 or "
+                       "empty")
+    out[i] = number
+  return out
 
 
 def sections(report: str) -> dict[str, str]:
-  """{'findings': ..., 'impression': ...} for the sections the report has (first occurrence; the
-  text after the header up to the next ALL-CAPS header or the end)."""
-  headers = []
-  for m in _HEADER.finditer(report):
-    name = m.group(1).strip()
-    if name.upper() in ("FINDINGS", "IMPRESSION"):
-      headers.append((name.lower(), m))
-    elif name.isupper():  # mixed-case 'Note:' is prose, not a header
-      headers.append((None, m))
+  """{'findings': ..., 'impression': ...} for the sections the report has: the text after the
+  section's header (HEADERS) up to the next known header or the end (first occurrence of each)."""
+  headers = [(HEADERS[name], m) for m in _HEADER.finditer(report)
+             if (name := _header_name(m.group(1))) in HEADERS]
   out = {}
-  for i, (name, m) in enumerate(headers):
-    if name and name not in out:
+  for i, (kind, m) in enumerate(headers):
+    if kind and kind not in out:
       end = headers[i + 1][1].start() if i + 1 < len(headers) else len(report)
-      out[name] = report[m.end():end]
+      out[kind] = report[m.end():end]
   return out
 
 
@@ -80,19 +134,21 @@ class MimicCxr(base.Builder):
         manual_dir,
         *(f"mimic-cxr-2.0.0-{n}.csv|mimic-cxr-2.0.0-{n}.csv.gz"
           for n in ("split", "metadata", "chexpert")), "files")
-    rows = list(_csv_rows(split_csv, ("dicom_id", "study_id", "subject_id", "split")))
+    rows = []
+    for line, r in _csv_rows(split_csv, ("dicom_id", "study_id", "subject_id", "split")):
+      if r["split"] not in SPLITS:
+        raise ValueError(f"{split_csv}: line {line}: split is {r['split']!r}; expected one of "
+                         f"{', '.join(SPLITS)}")
+      rows.append(r)
     views = {
         r["dicom_id"]: r["ViewPosition"].strip()
-        for r in _csv_rows(metadata_csv, ("dicom_id", "ViewPosition"))
+        for _, r in _csv_rows(metadata_csv, ("dicom_id", "ViewPosition"))
     }
-    labels = {
-        (r["subject_id"], r["study_id"]):
-            np.array([float(r[n]) if r[n].strip() else np.nan for n in CHEXPERT_LABELS], np.float32)
-        for r in _csv_rows(chexpert_csv, ("subject_id", "study_id", *CHEXPERT_LABELS))
-    }
+    labels = {(r["subject_id"], r["study_id"]): _labels(chexpert_csv, line, r)
+              for line, r in _csv_rows(chexpert_csv, ("subject_id", "study_id", *CHEXPERT_LABELS))}
     return {
         split: {
-            "rows": [r for r in rows if SPLITS.get(r["split"]) == split], "views": views,
+            "rows": [r for r in rows if SPLITS[r["split"]] == split], "views": views,
             "labels": labels, "files": files
         } for split in SPLITS.values()
     }

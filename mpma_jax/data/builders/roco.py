@@ -1,5 +1,6 @@
 """ROCO (Pelka et al. 2018, radiology subset), ROCOv2 (Rückert et al. 2024), and the ROCO retrieval
 benchmark (2,000 test pairs drawn with a fixed seed)."""
+import codecs
 import csv
 import os
 
@@ -15,13 +16,17 @@ ROCOV2_SPLITS = {"train": "train", "valid": "validation", "test": "test"}  # fil
 def roco_pairs(builder: base.Builder, split_dir: str, split: str):
   """(id, image bytes, caption) of one ROCO v1 split directory; bad ones skipped and counted."""
   with open(os.path.join(split_dir, "captions.txt"), "rb") as f:
-    lines = f.read().splitlines()
+    lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()  # bytes: split at CR / LF only
   image_dir = os.path.join(split_dir, "images")
   for line in lines:
     if not line.strip():
       continue
     roco_id, tab, caption = line.partition(b"\t")
-    roco_id = roco_id.strip().decode("ascii", "replace")
+    try:
+      roco_id = texts.to_str(roco_id).strip()
+    except texts.TextError as e:
+      builder.skip(split, e.reason)
+      continue
     if not tab or not roco_id:
       builder.skip(split, "malformed line")
       continue
@@ -66,21 +71,30 @@ class Rocov2(base.Builder):
     return out
 
   def _examples(self, split, csv_path, image_dir):
-    with open(csv_path, "rb") as f:
-      raw = f.read()
-    try:
-      content = texts.to_str(raw).lstrip("\ufeff")
-    except texts.TextError as e:
-      raise ValueError(f"{csv_path}: not UTF-8 ({e})") from e
-    reader = csv.DictReader(content.splitlines())
-    if not {"ID", "Caption"} <= set(reader.fieldnames or ()):
-      raise ValueError(f"{csv_path}: expected columns ID,Caption; found {reader.fieldnames}")
-    for row in reader:
-      image_id = (row.get("ID") or "").strip()
+    # The csv module reads the file itself, so a quoted line break (or U+2028, form feed, ...) stays
+    # inside its caption; bytes that are not UTF-8 stay escaped and are counted per row.
+    with open(csv_path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+      reader = csv.DictReader(f)
+      try:
+        columns, rows = reader.fieldnames or (), list(reader)
+      except csv.Error as e:
+        raise ValueError(f"{csv_path}: line {reader.reader.line_num}: {e}") from None
+    if not {"ID", "Caption"} <= set(columns):
+      raise ValueError(f"{csv_path}: expected columns ID,Caption; found {list(columns)}")
+    for row in rows:
+      if None in row or None in row.values():  # more or fewer fields than the header
+        self.skip(split, "malformed line")
+        continue
+      try:
+        image_id, caption = (texts.utf8(row[c]) for c in ("ID", "Caption"))
+      except texts.TextError as e:
+        self.skip(split, e.reason)
+        continue
+      image_id = image_id.strip()
       if not image_id:
         self.skip(split, "malformed line")
         continue
-      caption = self.clean_text(split, row.get("Caption"))
+      caption = self.clean_text(split, caption)
       if caption is None:
         continue
       image = self.read_image(split, os.path.join(image_dir, f"{image_id}.jpg"))

@@ -1,8 +1,10 @@
 """VQA-Med-2019 (ImageCLEF 2019), categories C1 modality, C2 plane, C3 organ (C4 abnormality is
 not used, as in prior work); every answer is scored as open."""
+import codecs
 import collections
 import os
 
+from mpma_jax.data import text as texts
 from mpma_jax.data.builders import base
 
 CATEGORIES = {"C1_Modality": "modality", "C2_Plane": "plane", "C3_Organ": "organ"}
@@ -10,6 +12,7 @@ CATEGORIES = {"C1_Modality": "modality", "C2_Plane": "plane", "C3_Organ": "organ
 
 class VqaMed2019(base.Builder):
   """VQA-Med-2019 C1-C3 (train / validation / test)."""
+  name = "vqa_med_2019"  # TFDS would derive 'vqa_med2019' from the class name
   TASK = "vqa"
   # The release's top-level folder names; change them here if your copy differs.
   TRAIN_DIR = "ImageClef-2019-VQA-Med-Training"
@@ -41,11 +44,15 @@ class VqaMed2019(base.Builder):
     cache, seen = {}, collections.Counter()
     for category, path in files:
       with open(path, "rb") as f:
-        lines = f.read().splitlines()
+        lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()  # bytes: split at CR / LF only
       for raw in lines:
         if not raw.strip():
           continue
-        fields = [x.strip() for x in raw.decode("utf-8", "replace").split("|")]
+        try:
+          fields = [x.strip() for x in texts.to_str(raw).split("|")]
+        except texts.TextError as e:
+          self.skip(split, e.reason)
+          continue
         if category is None:  # test: image_id|category|question|answer
           if len(fields) != 4:
             self.skip(split, "malformed line")
@@ -67,10 +74,14 @@ class VqaMed2019(base.Builder):
         if not answer:
           self.skip(split, "empty answer")
           continue
+        # Another question of the same image and category gets its own key; the same line again
+        # keeps the first key (base.Builder counts it as a duplicate).
         key = f"{split}-{cat}-{image_id}"
-        seen[key] += 1
-        if seen[key] > 1:
-          key = f"{key}-{seen[key]}"
+        if (key, question, answer) not in seen:
+          seen[key] += 1
+          seen[key, question, answer] = seen[key]
+        if seen[key, question, answer] > 1:
+          key = f"{key}-{seen[key, question, answer]}"
         yield key, {
             "id": key, "image_id": image_id, "image": image, "question": question, "answer": answer,
             "answer_type": "open", "category": cat

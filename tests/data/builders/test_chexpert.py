@@ -115,3 +115,21 @@ def test_a_missing_label_column_is_an_error(tmp_path):
   _write(root, "valid.csv", VALID, chexpert.LABELS[:-1])
   with pytest.raises(ValueError, match="Support Devices"):
     builders.build("chexpert", str(root.parent), str(tmp_path / "out"))
+
+
+def test_truncated_long_and_non_utf8_rows_are_counted(tmp_path):
+  root = _manual(tmp_path)
+  frontal = f"{DIR}/valid/patient64541/study1/view1_frontal.jpg".encode()
+  (root / "valid.csv").write_bytes((root / "valid.csv").read_bytes() + b"\r\n".join([
+      frontal + b",Female,60,Frontal,AP,1.0",  # cut after the first label
+      frontal + b",Female,60,Frontal,AP" + b",0.0" * 15,
+      f"{DIR}/valid/patient6454\xff/study1/view1_frontal.jpg".encode("latin-1") +
+      b",Female,60,Frontal,AP" + b",0.0" * 14
+  ]) + b"\r\n")
+  _, report = builders.build("chexpert", str(root.parent), str(tmp_path / "out"))
+  assert report["validation"] == {
+      "written": 2, "skipped": {"truncated row": 1, "too many fields": 1, "non-UTF-8 text": 1}
+  }
+  (root / "valid.csv").write_bytes((root / "valid.csv").read_bytes() + b"x" * 140000 + b"\n")
+  with pytest.raises(ValueError, match=r"valid\.csv: line 7: field larger than field limit"):
+    builders.build("chexpert", str(root.parent), str(tmp_path / "out2"))

@@ -179,6 +179,113 @@ def test_sections():
   assert mimic_cxr.sections("IMPRESSION: One.\nIMPRESSION: Two.\n") == {"impression": " One.\n"}
 
 
+# Report shapes of MIMIC-CXR -> the findings / impression that `sections` finds (whitespace
+# collapsed here); every section ends at the next known header, whatever other 'WORDS:' it holds.
+SHAPES = {
+    "headers on their own lines": (FULL, {
+        "findings": "There is no focal consolidation, pleural effusion or pneumothorax. Heart "
+                    "size is normal.", "impression": "No acute cardiopulmonary process."
+    }),
+    "text after the colon":
+        (" INDICATION: Cough.\n FINDINGS: Lungs are clear. No effusion.\n IMPRESSION: Normal "
+         "chest.\n", {"findings": "Lungs are clear. No effusion.", "impression": "Normal chest."}),
+    "mixed and lower case": (" Findings: Mild cardiomegaly.\n impression:  Cardiomegaly.\n",
+                             {"findings": "Mild cardiomegaly.", "impression": "Cardiomegaly."}),
+    "sub-headers inside findings":
+        (" FINDINGS:\n PA AND LATERAL VIEWS OF THE CHEST: The lungs are clear.\n NG TUBE: Tip in "
+         "the stomach.\n Lines and tubes: Right IJ line ends in the SVC.\n\n IMPRESSION:\n Tubes "
+         "in standard position.\n", {
+             "findings": "PA AND LATERAL VIEWS OF THE CHEST: The lungs are clear. NG TUBE: Tip in "
+                         "the stomach. Lines and tubes: Right IJ line ends in the SVC.",
+             "impression": "Tubes in standard position."
+         }),
+    "findings and impression":
+        (" EXAMINATION: CHEST (PORTABLE AP)\n\n FINDINGS AND IMPRESSION:\n Low lung volumes. No "
+         "pneumothorax.\n", {"impression": "Low lung volumes. No pneumothorax."}),
+    "findings/impression": (" FINDINGS / IMPRESSION: Stable right effusion.\n",
+                            {"impression": "Stable right effusion."}),
+    "conclusion only":
+        (" HISTORY: Fever.\n TECHNIQUE: Single AP view.\n CONCLUSION: No pneumonia.\n",
+         {"impression": "No pneumonia."}),
+    "impression only": (IMPRESSION_ONLY, {"impression": "Right PICC tip in the SVC."}),
+    "no headers": ("  The lungs are clear. There is no effusion.\n", {}),
+    "unknown headers only": (" NG TUBE: In the stomach.\n LUNGS: Clear.\n", {}),
+    "misspelled headers": (" FINDING: Small effusion.\n IMPRESSIONS: Effusion.\n",
+                           {"findings": "Small effusion.", "impression": "Effusion."}),
+    "conclusions, impresson": (" FINDNGS: Clear.\n CONCLUSIONS: Normal.\n IMPRESSON: Later.\n",
+                               {"findings": "Clear.", "impression": "Normal."}),
+    "wet-read preamble":
+        ("                                 FINAL REPORT\n WET READ: ___ ___ 10:00 PM\n  No "
+         "pneumothorax seen.\n ________________________________\n EXAMINATION: CHEST (PA AND "
+         "LAT)\n INDICATION: ___ year old woman with dyspnea.\n COMPARISON: ___.\n FINDINGS:\n "
+         "The heart is normal in size.\n IMPRESSION:\n No acute process.\n",
+         {"findings": "The heart is normal in size.", "impression": "No acute process."}),
+    "provisional findings impression":
+        (" PROVISIONAL FINDINGS IMPRESSION (PFI): ___ ___ ___ 2:15 PM\n  Possible RLL pneumonia.\n "
+         "FINDINGS: Right lower lobe opacity.\n IMPRESSION: Pneumonia.\n",
+         {"findings": "Right lower lobe opacity.", "impression": "Pneumonia."}),
+    "trailing notification":
+        (" IMPRESSION: Right pneumothorax.\n\n NOTIFICATION: The findings were discussed with "
+         "Dr. ___ by Dr. ___ on the telephone on ___ at 10:24 AM.\n",
+         {"impression": "Right pneumothorax."}),
+    "trailing recommendation(s)": (LOWER, {
+        "findings": "Small left pleural effusion is unchanged. Note: the patient was rotated.",
+        "impression": "Stable small left effusion."
+    }),
+    "addendum with a second impression":
+        (" FINDINGS: Clear lungs.\n IMPRESSION: Normal.\n ADDENDUM: Reviewed again.\n IMPRESSION: "
+         "Still normal.\n", {"findings": "Clear lungs.", "impression": "Normal."}),
+    "crlf and an empty findings section":
+        (" FINDINGS:\r\n\r\n IMPRESSION: Normal.\r\n", {"findings": "", "impression": "Normal."}),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sections_of_report_shapes(shape):
+  report, expected = SHAPES[shape]
+  got = {name: " ".join(text.split()) for name, text in mimic_cxr.sections(report).items()}
+  assert got == expected
+
+
+def test_findings_and_impression_and_conclusion_reports_are_kept(tmp_path):
+  _write(tmp_path / "manual")
+  study = tmp_path / "manual" / "files" / "p10" / "p10000032"
+  (study / "s50000003.txt").write_text(SHAPES["findings and impression"][0])  # d4
+  (study / "s50000007.txt").write_text(SHAPES["conclusion only"][0] + "\n Extra: two words.")  # d8
+  b, report = builders.build("mimic_cxr", str(tmp_path / "manual"), str(tmp_path / "out"))
+  assert report["train"]["written"] == 4 and "no findings or impression" not in report["train"]
+  train = _ids(b, "train")
+  assert train["d4"]["texts"] == [b"Low lung volumes. No pneumothorax."]
+  assert train["d8"]["texts"] == [b"No pneumonia. Extra: two words."]
+
+
+@pytest.mark.parametrize("row, message", [
+    ("10000032,50000009,1.0", r"chexpert\.csv: line 5: fewer fields than the 16 columns"),
+    ("10000032,50000009" + ",yes" * 14, r"chexpert\.csv: line 5: Atelectasis is 'yes'; expected"),
+    ("10000032,50000009" + ",2.0" * 14, r"chexpert\.csv: line 5: Atelectasis is '2.0'; expected"),
+])
+def test_bad_label_row_is_a_one_line_error(tmp_path, row, message):
+  _write(tmp_path / "manual")
+  path = tmp_path / "manual" / "mimic-cxr-2.0.0-chexpert.csv"
+  path.write_text(path.read_text() + row + "\n")
+  with pytest.raises(ValueError, match=message):
+    builders.build("mimic_cxr", str(tmp_path / "manual"), str(tmp_path / "out"))
+
+
+def test_bad_split_and_metadata_rows_are_one_line_errors(tmp_path):
+  _write(tmp_path / "manual")
+  split = tmp_path / "manual" / "mimic-cxr-2.0.0-split.csv"
+  split.write_text(split.read_text().replace("d9,50000008,10000032,train", "d9,50000008,10000032,"
+                                             "training"))
+  with pytest.raises(ValueError, match=r"split\.csv: line 10: split is 'training'; expected one"):
+    builders.build("mimic_cxr", str(tmp_path / "manual"), str(tmp_path / "out"))
+  split.write_text(split.read_text().replace("training", "train"))
+  metadata = tmp_path / "manual" / "mimic-cxr-2.0.0-metadata.csv"
+  metadata.write_bytes(metadata.read_bytes() + b"d\xff" + b",1" * 11 + b"\n")
+  with pytest.raises(ValueError, match=r"metadata\.csv: line 13: not UTF-8"):
+    builders.build("mimic_cxr", str(tmp_path / "manual"), str(tmp_path / "out2"))
+
+
 @pytest.mark.parametrize(
     "missing",
     ["mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-chexpert.csv"])

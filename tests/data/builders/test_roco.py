@@ -1,4 +1,6 @@
 """ROCO v1, ROCOv2 and the ROCO retrieval draw on tiny copies in the distributed layouts."""
+import codecs
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,50 @@ def test_wrong_layouts_name_the_expected_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="test_captions.csv"):
     (tmp_path / "v2" / "test_captions.csv").unlink()
     builders.build("rocov2", str(tmp_path / "v2"), str(tmp_path / "out3"))
+
+
+def test_roco_v1_reads_a_bom_and_counts_non_utf8(tmp_path):
+  _roco(tmp_path / "m")
+  captions = tmp_path / "m" / "data" / "train" / "radiology" / "captions.txt"
+  lines = captions.read_bytes().replace(b"\n", b"\r\n")  # CRLF line ends too
+  captions.write_bytes(codecs.BOM_UTF8 + lines + b"ROCO_\xff0007\t " + GOOD.encode() + b"\r\n" +
+                       b"ROCO_00008\t Caf\xe9 sign on an axial CT image.\r\n")
+  _, report = builders.build("roco", str(tmp_path / "m"), str(tmp_path / "out"))
+  assert report["train"] == {
+      "written": 2, "skipped": {
+          "missing image": 1, "unreadable image": 1, "text too short": 1, "malformed line": 1,
+          "non-UTF-8 text": 2
+      }
+  }
+
+
+def test_rocov2_csv_is_parsed_from_the_file(tmp_path):
+  """Quoted line breaks, U+2028, U+0085 and form feeds stay inside their caption (as spaces), a BOM
+  and CRLF line ends are read, and a caption that is not UTF-8 or a short row is counted."""
+  root = tmp_path / "m"
+  _rocov2(root)
+  captions = {
+      1: '"Axial CT\u2028of the abdomen\x85with\x0ccontrast, arterial phase."'.encode(),
+      2: b'"First line\r\nsecond line, with a comma."',
+      3: b"Caption of one field without quotes",
+      4: b'"Caf\xe9 sign on an axial CT image."',  # Latin-1, not UTF-8
+      5: b"",  # no Caption field at all
+  }
+  rows = [codecs.BOM_UTF8 + b"ID,Caption"]
+  for i, caption in captions.items():
+    image_id = f"ROCOv2_2023_train_{i:06d}"
+    rows.append(image_id.encode() + (b"," + caption if caption else b""))
+    (root / "train" / f"{image_id}.jpg").write_bytes(_jpeg(i))
+  (root / "train_captions.csv").write_bytes(b"\r\n".join(rows) + b"\r\n")
+  b, report = builders.build("rocov2", str(root), str(tmp_path / "out"))
+  assert report["train"] == {"written": 3, "skipped": {"non-UTF-8 text": 1, "malformed line": 1}}
+  train = b.as_data_source("train")
+  got = {train[i]["id"].decode(): [t.decode() for t in train[i]["texts"]] for i in range(3)}
+  assert got == {
+      "ROCOv2_2023_train_000001": ["Axial CT of the abdomen with contrast, arterial phase."],
+      "ROCOv2_2023_train_000002": ["First line second line, with a comma."],
+      "ROCOv2_2023_train_000003": ["Caption of one field without quotes"],
+  }
+  (root / "train_captions.csv").write_text(f"ID,Caption\nA,{GOOD}\nB,{'x' * 140000}\n")
+  with pytest.raises(ValueError, match=r"train_captions\.csv: line 3: field larger than field"):
+    builders.build("rocov2", str(root), str(tmp_path / "out2"))

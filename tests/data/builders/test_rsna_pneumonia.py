@@ -1,19 +1,20 @@
 """RSNA Pneumonia: a tiny copy in the distributed layout (box rows aggregated per patient, DICOM
-images written with pydicom) is split by patient with the fixed seed, and everything unusable is
+images written with pydicom) is split by a hash of each patient id, and everything unusable is
 counted."""
+import codecs
+
 import numpy as np
 import pytest
 
 from mpma_jax.data import builders, images
+from mpma_jax.data.builders.rsna_pneumonia import RsnaPneumonia
 from tests.data.test_images import dicom_bytes
 
 HEADER = "patientId,x,y,width,height,Target\n"
-# With SEED 42 the 15 sorted patient ids (14 + the empty one) are permuted to: validation = the
-# first 2, test = the next 2, train = the other 11.
-VALIDATION, TEST = ["pid05", "pid06"], ["pid08", "pid02"]
-TRAIN = [
-    "", "pid10", "pid13", "pid09", "pid04", "pid01", "pid03", "pid11", "pid00", "pid12", "pid07"
-]
+# RsnaPneumonia.split_of (the SHA-256 of each id) puts these ids into validation and test; the
+# other 10 (the empty id included) are train.
+VALIDATION, TEST = ["pid00", "pid01", "pid05", "pid11"], ["pid06"]
+TRAIN = ["", "pid02", "pid03", "pid04", "pid07", "pid08", "pid09", "pid10", "pid12", "pid13"]
 BOX = "264.0,152.0,213.0,379.0"
 # patient -> (rows: the x,y,width,height,Target after the id; image: 'ok' | 'corrupt' | None)
 PATIENTS = {
@@ -61,13 +62,16 @@ def test_rsna_pneumonia_tiny_copy(tmp_path):
   manual = tmp_path / "manual"
   data = _write(manual, PATIENTS)
   b, report = builders.build("rsna_pneumonia", str(manual), str(tmp_path / "out"))
+  assert {p: RsnaPneumonia.split_of(p) for p in PATIENTS} == {
+      **dict.fromkeys(TRAIN, "train"), **dict.fromkeys(VALIDATION, "validation"),
+      **dict.fromkeys(TEST, "test")
+  }
   assert report == {
       "train": {
-          "written": 7, "skipped": {
-              "bad label value": 1, "empty patient id": 1, "missing image": 1, "unreadable image": 1
+          "written": 5, "skipped": {
+              "bad label value": 1, "empty patient id": 1, "missing image": 1, "unreadable image": 2
           }
-      }, "validation": {"written": 2, "skipped": {}},
-      "test": {"written": 1, "skipped": {"unreadable image": 1}}
+      }, "validation": {"written": 4, "skipped": {}}, "test": {"written": 1, "skipped": {}}
   }
   assert list(b.info.metadata["class_names"]) == ["normal", "pneumonia"]
   skipped = {"", "pid10", "pid13", "pid09", "pid02"}
@@ -85,34 +89,71 @@ def test_rsna_pneumonia_tiny_copy(tmp_path):
       np.testing.assert_array_equal(ex["labels"], np.eye(2, dtype=np.float32)[target])
       assert ex["text"] == b""
       assert ex["image"] == data[patient]  # the DICOM bytes, decoded when read
-  train = {ex["id"].decode(): ex for ex in (b.as_data_source("train")[i] for i in range(7))}
-  assert train["pid04"]["label"] == 1 and train["pid01"]["label"] == 0  # three boxes -> one
+  train = {ex["id"].decode(): ex for ex in (b.as_data_source("train")[i] for i in range(5))}
+  assert train["pid04"]["label"] == 1 and train["pid03"]["label"] == 0  # three boxes -> one
   pixels = images.decode(train["pid04"]["image"])
   assert pixels.shape == (6, 8, 3) and pixels.dtype == np.uint8
   assert pixels[0, 0, 0] == 0 and pixels.max() == 255  # 8-bit MONOCHROME2, min-max
 
 
-def test_three_patients_give_one_per_split_and_two_are_too_few(tmp_path):
-  three = {p: ([",,,,0"], "ok") for p in ("a", "b", "c")}
-  _write(tmp_path / "three", three)
-  b, report = builders.build("rsna_pneumonia", str(tmp_path / "three"), str(tmp_path / "out3"))
-  assert {s: r["written"] for s, r in report.items()} == {"train": 1, "validation": 1, "test": 1}
-  # sorted ['a', 'b', 'c'] permuted by default_rng(42) -> ['c', 'b', 'a']
-  assert [b.as_data_source(s)[0]["id"] for s in ("validation", "test", "train")
-         ] == [b"c", b"b", b"a"]
-  _write(tmp_path / "two", {p: ([",,,,1"], "ok") for p in ("a", "b")})
-  with pytest.raises(ValueError, match="no usable examples"):
-    builders.build("rsna_pneumonia", str(tmp_path / "two"), str(tmp_path / "out2"))
+def _splits(b):
+  """patient id -> the split the build wrote it to."""
+  out = {}
+  for split in ("train", "validation", "test"):
+    source = b.as_data_source(split)
+    out.update({source[i]["id"].decode(): split for i in range(len(source))})
+  return out
 
 
-def test_split_fractions_and_seed_are_class_attributes(tmp_path):
-  from mpma_jax.data.builders.rsna_pneumonia import RsnaPneumonia
-  assert (RsnaPneumonia.SEED, RsnaPneumonia.VAL_FRACTION, RsnaPneumonia.TEST_FRACTION) == (42, 0.1,
-                                                                                           0.1)
-  ids = [f"p{i:03d}" for i in range(100)]
-  _write(tmp_path / "m", {p: ([",,,,0"], "ok") for p in ids})
-  _, report = builders.build("rsna_pneumonia", str(tmp_path / "m"), str(tmp_path / "out"))
-  assert {s: r["written"] for s, r in report.items()} == {"train": 80, "validation": 10, "test": 10}
+def test_a_copy_lacking_some_patients_leaves_every_other_patient_in_its_split(tmp_path):
+  ids = [f"p{i:03d}" for i in range(60)]
+  _write(tmp_path / "full", {p: ([",,,,0"], "ok") for p in ids})
+  full, _ = builders.build("rsna_pneumonia", str(tmp_path / "full"), str(tmp_path / "out_full"))
+  kept = [p for i, p in enumerate(ids) if i % 7 != 3]  # 9 patients spread over the id order gone
+  _write(tmp_path / "part", {p: ([",,,,0"], "ok") for p in kept})
+  part, _ = builders.build("rsna_pneumonia", str(tmp_path / "part"), str(tmp_path / "out_part"))
+  before, after = _splits(full), _splits(part)
+  assert set(after) == set(kept) and len(set(before.values())) == 3
+  assert after == {p: before[p] for p in kept}
+  assert before == {p: RsnaPneumonia.split_of(p) for p in ids}
+
+
+def test_split_fractions_are_class_attributes():
+  assert (RsnaPneumonia.VAL_FRACTION, RsnaPneumonia.TEST_FRACTION) == (0.1, 0.1)
+
+  class Quarter(RsnaPneumonia):
+    VAL_FRACTION = TEST_FRACTION = 0.25
+
+  ids = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(4000)]  # patientId's UUID form
+  for cls, expected in ((RsnaPneumonia, 400), (Quarter, 1000)):
+    splits = [cls.split_of(p) for p in ids]
+    for split in ("validation", "test"):
+      assert abs(splits.count(split) - expected) < 4 * expected**0.5, (cls, split)
+
+
+def test_a_split_left_empty_is_a_clear_error(tmp_path):
+  _write(tmp_path, {p: ([",,,,1"], "ok") for p in ("a", "b")})  # both train by their hash
+  with pytest.raises(ValueError, match="split 'validation' has no usable examples"):
+    builders.build("rsna_pneumonia", str(tmp_path), str(tmp_path / "out"))
+
+
+def test_bad_bytes_and_rows_of_the_labels_file(tmp_path):
+  (tmp_path / "stage_2_train_images").mkdir()
+  for p in "abcd":  # a, b: train; c: test; d: validation (by their hash)
+    (tmp_path / "stage_2_train_images" / f"{p}.dcm").write_bytes(dicom_bytes(_pixels(0)))
+  path = tmp_path / "stage_2_train_labels.csv"
+  # 'a' + 0x81 (not UTF-8) is train too; b's second row has a Target that is not UTF-8.
+  path.write_bytes(codecs.BOM_UTF8 + HEADER.encode() +
+                   b"a,,,,,0\nb,,,,,1\nc,,,,,0\nd,,,,,1\na\x81,,,,,0\nb,,,,,\x81\n")
+  _, report = builders.build("rsna_pneumonia", str(tmp_path), str(tmp_path / "out"))
+  assert RsnaPneumonia.split_of("a\udc81") == "train"
+  assert report == {
+      "train": {"written": 1, "skipped": {"non-UTF-8 text": 1, "bad label value": 1}},
+      "validation": {"written": 1, "skipped": {}}, "test": {"written": 1, "skipped": {}}
+  }
+  path.write_bytes(HEADER.encode() + b"a,,,,,0\nb,,,,," + b"1" * 140000 + b"\n")
+  with pytest.raises(ValueError, match=r"stage_2_train_labels\.csv: line 3: field larger than"):
+    builders.build("rsna_pneumonia", str(tmp_path), str(tmp_path / "out2"))
 
 
 @pytest.mark.parametrize("missing", ["stage_2_train_labels.csv", "stage_2_train_images"])
@@ -136,10 +177,11 @@ def test_real_chest_radiograph_goes_through_build_and_pipeline(tmp_path):
   real = open(get_testdata_file("RG1_UNCI.dcm"), "rb").read()
   manual = tmp_path / "rsna"
   (manual / "stage_2_train_images").mkdir(parents=True)
-  rows = [HEADER] + [f"real{i},,,,,{i % 2}\n" for i in range(3)]
+  patients = ("real0", "real1", "real9")  # train, validation, test by their hash
+  rows = [HEADER] + [f"{p},,,,,{i % 2}\n" for i, p in enumerate(patients)]
   (manual / "stage_2_train_labels.csv").write_text("".join(rows))
-  for i in range(3):
-    (manual / "stage_2_train_images" / f"real{i}.dcm").write_bytes(real)
+  for p in patients:
+    (manual / "stage_2_train_images" / f"{p}.dcm").write_bytes(real)
   data_dir = str(tmp_path / "data")
   b, report = builders.build("rsna_pneumonia", str(manual), data_dir)
   assert {s: r["written"] for s, r in report.items()} == {"train": 1, "validation": 1, "test": 1}

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mpma_jax.data import builders, text
+from mpma_jax.data import builders, images, text
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "vqa_rad")
 REAL = os.path.abspath(REAL)
@@ -80,6 +80,60 @@ def test_a_split_with_nothing_usable_is_a_clear_error(tmp_path):
   for name in ("trainset.json", "testset.json"):
     json.dump([record], open(tmp_path / name, "w"))
   with pytest.raises(ValueError, match="no usable examples.*missing image"):
+    builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
+
+
+def _record(qid, image_name="synpic1.jpg", question="Is there a mass?", answer="yes"):
+  return {
+      "qid": qid, "image_name": image_name, "image_organ": "HEAD", "answer": answer,
+      "answer_type": "CLOSED ", "question_type": "PRES", "question": question,
+      "phrase_type": "freeform"
+  }
+
+
+def _tiny(root, train):
+  """trainset.json (`train`, '@@' in a string written as the byte 0xff), testset.json (one good
+  question) and images/synpic1.jpg."""
+  (root / "images").mkdir(parents=True)
+  (root / "images" / "synpic1.jpg").write_bytes(images.encode_jpeg(np.zeros((8, 8), np.uint8)))
+  content = json.dumps(train, ensure_ascii=False).encode().replace(b"@@", b"\xff")
+  (root / "trainset.json").write_bytes(content)
+  json.dump([_record(100)], open(root / "testset.json", "w"))
+
+
+def test_bad_records_are_counted(tmp_path):
+  no_name, no_qid = _record(2), _record(3)
+  del no_name["image_name"], no_qid["qid"]
+  _tiny(tmp_path, [
+      _record(1, answer=3), no_name, no_qid,
+      _record(4, image_name=""),
+      _record(5, image_name="."),
+      _record(6, question="Is there a m@@ss?"),
+      _record(7, answer=None),
+      _record(8, question={"en": "Is there a mass?"}), [1, 2]
+  ])
+  b, report = builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
+  assert report == {
+      "train": {
+          "written": 1, "skipped": {
+              "missing field": 2, "no image name": 1, "missing image": 1, "non-UTF-8 text": 1,
+              "empty answer": 1, "malformed record": 2
+          }
+      }, "test": {"written": 1, "skipped": {}}
+  }
+  first = b.as_data_source("train")[0]
+  assert (first["id"], first["answer"], first["answer_type"]) == (b"1", b"3", b"closed")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'[{"qid": 1, "image_name": "synpic1.jpg"', r"not valid JSON \(Expecting .*line 1 column"),
+    (b'[{"qid": 1}, \xff]', r"not valid JSON \(Expecting value: line 1 column 14"),
+    (b'{"questions": []}', "expected a JSON list of questions, found dict"),
+])
+def test_unreadable_file_is_a_one_line_error(tmp_path, content, message):
+  _tiny(tmp_path, [_record(1)])
+  (tmp_path / "testset.json").write_bytes(content)
+  with pytest.raises(ValueError, match=r"testset\.json: " + message):
     builders.build("vqa_rad", str(tmp_path), str(tmp_path / "out"))
 
 

@@ -1,4 +1,5 @@
 """SLAKE, VQA-Med-2019 and MELINDA on tiny copies in their distributed layouts."""
+import codecs
 import json
 
 import numpy as np
@@ -54,6 +55,52 @@ def test_slake(tmp_path):
   (tmp_path / "m" / "validate.json").unlink()
   with pytest.raises(FileNotFoundError, match="validate.json"):
     builders.build("slake", str(tmp_path / "m"), str(tmp_path / "out2"))
+
+
+def _json_with_raw_bytes(path, records):
+  """Writes records as JSON, with every '@@' inside a string replaced by the byte 0xff."""
+  path.write_bytes(json.dumps(records, ensure_ascii=False).encode().replace(b"@@", b"\xff"))
+
+
+def test_slake_bad_records_are_counted(tmp_path):
+  root = tmp_path / "m"
+  _slake(root)
+  q = _slake_question
+  good = "xmlab1/source.jpg"
+  no_qid, no_lang = q(9, good, "Where?", "Left"), q(10, good, "Where?", "Left")
+  del no_qid["qid"], no_lang["q_lang"]
+  no_image = q(11, good, "Where?", "Left")
+  del no_image["img_name"]
+  _json_with_raw_bytes(root / "train.json", [
+      q(1, good, "Which organ is shown?", "Lung"), no_qid, no_lang, no_image,
+      q(12, "", "Where?", "Left"),
+      q(13, "xmlab1", "Where?", "Left"),
+      q(14, good, "Where?", None),
+      q(15, good, "Where?", ["Left"]),
+      q(16, good, "Wh@@ere?", "Left"),
+      q(17, good, "Where?", "   "), "not a record",
+      q(18, good, "这是什么?", None, lang="zh")
+  ])
+  b, report = builders.build("slake", str(root), str(tmp_path / "out"))
+  assert report["train"] == {
+      "written": 1, "skipped": {
+          "missing field": 3, "no image name": 1, "missing image": 1, "empty answer": 2,
+          "malformed record": 2, "non-UTF-8 text": 1, "not English": 1
+      }
+  }
+  assert b.as_data_source("train")[0]["answer"] == b"Lung"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'[{"qid": 1, "img_name": "xmlab1/source.jpg",', r"not valid JSON \(Expecting .* line 1 "),
+    (b'[\n{"qid": 1}, \xff\n]', r"not valid JSON \(Expecting value: line 2 column 13"),
+    (b'{"qid": 1}', "expected a JSON list of questions, found dict"),
+])
+def test_slake_unreadable_file_is_a_one_line_error(tmp_path, content, message):
+  _slake(tmp_path / "m")
+  (tmp_path / "m" / "validate.json").write_bytes(content)
+  with pytest.raises(ValueError, match=r"validate\.json: " + message):
+    builders.build("slake", str(tmp_path / "m"), str(tmp_path / "out"))
 
 
 # --- VQA-Med-2019 -----------------------------------------------------------------------------------
@@ -142,3 +189,49 @@ def test_melinda(tmp_path):
   (tmp_path / "m" / "dev.csv").unlink()
   with pytest.raises(FileNotFoundError, match="dev.csv"):
     builders.build("melinda", str(tmp_path / "m"), str(tmp_path / "out2"))
+
+
+def test_melinda_bad_rows_are_counted(tmp_path):
+  root = tmp_path / "m"
+  _melinda(root)
+  header = b"figure_file,caption,i_meth,p_meth,i_meth_label,p_meth_label\n"
+  rows = [
+      b'f1.jpg,"A caption\nover two lines.",a,b,c,Molecular',
+      b",no figure file,a,b,c,Molecular",
+      b'f2.jpg,"Caf\xe9 caption in Latin-1.",a,b,c,Molecular',
+      b"f3.jpg,a short row",
+      b"f4.jpg,caption,a,b,c,X-ray,one field too many",
+      b"f5.jpg,caption,a,b,c,Caf\xe9",  # a label that is not UTF-8 is no class either
+      b"melinda_images,caption,a,b,c,Molecular",  # not a file
+  ]
+  (root / "test.csv").write_bytes(header + b"\n".join(rows) + b"\n")
+  (root / "melinda_images" / "melinda_images").mkdir()
+  train = (root / "train.csv").read_bytes()
+  (root / "train.csv").write_bytes(codecs.BOM_UTF8 + train + rows[5] + b"\n")
+  b, report = builders.build("melinda", str(root), str(tmp_path / "out"))
+  assert list(b.info.metadata["class_names"]) == sorted(LABELS)
+  assert report["train"] == {"written": 7, "skipped": {"missing image": 1, "non-UTF-8 text": 1}}
+  assert report["test"] == {
+      "written": 1,
+      "skipped": {"no image name": 1, "non-UTF-8 text": 2, "malformed line": 2, "missing image": 1}
+  }
+  assert b.as_data_source("test")[0]["text"] == b"A caption over two lines."
+  (root / "dev.csv").write_bytes(header + b"f1.jpg,x,a,b,c,Molecular\nf2.jpg," + b"x" * 140000)
+  with pytest.raises(ValueError, match=r"dev\.csv: line 3: field larger than field limit"):
+    builders.build("melinda", str(root), str(tmp_path / "out2"))
+
+
+# --- VQA-Med-2019 (name and encoding) ----------------------------------------------------------------
+def test_vqa_med_2019_builds_under_its_name_and_counts_non_utf8(tmp_path):
+  root = tmp_path / "m"
+  _vqa_med(root)
+  path = root / "ImageClef-2019-VQA-Med-Training" / "QAPairsByCategory" / "C3_Organ_train.txt"
+  path.write_bytes(codecs.BOM_UTF8 + path.read_bytes() + b"\nsynpic1|what organ?|caf\xe9\n")
+  b, report = builders.build("vqa_med_2019", str(root), str(tmp_path / "out"))
+  assert b.name == "vqa_med_2019"
+  assert (tmp_path / "out" / "vqa_med_2019" / "1.0.0" / "build_report.json").exists()
+  assert report["train"] == {
+      "written": 3, "skipped": {"malformed line": 1, "missing image": 1, "non-UTF-8 text": 1}
+  }
+  train = b.as_data_source("train")
+  assert {train[i]["image_id"] for i in range(3)} == {b"synpic1", b"synpic2"}  # BOM not in the id
