@@ -67,8 +67,8 @@ class Chexpert(base.Builder):
       if not rel:
         self.skip(split, "empty path")
         continue
-      if rel in seen:
-        self.skip(split, "duplicate row")
+      if rel in seen:  # (checked here, before its image is read; counted as base.Builder does)
+        self.skip(split, "duplicate")
         continue
       seen.add(rel)
       labels = self._labels(r)

@@ -58,7 +58,7 @@ def _manual(tmp_path):
 EXPECTED = {
     "train": {
         "written": 3, "skipped": {
-            "bad label value": 2, "duplicate row": 1, "missing image": 1, "unreadable image": 1
+            "bad label value": 2, "duplicate": 1, "missing image": 1, "unreadable image": 1
         }
     }, "validation": {"written": 2, "skipped": {}}
 }
