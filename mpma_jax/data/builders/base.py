@@ -55,6 +55,17 @@ def features_for(task: str, num_classes: int = 0) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(SCHEMAS[task](num_classes))
 
 
+def _paths(values) -> list[str]:
+  """The existing files and folders among `values` (and inside lists / tuples of them)."""
+  out = []
+  for v in values:
+    if isinstance(v, (list, tuple)):
+      out += _paths(v)
+    elif isinstance(v, str) and os.path.exists(v):
+      out.append(v)
+  return out
+
+
 class ManualDirError(FileNotFoundError):
   """The user's manual_dir is missing a file the dataset's distribution has."""
 
@@ -112,9 +123,8 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise ManualDirError(f"{self.name}: manual_dir {manual_dir!r} is not a directory. "
                            f"Expected layout:\n{self.LAYOUT}")
     return {
-        split: self._checked(split, self._examples(split, **kw),
-                             [v for v in kw.values() if isinstance(v, str) and os.path.exists(v)
-                             ]) for split, kw in self._split_paths(manual_dir).items()
+        split: self._checked(split, self._examples(split, **kw), _paths(kw.values()))
+        for split, kw in self._split_paths(manual_dir).items()
     }
 
   def _checked(self, split: str, examples: Iterator, sources: Sequence[str] = ()) -> Iterator:
