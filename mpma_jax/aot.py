@@ -959,6 +959,9 @@ def suggest(config, topology: str, devices=None, max_compiles: int = 6, hbm_byte
         if row is None:
           tried.append({"setting": setting, "fits": False, "skipped": f"compile failed: {why}"})
           say(f"  compile failed: {why}")
+          if "IndivisibleError" in why:  # a parameter does not split over this mesh: next mesh
+            compiles -= 1  # (found while lowering, before XLA compiles anything)
+            break
           continue
       else:
         row = report(c, compile_step(c, topology, devices), hbm_bytes, hlo_dir)

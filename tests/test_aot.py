@@ -404,3 +404,17 @@ def test_suggest_in_child_processes_matches_in_process():
   a, b = here["tried"][0], there["tried"][0]
   assert a["setting"] == b["setting"] and a["fits"] == b["fits"]
   assert a["memory"]["peak"] == b["memory"]["peak"]
+
+
+@pytest.mark.slow
+def test_suggest_moves_past_a_mesh_that_a_parameter_does_not_divide():
+  """MIM decoder width 36 does not split 8 ways: the fsdp-8 mesh fails while lowering (no XLA
+  compile, not counted), and the search goes on to fsdp 4 within max_compiles=1."""
+  config = _scanned_tiny(8, 1)
+  config.model.mim.width = 36
+  config.train.batch_size = 8
+  result = aot.suggest(config, "cpu:8", max_compiles=1, isolate=True)
+  first = result["tried"][0]
+  assert first["setting"]["mesh"]["fsdp"] == 8 and "IndivisibleError" in first["skipped"]
+  assert result["compiles"] == 1
+  assert result["tried"][1]["setting"]["mesh"]["fsdp"] == 4 and "memory" in result["tried"][1]
