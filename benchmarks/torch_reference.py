@@ -90,12 +90,12 @@ def patchify(images, patch: int):
 
 
 def mim_loss(pred, images, restore, num_kept: int, patch: int, norm_pix: bool = True,
-             eps: float = 1e-6):
+             eps: float = 1e-6, unbiased: bool = False):
   """MSE over masked patches; pred [B, N, p*p*3], images [B, H, W, 3] (normalised)."""
   target = patchify(images.float(), patch)  # [B, N, p*p*3]
   if norm_pix:
     mean = target.mean(-1, keepdim=True)
-    var = target.var(-1, unbiased=False, keepdim=True)
+    var = target.var(-1, unbiased=unbiased, keepdim=True)
     target = (target - mean) / torch.sqrt(var + eps)
   per_patch = ((pred.float() - target)**2).mean(-1)  # [B, N]
   masked = restore >= num_kept  # [B, N]
@@ -170,7 +170,7 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
   if w["mim"]:
     metrics["mim"] = mim_loss(out["mim_pred"], torch_mpma.normalize_images(batch["image"]),
                               batch["image_restore"], batch["image_keep"].shape[1], m.image.patch,
-                              m.mim.norm_pix)
+                              m.mim.norm_pix, unbiased=m.mim.target_var_unbiased)
   if w["global"]:
     image, text = out["image_gla"][:, 0].float(), out["text_gla"][:, 0].float()
     logits = image @ text.T / out["temperature_global"]  # [B, B]

@@ -198,12 +198,17 @@ def latest_step(directory: str) -> Optional[int]:
 # --- a pre-training run, read back ----------------------------------------------------------------
 # The pre-training config's format_version, and what each version added (with the value that
 # reproduces a config of the version before): version 1 configs have no format_version.
-CONFIG_FORMAT = 2
-ADDED_IN_FORMAT = {
+CONFIG_FORMAT = 3
+ADDED_IN_FORMAT = {  # format -> {field: the value that keeps an older config's behaviour}
     2: {
         "model.scan": False, "model.mim.activation": "gelu", "model.mim.eps": 1e-6,
         "train.ckpt_fallback": True
-    }
+    },
+    3: {
+        "model.image.pos_resize": "jax_bicubic", "model.mim.target_var_unbiased": False,
+        "masking.paired": True, "init.text_mlm_head": True,
+        "model.mlm.eps": lambda config: config.model.text.eps  # (was tied to the text encoder's)
+    },
 }
 
 
@@ -219,9 +224,11 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       *parents, leaf = dotted.split(".")
       node = config
       for part in parents:
+        if part not in node:  # a section added in this format
+          node[part] = ml_collections.ConfigDict()
         node = node[part]
       if leaf not in node:
-        node[leaf] = value
+        node[leaf] = value(config) if callable(value) else value
   config.format_version = CONFIG_FORMAT
   return config
 

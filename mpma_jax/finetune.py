@@ -59,7 +59,9 @@ def transfer(fresh: Any, pretrained: Any, model: ml_collections.ConfigDict) -> t
                      f"{value.shape}); was it written by an older mpma-jax?")
     old = np.asarray(flat_old[key], np.float32)
     if key[-2:] == ("image_encoder", "position_embedding") and old.shape != value.shape:
-      old = np.asarray(vit.resize_pos_embed(old, model.image.size // model.image.patch))
+      old = np.asarray(
+          vit.resize_pos_embed(old, model.image.size // model.image.patch,
+                               model.image.get("pos_resize", "jax_bicubic")))
       notes.append(f"{'/'.join(key)} resized from {flat_old[key].shape} to {old.shape}")
     if old.shape != value.shape:
       raise ValueError(f"parameter {'/'.join(key)}: checkpoint shape {old.shape}, model shape "
@@ -116,8 +118,12 @@ def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.Gradi
 # --- steps ----------------------------------------------------------------------------------------
 def build_model(config, model_cfg, num_outputs: int) -> Downstream:
   task = tasks.get(config.task)
-  return Downstream(ml_collections.FrozenConfigDict(model_cfg), task.head, num_outputs,
-                    task.output_bias(num_outputs), config.linear_probe)
+  if config.get("head_output_bias", "prior") not in ("prior", "zero"):
+    raise ValueError(f"head_output_bias must be prior or zero, got {config.head_output_bias!r}")
+  bias = task.output_bias(num_outputs) if config.get("head_output_bias",
+                                                     "prior") == "prior" else 0.0
+  return Downstream(ml_collections.FrozenConfigDict(model_cfg), task.head, num_outputs, bias,
+                    config.linear_probe)
 
 
 def dummy_batch(config, model_cfg, num_outputs: int, batch_size: int = 2) -> dict:

@@ -38,14 +38,15 @@ Formulas (B = batch size)
   N = (image.size / patch)^2, n = num_kept_patches(N, masking.image_ratio), L = data.max_len,
   Dv, Dt, d = image / text / fusion (hidden) widths, G = gla.dim, S = memory.slots,
   k = memory.topk, K = fusion.layers, f = fusion.mlp_dim, V = text.vocab_size, W = mim.width,
-  P = patches the GLA and ITM see: N with gla.features_from = 'clean', n with 'masked'.
+  P = patches the GLA sees: N with gla.features_from = 'clean' (or masking.paired = False), n with
+  'masked'; ITM always sees all N.
 
   image_encoder_masked = dense(N, p*p*3, Dv) + image.layers * block(1 + n, Dv, mlp_ratio * Dv)
-  image_encoder_clean  = image.layers * block(1 + N, Dv, mlp_ratio * Dv)        ('clean' only)
+  image_encoder_clean  = image.layers * block(1 + N, Dv, mlp_ratio * Dv)    ('clean' or ITM)
   text_encoder_masked  = text.layers * block(L, Dt, text.mlp_dim)
-  text_encoder_clean   = text_encoder_masked                                    ('clean' only)
+  text_encoder_clean   = text_encoder_masked                                ('clean' or ITM)
   projections_masked   = dense(1 + n, Dv, d) + dense(L, Dt, d)
-  projections_clean    = dense(1 + N, Dv, d) + dense(L, Dt, d)                  ('clean' only)
+  projections_clean    = dense(1 + N, Dv, d) + dense(L, Dt, d)              ('clean' or ITM)
   gla_heads            = dense(1 + P, d, G) + dense(L, d, G)
   memory               = 4 S d^2 + read(1 + n) + R * read(L)     (0 with memory.enabled False)
                          4 S d^2: the slots' keys and values, R = 1 ('pre_fusion') or K
@@ -62,8 +63,10 @@ Formulas (B = batch size)
                        | 4 B^2 P L G  ('attention': the cosines, then the attended contexts)
                                                                                   (loss.local > 0)
   itm                  = the memory reads (not the slot projections) and all K layers of both
-                         streams of a second fusion pass with 1 + P image tokens,
+                         streams of a second fusion pass with 1 + N image tokens (unmasked),
                          + two poolers 2 dense(1, d, d) + the head dense(1, 2d, 2)   (loss.itm > 0)
+  with masking.paired = False, memory and fusion also count M3AE's MLM pass: the unmasked image
+  (1 + N tokens, its last image layer unused) with the masked text.
   total                = the sum of the above
 
 The contrastive terms are quadratic in the batch, over the *global* batch (negatives from every
@@ -169,8 +172,11 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
   pixels = i.patch * i.patch * 3
   if m.gla.features_from not in ("clean", "masked"):
     raise ValueError(f"gla.features_from must be 'clean' or 'masked', got {m.gla.features_from!r}")
-  clean = m.gla.features_from == "clean"
-  gla_patches = num_patches if clean else n_keep  # P: patches the GLA (and ITM) sees
+  paired = config.masking.get("paired", True)  # False: M3AE's two fused passes
+  clean = m.gla.features_from == "clean" or not paired  # GLA on the unmasked features
+  gla_patches = num_patches if clean else n_keep  # P: patches the GLA sees
+  # ITM always fuses the unmasked image and text, so it needs the clean encoder passes too
+  needs_clean = clean or config.loss.itm > 0
 
   # The patch embedding runs on all N patches (the MAE gather comes after it), and both passes
   # embed the same image: XLA computes it once (common-subexpression elimination).
@@ -182,19 +188,22 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
       "text_encoder_masked": text_encoder,
       "projections_masked": _dense(b, 1 + n_keep, i.width, d) + _dense(b, length, t.width, d),
   }
-  if clean:
+  if needs_clean:
     out["image_encoder_clean"] = vit(1 + num_patches)
     out["text_encoder_clean"] = text_encoder
     out["projections_clean"] = (_dense(b, 1 + num_patches, i.width, d) +
                                 _dense(b, length, t.width, d))
   out["gla_heads"] = _dense(b, 1 + gla_patches, d, m.gla.dim) + _dense(b, length, d, m.gla.dim)
-  out["memory"] = _memory(b, 1 + n_keep, length, config)
-  if m.memory.enabled:  # the slots' key and value projections: the same for every read (CSE)
-    out["memory"] += 2 * _dense(1, m.memory.slots, d, d)
   # The pre-training pass pools nothing, so its last image layer is dead code (XLA drops it)
   # unless the MIM decoder reads it.
+  out["memory"] = _memory(b, 1 + n_keep, length, config)
   out["fusion"] = _fusion(b, 1 + n_keep, length, config,
                           last_image_layer=m.mim.layer == m.fusion.layers)
+  if not paired:  # + the MLM pass: the unmasked image with the masked text (its image side unused)
+    out["memory"] += _memory(b, 1 + num_patches, length, config)
+    out["fusion"] += _fusion(b, 1 + num_patches, length, config, last_image_layer=False)
+  if m.memory.enabled:  # the slots' key and value projections: the same for every read (CSE)
+    out["memory"] += 2 * _dense(1, m.memory.slots, d, d)
   # MIMDecoder's MLP is 4x its width (its mlp_ratio default; not a config field).
   out["mim_decoder"] = (_dense(b, 1 + n_keep, d, m.mim.width) +
                         m.mim.depth * _block(b, 1 + num_patches, m.mim.width, 4 * m.mim.width) +
@@ -209,7 +218,7 @@ def forward_flops(config, batch_size: int) -> dict[str, float]:
     pair = 2.0 * gla_patches * length * m.gla.dim  # one [P, G] x [G, L] cosine matrix
     out["gla_local"] = b * b * pair * (1 if m.gla.local == "filip" else 2)
   if config.loss.itm > 0:
-    itm_tokens = 1 + gla_patches  # ITM fuses the GLA's (clean or masked) features
+    itm_tokens = 1 + num_patches  # ITM fuses the unmasked features
     out["itm"] = (_memory(b, itm_tokens, length, config) +
                   _fusion(b, itm_tokens, length, config, last_image_layer=True) +
                   2 * _dense(b, 1, d, d) + _dense(b, 1, 2 * d, 2))  # poolers, head

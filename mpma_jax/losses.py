@@ -39,11 +39,13 @@ def unpatchify(patches, patch: int, channels: int = 3):
 
 
 def mim_loss(pred, images, image_restore, num_kept: int, patch: int, norm_pix: bool = True,
-             eps: float = 1e-6):
+             eps: float = 1e-6, unbiased_var: bool = False):
   """MSE between predicted and target pixels, averaged over masked patches only -> scalar.
 
   pred [B, N, p*p*C] in the original patch order; images [B, H, W, C]; image_restore [B, N]
-  (patch j is masked iff restore[j] >= num_kept). With norm_pix each target patch is standardised.
+  (patch j is masked iff restore[j] >= num_kept). With norm_pix each target patch is standardised:
+  (x - mean) / sqrt(var + eps), var over the patch's p*p*C values, divided by n (population) or,
+  with unbiased_var (model.mim.target_var_unbiased; MAE's and M3AE's torch.var), by n - 1.
   """
   pred = pred.astype(jnp.float32)
   target = patchify(images.astype(jnp.float32), patch)  # [B, N, p*p*C]
@@ -51,7 +53,7 @@ def mim_loss(pred, images, image_restore, num_kept: int, patch: int, norm_pix: b
     raise ValueError(f"pred is {pred.shape}, the patchified images are {target.shape}")
   if norm_pix:
     mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True, ddof=1 if unbiased_var else 0)  # [B, N, 1]
     target = (target - mean) / jnp.sqrt(var + eps)
   per_patch = jnp.mean((pred - target)**2, axis=-1)  # [B, N]
   masked = image_restore >= num_kept  # [B, N]
@@ -129,7 +131,7 @@ def compute_losses(out: dict, batch: dict, config: ml_collections.ConfigDict):
     num_kept = batch["image_keep"].shape[1]
     metrics["mim"] = mim_loss(out["mim_pred"], normalize_images(batch["image"]),
                               batch["image_restore"], num_kept, m.image.patch,
-                              norm_pix=m.mim.norm_pix)
+                              norm_pix=m.mim.norm_pix, unbiased_var=m.mim.target_var_unbiased)
   if w["global"]:
     metrics["global"] = global_alignment_loss(out["image_gla"][:, 0], out["text_gla"][:, 0],
                                               out["temperature_global"])

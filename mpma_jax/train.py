@@ -128,7 +128,7 @@ def make_train_step(config, model: MPMA, tx, state_shardings, mesh) -> Callable:
 
     def loss_fn(params):
       out = model.apply({"params": params}, batch, deterministic=False, with_itm=with_itm,
-                        rngs={"dropout": dropout_rng, "itm": itm_rng})
+                        paired=config.masking.paired, rngs={"dropout": dropout_rng, "itm": itm_rng})
       return losses.compute_losses(out, batch, config)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

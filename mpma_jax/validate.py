@@ -25,6 +25,7 @@ CHOICES = {  # field -> allowed values
     "model.gla.local": ("filip", "attention"),
     "model.gla.features_from": ("clean", "masked"),
     "model.mim.activation": ("gelu", "quick_gelu"),
+    "model.image.pos_resize": ("torch_bicubic", "jax_bicubic"),
     "data.text_choice": ("random", "first", "concat"),
     "train.nonfinite": ("skip", "stop"),
 }

@@ -117,7 +117,8 @@ def mim_panels(model_config, params, images, text_ids, text_mask, seed: int = 0,
   target = np.asarray(losses.patchify(clip_pixels, p))  # [B, N, p*p*3]
   if model_config.mim.norm_pix:
     mean = target.mean(-1, keepdims=True)
-    std = np.sqrt(target.var(-1, keepdims=True) + _NORM_PIX_EPS)
+    ddof = 1 if model_config.mim.get("target_var_unbiased", False) else 0
+    std = np.sqrt(target.var(-1, keepdims=True, ddof=ddof) + _NORM_PIX_EPS)
     loss_target, pred_pixels = (target - mean) / std, pred * std + mean
   else:
     loss_target, pred_pixels = target, pred

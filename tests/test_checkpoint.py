@@ -339,11 +339,18 @@ def test_run_config_upgrades_an_older_format(tmp_path):
   config = tiny_config().to_dict()
   del config["format_version"], config["model"]["scan"]
   del config["model"]["mim"]["activation"], config["model"]["mim"]["eps"]
+  # format 3's fields, among them a whole section (model.mlm) and one tied to another field
+  del config["model"]["mlm"], config["model"]["image"]["pos_resize"], config["masking"]["paired"]
+  del config["model"]["mim"]["target_var_unbiased"], config["init"]["text_mlm_head"]
+  config["model"]["text"]["eps"] = 1e-7
   (tmp_path / "config.json").write_text(json.dumps(config))
   got = checkpoint.run_config(str(tmp_path))
   assert got.format_version == checkpoint.CONFIG_FORMAT == tiny_config().format_version
   assert got.model.scan is False
   assert (got.model.mim.activation, got.model.mim.eps) == ("gelu", 1e-6)
+  assert got.model.mlm.eps == 1e-7 and got.model.image.pos_resize == "jax_bicubic"
+  assert got.masking.paired is True and got.init.text_mlm_head is True
+  assert got.model.mim.target_var_unbiased is False
   assert got.model.image.size == tiny_config().model.image.size  # the rest as saved
   MPMA.from_config(got)  # builds
   config["format_version"] = checkpoint.CONFIG_FORMAT + 1

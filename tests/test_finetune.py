@@ -257,3 +257,19 @@ def test_vqa_image_cache_returns_the_same_examples_and_stays_bounded(downstream_
   again = cached.map({"record": source[2], "index": 2})
   np.testing.assert_array_equal(again["image"],
                                 plain.map({"record": source[2], "index": 2})["image"])
+
+
+@pytest.mark.parametrize("choice,expected", [("prior", -np.log(4)), ("zero", 0.0)])
+def test_vqa_head_output_bias_is_a_choice(choice, expected):
+  """head_output_bias=prior starts the 5 answer logits at log-odds of 1/5; zero (M3AE) at 0."""
+  config = suite.load_task_config("vqa_rad")
+  config.head_output_bias = choice
+  model_cfg = tiny_config().model
+  model = finetune.build_model(config, model_cfg, 5)
+  batch = finetune.dummy_batch(config, model_cfg, 5)
+  params = model.init(jax.random.key(0), batch)
+  bias = np.asarray(jax.tree_util.tree_leaves(params["params"]["head"]["fc2"]["bias"])[0])
+  np.testing.assert_allclose(bias, np.full(5, expected), rtol=1e-6)
+  config.head_output_bias = "ones"
+  with pytest.raises(ValueError, match="head_output_bias"):
+    finetune.build_model(config, model_cfg, 5)

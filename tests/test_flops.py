@@ -188,3 +188,25 @@ def test_throughput():
   assert out["tflops_per_device"] == pytest.approx(500.0)
   assert out["mfu"] == pytest.approx(0.5)
   assert flops.throughput(8e15, 2.0, 8, None) == {"tflops_per_device": pytest.approx(500.0)}
+
+
+def test_unpaired_masking_adds_the_mlm_pass_and_itm_reads_unmasked_features():
+  config = tiny_config()
+  config.model.gla.features_from = "masked"
+  config.loss.itm = 1.0
+  b, m = 4, config.model
+  n_all = (m.image.size // m.image.patch)**2
+  paired = flops.forward_flops(config, b)
+  # ITM fuses the unmasked image, so its encoder pass is counted even with masked GLA features.
+  assert paired["image_encoder_clean"] > 0
+  assert paired["itm"] > flops._fusion(
+      b,
+      1 + n_all,
+      config.data.max_len,
+      config,  # pylint: disable=protected-access
+      last_image_layer=True)
+  config.masking.paired = False
+  unpaired = flops.forward_flops(config, b)
+  mlm_pass = flops._fusion(b, 1 + n_all, config.data.max_len, config, last_image_layer=False)  # pylint: disable=protected-access
+  assert unpaired["fusion"] - paired["fusion"] == pytest.approx(mlm_pass)
+  assert unpaired["memory"] > paired["memory"]

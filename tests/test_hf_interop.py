@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from mpma_jax import train
-from mpma_jax.interop import common, hf_clip, hf_text
+from mpma_jax.interop import common, hf_clip, hf_text, pretrained
 from mpma_jax.models.decoders import MLMHead
 from mpma_jax.models.mpma import MPMA
 from mpma_jax.models.text import TextEncoder
@@ -214,23 +214,81 @@ def test_clip_export_reproduces_checkpoint(clip_dirs, kind, tmp_path):
   assert _max_diff(ours, tokens) <= TOL and _max_diff(ours[:, 0], pooled) <= TOL
 
 
-def test_clip_position_embedding_resized(clip_dirs):
+@pytest.mark.parametrize("method", ["torch_bicubic", "jax_bicubic"])
+def test_clip_position_embedding_resized(clip_dirs, method):
+  """model.image.pos_resize picks the resize; the default is PyTorch's bicubic (M3AE's)."""
   path, _ = clip_dirs["vision"]
   config = tiny_config()
   config.model.image.size = 48  # grid 4x4 -> 6x6
+  config.model.image.pos_resize = method
   params, report = hf_clip.import_clip_vision(path, _abstract_tree(config), config.model.image)
   assert report.imported["image_encoder/position_embedding"].endswith("position_embedding.weight")
+  assert any("4x4" in n and "6x6" in n and method in n for n in report.notes)
 
   source = common.load_state_dict(path)["embeddings.position_embedding.weight"]  # [17, 64]
   pos = np.asarray(params["image_encoder"]["position_embedding"])
   assert pos.shape == (1 + 36, 64)
   np.testing.assert_array_equal(pos[0], source[0])
-  grid = jax.image.resize(source[1:].reshape(4, 4, 64), (6, 6, 64), method="bicubic")
-  np.testing.assert_allclose(pos[1:], np.asarray(grid).reshape(36, 64), rtol=0, atol=1e-6)
+  grid = source[1:].reshape(4, 4, 64)
+  if method == "torch_bicubic":
+    grid = torch.nn.functional.interpolate(
+        torch.from_numpy(grid).permute(2, 0, 1)[None], size=(6, 6), mode="bicubic",
+        align_corners=False)[0].permute(1, 2, 0).numpy()  # [6, 6, 64]
+  else:
+    grid = np.asarray(jax.image.resize(grid, (6, 6, 64), method="bicubic"))
+  np.testing.assert_allclose(pos[1:], grid.reshape(36, 64), rtol=0, atol=1e-5)
 
   tokens = _vit(config.model.image).apply({"params": params["image_encoder"]},
                                           normalize_images(_images(48)))
   assert tokens.shape == (2, 37, 64) and np.all(np.isfinite(np.asarray(tokens)))
+
+
+@pytest.fixture(scope="module")
+def deep_clip(tmp_path_factory):
+  """(dir, HF tower) of a CLIPVisionModel with 3 blocks, one more than tiny_config's ViT."""
+  root = tmp_path_factory.mktemp("deep_clip")
+  tower = _perturb(
+      transformers.CLIPVisionModel(
+          transformers.CLIPVisionConfig(**{**CLIP_VISION, "num_hidden_layers": 3})), 2)
+  tower.save_pretrained(root)
+  return str(root), tower
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_clip_import_takes_the_first_blocks_of_a_deeper_checkpoint(deep_clip, weights_only):
+  """model.image.layers = 2 against a 3-block checkpoint (as M3AE takes 11 of CLIP's 12): blocks 0
+  and 1 are imported, block 2 is reported as not used, and the ViT computes the checkpoint's
+  first two blocks."""
+  path, tower = deep_clip
+  if weights_only:  # no config.json to compare with
+    path = os.path.join(path, "model.safetensors")
+  config = tiny_config()
+  assert config.model.image.layers == 2
+  tree = _abstract_tree(config)
+  params, report = hf_clip.import_clip_vision(path, tree, config.model.image)
+  assert set(report.imported) == {p for p in common.flatten(tree) if p.startswith("image_encoder/")}
+  assert report.imported["image_encoder/block_1/mlp/fc1/kernel"].endswith(
+      "encoder.layers.1.mlp.fc1.weight")  # with or without the 'vision_model.' prefix
+  unused = {k for k in common.load_state_dict(path) if "encoder.layers.2." in k}
+  assert unused and set(report.skipped) == unused
+  notes = [n for n in report.notes if "not used" in n]
+  assert len(notes) == 1 and "encoder.layers.2 not used" in notes[0]
+  summary = report.summary()  # what init_report.txt holds
+  assert "encoder.layers.2 not used" in summary
+  assert "encoder.layers.2.mlp.fc1.weight" in summary
+
+  shallow = _perturb(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_VISION)), 0)
+  state = {k: v for k, v in tower.state_dict().items() if "encoder.layers.2." not in k}
+  shallow.load_state_dict(state, strict=True)
+  images = _images(32)
+  ours = _vit(config.model.image).apply({"params": params["image_encoder"]},
+                                        normalize_images(images))
+  tokens, pooled = _clip_reference(shallow.eval(), images)
+  assert _max_diff(ours, tokens) <= TOL and _max_diff(np.asarray(ours)[:, 0], pooled) <= TOL
+
+  config.model.image.layers = 4
+  with pytest.raises(ValueError, match=r"is 3 but model\.image\.layers is 4"):
+    hf_clip.import_clip_vision(deep_clip[0], tree, config.model.image)
 
 
 # --- RoBERTa / BERT ------------------------------------------------------------------------------
@@ -266,6 +324,43 @@ def test_text_import_matches_hf(text_dirs, family, kind):
     encoder, _ = _text_modules(config.model.text)
     hidden = np.asarray(encoder.apply({"params": params["text_encoder"]}, ids, mask))
   assert _max_diff(hidden, hidden_ref) <= TOL
+
+
+def test_text_mlm_head_import_is_a_choice(text_dirs):
+  """init.text_mlm_head = False leaves the MLM head fresh (M3AE's start) and reports the LM head's
+  tensors as skipped; True imports it, with a note when model.mlm.eps is not the head's eps."""
+  path, _ = text_dirs["roberta", "mlm"]
+  config = _text_config("roberta")
+  config.init.text = path
+  tree = _abstract_tree(config)
+  head_paths = {p for p in common.flatten(tree) if p.startswith("mlm_head/")}
+  config.init.text_mlm_head = False
+  params, (report,) = pretrained.initialise(config, tree)
+  assert set(report.initialised) == head_paths and not set(report.imported) & head_paths
+  lm_head = {k for k in common.load_state_dict(path) if k.startswith("lm_head.")}
+  assert set(report.skipped) == lm_head
+  assert any("init.text_mlm_head is False" in n for n in report.notes)
+  for p in head_paths:
+    assert common.flatten(params)[p] is common.flatten(tree)[p]
+
+  config.init.text_mlm_head = True
+  config.model.mlm.eps = 1e-12  # the checkpoint's head was trained with 1e-5
+  _, (report,) = pretrained.initialise(config, tree)
+  assert head_paths <= set(report.imported) and not report.skipped
+  assert any("trained with LayerNorm eps 1e-05; model.mlm.eps is 1e-12" in n for n in report.notes)
+  config.model.mlm.eps = 1e-5
+  _, (report,) = pretrained.initialise(config, tree)
+  assert not any("model.mlm.eps" in n for n in report.notes)
+
+
+def test_adapt_config_sets_the_mlm_eps_of_an_imported_head(text_dirs):
+  path, _ = text_dirs["bert", "mlm"]
+  for import_head, want in ((True, 1e-12), (False, 1e-5)):
+    config = tiny_config()
+    config.init.update(text=path, text_mlm_head=import_head)
+    config.model.mlm.eps = 1e-5
+    pretrained.adapt_config(config)
+    assert config.model.text.eps == 1e-12 and config.model.mlm.eps == want
 
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])

@@ -58,7 +58,7 @@ def _config(dirs):
 def test_adapt_config_takes_sizes_and_tokenizer_from_the_checkpoints(tmp_path):
   dirs = _hf_dirs(str(tmp_path))
   config = _config(dirs)
-  config.model.image.update(width=32, layers=1, heads=4, patch=16, mlp_ratio=2.0)
+  config.model.image.update(width=32, layers=3, heads=4, patch=16, mlp_ratio=2.0)
   config.model.text.update(width=32, layers=1, mlp_dim=64, max_positions=128)
   changes = pretrained.adapt_config(config)
   assert (config.model.image.width, config.model.image.layers, config.model.image.heads,
@@ -71,6 +71,34 @@ def test_adapt_config_takes_sizes_and_tokenizer_from_the_checkpoints(tmp_path):
   config.init.adapt_config = False
   config.model.text.width = 32
   assert pretrained.adapt_config(config) == [] and config.model.text.width == 32
+
+
+def test_a_shallower_vit_imports_the_first_blocks_and_reports_the_others(tmp_path):
+  """model.image.layers = 1 with a 2-block CLIP (M3AE: 11 of 12): adapt_config keeps the depth,
+  block 0 is imported, and init_report.txt says that block 1 was not used."""
+  dirs = _hf_dirs(str(tmp_path))
+  config = _config(dirs)
+  config.init.text = ""
+  config.model.image.layers = 1
+  changes = pretrained.adapt_config(config)
+  assert config.model.image.layers == 1
+  assert any(c.startswith("layers 1 kept: the first 1 of the 2 blocks") for c in changes), changes
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  model, tx = MPMA.from_config(config), optim.make_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fresh, shardings = train.create_train_state(config, model, tx, mesh, rules)
+    state = train.load_pretrained(config, fresh, shardings, tx, str(tmp_path))
+  clip = common.load_state_dict(dirs["clip"])
+  prefix = "vision_model." if "vision_model.encoder.layers.0.mlp.fc1.weight" in clip else ""
+  np.testing.assert_array_equal(
+      jax.device_get(state.params["image_encoder"]["block_0"]["mlp"]["fc1"]["kernel"]),
+      clip[prefix + "encoder.layers.0.mlp.fc1.weight"].T)
+  report = open(os.path.join(tmp_path, "init_report.txt")).read()
+  assert (f"model.image.layers is 1: blocks 0..0 of the checkpoint's 2 imported, "
+          f"{prefix}encoder.layers.1 not used") in report
+  assert f"skipped      {prefix}encoder.layers.1.mlp.fc1.weight" in report
+  assert f"{prefix}encoder.layers.1" not in "".join(
+      line for line in report.splitlines() if line.startswith("  imported"))
 
 
 @pytest.mark.parametrize("scan", [False, True])

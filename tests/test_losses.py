@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mpma_jax import losses, masking, retrieval
+from tests.conftest import tiny_config
 
 
 def _lse(x, axis=-1):
@@ -92,6 +93,38 @@ def test_mim_norm_pix_target():
   # Predicting the normalised target exactly gives zero loss; predicting raw pixels does not.
   assert losses.mim_loss(jnp.asarray(normed), images, restore, 1, 2) < 1e-10
   assert losses.mim_loss(jnp.asarray(target), images, restore, 1, 2) > 1.0
+
+
+def test_mim_norm_pix_unbiased_variance():
+  """unbiased_var (model.mim.target_var_unbiased) divides by the sample standard deviation, as
+  MAE's and M3AE's torch.var; the default by the population one."""
+  images = np.random.default_rng(2).normal(3.0, 2.0, size=(2, 4, 4, 3)).astype(np.float32)
+  target = np.asarray(losses.patchify(jnp.asarray(images), 2))  # [2, 4, 12]
+  centred = target - target.mean(-1, keepdims=True)
+  restore = np.tile(np.arange(4), (2, 1))  # n_keep = 1: patches 1, 2, 3 masked
+  for ddof, unbiased in ((1, True), (0, False)):
+    normed = centred / np.sqrt(target.var(-1, ddof=ddof, keepdims=True) + 1e-6)
+    assert losses.mim_loss(jnp.asarray(normed), images, restore, 1, 2,
+                           unbiased_var=unbiased) < 1e-10
+  sample = centred / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+  assert losses.mim_loss(jnp.asarray(sample), images, restore, 1, 2) > 1e-5  # the default differs
+  # compute_losses reads the field.
+  config = tiny_config()
+  config.model.image.update(size=4, patch=2)
+  config.loss.update(mlm=0.0, global_=0.0, local=0.0, itm=0.0)
+  batch = {
+      "image": (images * 10 + 100).clip(0, 255).astype(np.uint8), "image_restore": restore,
+      "image_keep": np.zeros((2, 1), np.int32)
+  }
+  pixels = np.asarray(losses.normalize_images(batch["image"]))
+  pixels = np.asarray(losses.patchify(jnp.asarray(pixels), 2))
+  centred = pixels - pixels.mean(-1, keepdims=True)
+  pred = centred / np.sqrt(pixels.var(-1, ddof=1, keepdims=True) + 1e-6)  # [2, 4, 12]
+  out = {"mim_pred": jnp.asarray(pred), "temperature_global": 1.0, "temperature_local": 1.0}
+  for unbiased in (True, False):
+    config.model.mim.target_var_unbiased = unbiased
+    loss = losses.compute_losses(out, batch, config)[1]["mim"]
+    assert (loss < 1e-10) == unbiased, (unbiased, loss)
 
 
 # --- MLM / ITM ---------------------------------------------------------------------------------

@@ -272,6 +272,7 @@ def test_adapt_config_takes_the_sizes_from_the_checkpoint(ckpt):
   other.model.image.update(layers=3, heads=4, mlp_ratio=2.0)
   other.model.text.update(layers=1, mlp_dim=64)
   other.model.fusion.update(layers=1)
+  other.model.mlm.eps = 1e-5
   changes = pretrained.adapt_config(other)
   for section in ("image", "text", "fusion"):
     for field, value in c.model[section].items():
@@ -279,6 +280,7 @@ def test_adapt_config_takes_the_sizes_from_the_checkpoint(ckpt):
                    "patch"):
         assert other.model[section][field] == value, (section, field, changes)
   assert (other.model.mim.activation, other.model.mim.eps) == ("quick_gelu", 1e-5)  # CLIP blocks
+  assert other.model.mlm.eps == 1e-12  # M3AE's MLM head is BERT's
   fresh = _random_params(other, seed=2)
   imported, _ = pretrained.initialise(other, fresh)
   np.testing.assert_array_equal(imported["fusion"]["text_layer_0"]["mlp"]["fc1"]["kernel"],

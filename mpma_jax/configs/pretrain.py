@@ -31,9 +31,14 @@ def model_config() -> ml_collections.ConfigDict:
   m.image.size = 288  # pre-training resolution; 18x18 = 324 patches + CLS
   m.image.patch = 16
   m.image.width = 768
-  m.image.layers = 12
+  m.image.layers = 12  # [choice] CLIP ViT-B/16's 12 blocks; M3AE keeps the first 11
   m.image.heads = 12
   m.image.mlp_ratio = 4.0
+  # [choice] resize of the position table when the patch grid changes (checkpoint import,
+  # fine-tuning at another size): torch_bicubic (PyTorch's bicubic, a = -0.75, align_corners=False,
+  # as M3AE resizes, so imported M3AE / CLIP tables match theirs) | jax_bicubic (jax.image.resize:
+  # a = -0.5, antialiased when shrinking)
+  m.image.pos_resize = "torch_bicubic"
 
   m.text = ml_collections.ConfigDict()
   m.text.vocab_size = 50265  # must be >= the tokenizer's size (RoBERTa-base: 50,265)
@@ -69,6 +74,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.gla.local = "filip"  # filip (late interaction) | attention (GLoRIA-style)
   m.gla.features_from = "clean"  # clean (second unmasked encoder pass) | masked (reuse, cheaper)
   m.gla.temperature_init = 0.07
+  # Floor of both temperatures: the value is clamped, the gradient passes through unchanged (as
+  # CLIP clamps its logit scale), so a clamped temperature can rise again.
   m.gla.temperature_min = 0.01
   m.gla.attention_temp = 4.0  # GLoRIA word->patch attention sharpness (local = attention)
   m.gla.agg_temp = 5.0  # GLoRIA log-sum-exp over words (local = attention)
@@ -79,9 +86,22 @@ def model_config() -> ml_collections.ConfigDict:
   m.mim.width = 384
   m.mim.depth = 4
   m.mim.heads = 6
-  m.mim.activation = "gelu"  # decoder MLP: gelu (MAE) | quick_gelu (M3AE's CLIP-block decoder)
-  m.mim.eps = 1e-6  # decoder LayerNorm epsilon (MAE 1e-6; M3AE 1e-5)
+  # [choice] decoder blocks: MAE's (gelu, eps 1e-6; the decoder MPMA's MIM is modelled on) or
+  # M3AE's CLIP blocks (quick_gelu, eps 1e-5; init.m3ae with adapt_config sets those)
+  m.mim.activation = "gelu"  # decoder MLP: gelu | quick_gelu
+  m.mim.eps = 1e-6  # decoder LayerNorm epsilon
   m.mim.norm_pix = True  # per-patch normalised pixel targets
+  # [choice] norm_pix divides by sqrt(var + 1e-6) with var over the p*p*3 values of a patch:
+  # False = population variance (/n), the plain standardisation (and what mpma-visualize inverts);
+  # True = sample variance (/(n-1)), as MAE's and M3AE's torch.var. They differ by a factor
+  # sqrt(768/767) ~ 1.0007 on 16-px patches.
+  m.mim.target_var_unbiased = False
+
+  m.mlm = ml_collections.ConfigDict()  # MLM head: dense + GELU + LayerNorm + vocab projection
+  # [choice] LayerNorm epsilon of the head: 1e-5 is RoBERTa-base's, so an imported RoBERTa LM head
+  # computes what it was trained to; M3AE's BERT-style head uses 1e-12. adapt_config sets it to
+  # the checkpoint's when init.text_mlm_head imports a head or init.m3ae has one.
+  m.mlm.eps = 1e-5
   return m
 
 
@@ -90,7 +110,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.variant = variant
   # Layout of this config as saved in a run's config.json; checkpoint.run_config brings configs of
   # older formats up to date (checkpoint.CONFIG_FORMAT).
-  c.format_version = 2
+  c.format_version = 3
   c.seed = 0
   c.model = model_config()
 
@@ -101,11 +121,20 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.init.m3ae = ""  # M3AE Lightning .ckpt: encoders, fusion, poolers, MIM/MLM/ITM heads
   c.init.image = ""  # Hugging Face CLIPVisionModel / CLIPModel directory (or weight file)
   c.init.text = ""  # Hugging Face RoBERTa / BERT directory (+ its MLM head when present)
+  # [choice] import init.text's LM head (RobertaForMaskedLM / BertForMaskedLM) into the MLM head:
+  # True starts MLM from the head trained with that encoder, so its loss starts low; False starts
+  # it fresh, as M3AE does.
+  c.init.text_mlm_head = True
   # Take model.image / model.text sizes from the checkpoints' config.json (not image.size: the
-  # position embedding is resized), and the tokenizer from init.text when data.tokenizer=builtin.
+  # position embedding is resized; a smaller model.image.layers is kept, the first blocks are
+  # imported), and the tokenizer from init.text when data.tokenizer=builtin.
   c.init.adapt_config = True
 
   c.masking = ml_collections.ConfigDict()  # paired masking, produced by the input pipeline
+  # True: MPMA's paired masking, one fused pass with image and text both masked. False: M3AE's
+  # objective, two fused passes (MLM with the full image, MIM with the full text; GLA and ITM on
+  # the unmasked features), for the M3AE baseline (docs/method.md §7).
+  c.masking.paired = True
   c.masking.image_ratio = 0.75  # MAE ratio; static keep count
   c.masking.text_ratio = 0.15  # share of real words chosen for MLM
   c.masking.mask_prob = 0.8  # chosen -> [MASK]
@@ -209,6 +238,7 @@ def _tiny(c):
   m.text.update(vocab_size=256, width=128, layers=3, heads=4, mlp_dim=512, max_positions=64,
                 type_vocab_size=2, pad_id=0, position_style="bert", eps=1e-12, dropout=0.0,
                 attn_dropout=0.0)
+  m.mlm.eps = 1e-12  # BERT-style, like the tiny text encoder
   m.fusion.update(layers=2, heads=4, mlp_dim=512, dropout=0.0, attn_dropout=0.0)
   m.memory.update(slots=256, topk=16, heads=4)
   m.gla.dim = 64

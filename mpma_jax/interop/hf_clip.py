@@ -62,14 +62,17 @@ def hf_vision_config(path: str):
 
 def check_config(path: str, image_config: Any):
   """Raises ValueError naming the field when the HF config at `path` differs from model.image
-  (image_size may differ: the position embedding is resized)."""
+  (image_size may differ: the position embedding is resized; the checkpoint may have more blocks
+  than model.image.layers: the first ones are imported)."""
   hf = hf_vision_config(path)
   if hf is None:
     return
   c = image_config
   source = os.path.join(path, "config.json")
+  if hf.num_hidden_layers < c.layers:
+    raise ValueError(f"{source}: num_hidden_layers is {hf.num_hidden_layers} but "
+                     f"model.image.layers is {c.layers} (at most the checkpoint's depth)")
   pairs = [("hidden_size", hf.hidden_size, "model.image.width", c.width),
-           ("num_hidden_layers", hf.num_hidden_layers, "model.image.layers", c.layers),
            ("num_attention_heads", hf.num_attention_heads, "model.image.heads", c.heads),
            ("patch_size", hf.patch_size, "model.image.patch", c.patch),
            ("intermediate_size", hf.intermediate_size, "int(model.image.width * mlp_ratio)",
@@ -102,24 +105,34 @@ def import_clip_vision(path: str, params: Any,
   """Writes a HF CLIP vision tower (directory or weight file) into params['image_encoder'].
 
   params: the model's (unboxed) parameter tree; other subtrees come back as they were.
-  image_config: the `model.image` config section. The position embedding is resized
-  (bicubic, CLS row kept) when the checkpoint's patch grid differs from image.size / image.patch.
+  image_config: the `model.image` config section. A checkpoint deeper than image.layers gives its
+  first image.layers blocks (M3AE keeps 11 of CLIP ViT-B/16's 12); the others are reported as
+  skipped and in a note. The position embedding is resized (image.pos_resize, CLS row kept) when
+  the checkpoint's patch grid differs from image.size / image.patch.
   """
   check_config(path, image_config)
   state = common.load_state_dict(path)
   prefix = _prefix(state, path)
   layers = _num_layers(state, prefix)
-  if layers != image_config.layers:
+  if layers < image_config.layers:
     raise ValueError(f"{path}: checkpoint has {layers} encoder layers but model.image.layers is "
-                     f"{image_config.layers}")
+                     f"{image_config.layers} (at most the checkpoint's depth)")
   w = common.Writer(common.flatten(params), state, path)
+  n = image_config.layers
+  if layers > n:  # the first n blocks are imported, the others stay in report.skipped
+    unused = f"{n}" if layers == n + 1 else f"{n}..{layers - 1}"
+    w.report.notes.append(f"model.image.layers is {n}: blocks 0..{n - 1} of the checkpoint's "
+                          f"{layers} imported, {prefix}encoder.layers.{unused} not used")
   for ours, theirs, layout in _table(image_config.layers, image_config.heads):
     w.put(SCOPE + ours, prefix + theirs, layout.to_jax)
   name = prefix + "embeddings.position_embedding.weight"
   pos = w.get(name)  # [1 + g*g, D]
   grid = image_config.size // image_config.patch
   if pos.shape[0] != 1 + grid * grid:
-    pos = np.asarray(resize_pos_embed(pos, grid), np.float32)  # [1 + grid*grid, D]
+    old = int(round(np.sqrt(pos.shape[0] - 1)))
+    pos = resize_pos_embed(pos, grid, image_config.pos_resize)  # [1 + grid*grid, D]
+    w.report.notes.append(f"{name}: {old}x{old} patch grid resized to {grid}x{grid} with "
+                          f"{image_config.pos_resize} (CLS row kept)")
   w.put(SCOPE + "position_embedding", name, value=pos)
   return w.finish(SCOPE)
 

@@ -148,12 +148,16 @@ def _layer_norm_names(state: dict[str, np.ndarray]) -> dict[str, str]:
   return aliases
 
 
-def import_hf_text(path: str, params: Any, text_config: Any) -> tuple[Any, common.ImportReport]:
+def import_hf_text(path: str, params: Any, text_config: Any, mlm_head: bool = True,
+                   mlm_eps: float | None = None) -> tuple[Any, common.ImportReport]:
   """Writes a HF RoBERTa / BERT (directory or weight file) into params['text_encoder'], and its
-  MLM head, when the checkpoint has one, into params['mlm_head'].
+  MLM head, when the checkpoint has one and `mlm_head` (init.text_mlm_head), into
+  params['mlm_head'].
 
   params: the model's (unboxed) parameter tree; other subtrees come back as they were.
   text_config: the `model.text` config section (see `text_config_from_hf`).
+  mlm_eps: the MLM head's LayerNorm epsilon (model.mlm.eps); an imported head trained with
+  another one (the checkpoint's layer_norm_eps = text_config.eps) gets a note.
   """
   check_config(path, text_config)
   state = common.load_state_dict(path)
@@ -170,7 +174,13 @@ def import_hf_text(path: str, params: Any, text_config: Any) -> tuple[Any, commo
     w.put("text_encoder/" + ours, name(prefix + theirs), layout.to_jax)
 
   family = next((f for f in HEAD if HEAD[f]["transform/kernel"] in state), None)
-  if family is not None and "mlm_head/decoder/kernel" in w.flat:
+  if family is not None and not mlm_head:
+    w.report.notes.append("init.text_mlm_head is False: the checkpoint's MLM head is not "
+                          "imported, mlm_head/* keeps its fresh values")
+  elif family is not None and "mlm_head/decoder/kernel" in w.flat:
+    if mlm_eps is not None and not math.isclose(mlm_eps, text_config.eps, rel_tol=1e-6):
+      w.report.notes.append(f"the imported MLM head was trained with LayerNorm eps "
+                            f"{text_config.eps}; model.mlm.eps is {mlm_eps}")
     weight, bias = DECODER[family]
     for ours, theirs in HEAD[family].items():
       if ours == "decoder/bias" and bias in state:  # what HF's forward pass adds

@@ -240,9 +240,9 @@ def _notes(c: Any, imported_heads: set[str]) -> list[str]:
   notes = []
   if c.text.eps != TEXT_EPS:
     notes.append(f"model.text.eps is {c.text.eps}; M3AE's RoBERTa encoder uses {TEXT_EPS}")
-  if "mlm_head" in imported_heads and c.text.eps != BERT_EPS:
-    notes.append(f"M3AE's MLM head LayerNorm uses eps {BERT_EPS}; ours uses model.text.eps = "
-                 f"{c.text.eps}")
+  if "mlm_head" in imported_heads and c.mlm.eps != BERT_EPS:
+    notes.append(f"M3AE's MLM head LayerNorm uses eps {BERT_EPS}; ours uses model.mlm.eps = "
+                 f"{c.mlm.eps}")
   mim_act, mim_eps = c.mim.activation, c.mim.eps
   if "mim_head" in imported_heads and (mim_act, mim_eps) != ("quick_gelu", CLIP_EPS):
     notes.append("M3AE's MIM decoder blocks are CLIP blocks (QuickGELU, LayerNorm eps "
@@ -299,9 +299,9 @@ def import_m3ae_state_dict(state: dict[str, np.ndarray], params: Any, model_conf
                      f"(1 + grid * grid, {c.image.width})")
   if pos.shape[0] != 1 + grid * grid:
     old = int(round(np.sqrt(pos.shape[0] - 1)))
-    pos = np.asarray(resize_pos_embed(pos, grid), np.float32)  # [1 + grid*grid, D]
-    w.report.notes.append(f"{POS}: {old}x{old} patch grid resized bicubically to {grid}x{grid} "
-                          "(CLS row kept)")
+    pos = resize_pos_embed(pos, grid, c.image.pos_resize)  # [1 + grid*grid, D]
+    w.report.notes.append(f"{POS}: {old}x{old} patch grid resized to {grid}x{grid} with "
+                          f"{c.image.pos_resize} (CLS row kept)")
   w.put("image_encoder/position_embedding", POS, value=pos)
 
   if "mim_head" in present:
@@ -349,7 +349,7 @@ def import_m3ae(path: str, params: Any, model_config: Any,
   params: unboxed parameter tree; leaves not imported come back as they were (memory/*, gla/*,
   and any head the checkpoint lacks, all listed in report.initialised).
   model_config: the `model` config section; it must match the checkpoint (`check_config`), except
-  image.size: the ViT position embedding is resized bicubically (CLS kept).
+  image.size: the ViT position embedding is resized (image.pos_resize, CLS kept).
   require_heads: raise when the MLM, MIM or ITM head is missing (a fine-tuned checkpoint has
   none); by default a missing head stays fresh and is noted in report.notes.
   Returns (params, report); report.skipped lists every checkpoint tensor not used.

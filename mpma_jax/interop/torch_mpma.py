@@ -354,8 +354,12 @@ class GLAHeads(nn.Module):
     return l2_normalize(self.image_head(image_tokens)), l2_normalize(self.text_head(text_tokens))
 
   def temperatures(self):
-    """(global, local) temperatures, 0-d, clamped to >= temperature_min."""
-    clamp = lambda t: torch.clamp(torch.exp(t), min=self.temperature_min)
+    """(global, local) temperatures, 0-d, clamped to >= temperature_min in value; the gradient is
+    that of exp (straight through the clamp), as gla.GLAHeads.temperatures."""
+    def clamp(log_t):
+      t = torch.exp(log_t)
+      return torch.clamp(t, min=self.temperature_min).detach() + (t - t.detach())
+
     return clamp(self.log_temperature_global), clamp(self.log_temperature_local)
 
 
@@ -439,7 +443,8 @@ class MPMATorch(nn.Module):
     self.gla = GLAHeads(c.hidden, c.gla)
     num_patches = (i.size // i.patch)**2
     self.mim_decoder = MIMDecoder(c.hidden, num_patches, i.patch * i.patch * 3, c.mim)
-    self.mlm_head = MLMHead(c.hidden, t.vocab_size, t.eps)
+    # model.mlm.eps; configs saved before that field tied the head to the text encoder's eps.
+    self.mlm_head = MLMHead(c.hidden, t.vocab_size, c.get("mlm", {}).get("eps", t.eps))
     self.itm_head = ITMHead(c.hidden)
     self.placement, self.features_from = m.placement, c.gla.features_from
     self.reset_parameters(c)

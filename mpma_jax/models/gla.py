@@ -40,9 +40,17 @@ class GLAHeads(nn.Module):
     return l2_normalize(self.image_head(image_tokens)), l2_normalize(self.text_head(text_tokens))
 
   def temperatures(self):
-    """(global, local) temperatures, clamped to >= temperature_min."""
-    clamp = lambda t: jnp.maximum(jnp.exp(t), self.temperature_min)
+    """(global, local) temperatures: the value is clamped to >= temperature_min, the gradient is
+    d exp(log_t) whether clamped or not (see `clamp_straight_through`)."""
+    clamp = lambda log_t: clamp_straight_through(jnp.exp(log_t), self.temperature_min)
     return clamp(self.log_temperature_global), clamp(self.log_temperature_local)
+
+
+def clamp_straight_through(x, lower: float):
+  """max(x, lower) in value, identity in gradient. A plain maximum gives a clamped temperature a
+  zero gradient, so its parameter could never leave the floor again; CLIP instead clamps the
+  parameter's value and keeps its gradient, which this reproduces inside the loss."""
+  return jax.lax.stop_gradient(jnp.maximum(x, lower)) + (x - jax.lax.stop_gradient(x))
 
 
 def filip_similarity(image, text, word_mask, chunk: int = 8):

@@ -2,7 +2,8 @@
 GLA heads, MIM decoder, MLM head and the optional ITM head.
 
 `MPMA.__call__` is the pre-training forward pass: one fused pass with *both* modalities masked
-(paired masking) plus, with `gla.features_from = 'clean'`, an unmasked encoder pass for alignment.
+(paired masking; M3AE's two unpaired passes with `paired=False`) plus, with
+`gla.features_from = 'clean'` or ITM, an unmasked encoder pass for alignment and matching.
 The batch is the dict produced by `mpma_jax.data.pipeline` (see `BATCH_FIELDS` there).
 """
 import flax.linen as nn
@@ -120,7 +121,7 @@ class MPMA(nn.Module):
     self.mim_decoder = MIMDecoder(num_patches, i.patch * i.patch * 3, c.mim.width, c.mim.depth,
                                   c.mim.heads, activation=c.mim.activation, eps=c.mim.eps, dtype=dt,
                                   remat=c.remat, scan=scan)
-    self.mlm_head = MLMHead(t.vocab_size, t.eps, dtype=dt)
+    self.mlm_head = MLMHead(t.vocab_size, c.mlm.eps, dtype=dt)
     self.itm_head = ITMHead(dt)
 
   # --- uni-modal ---------------------------------------------------------------------------------
@@ -164,31 +165,46 @@ class MPMA(nn.Module):
     return self.itm_head(self.joint_feature(fused)).astype(jnp.float32)  # [B, 2]
 
   # --- pre-training ------------------------------------------------------------------------------
-  def __call__(self, batch, deterministic: bool = True, with_itm: bool = False):
-    """Paired-masking forward pass. Returns float32 outputs for the losses:
+  def __call__(self, batch, deterministic: bool = True, with_itm: bool = False,
+               paired: bool = True):
+    """The pre-training forward pass. Returns float32 outputs for the losses:
 
     mim_pred [B, N, p*p*3], mlm_logits [B, L, V], image_gla [B, 1+P, G], text_gla [B, L, G],
     temperature_global, temperature_local, and with_itm: itm_logits [B, 2], itm_labels [B].
+
+    paired (masking.paired): True = MPMA's paired masking, one fused pass with both modalities
+    masked; False = M3AE's two passes, MLM with the full image and MIM with the full text (GLA
+    then reads those unmasked features whatever gla.features_from says). ITM always reads the
+    unmasked image and text.
     """
     c = self.config
-    image = self.embed_image(batch["image"], batch["image_keep"], deterministic)  # [B, 1+n, d]
-    text = self.embed_text(batch["mlm_ids"], batch["text_mask"], deterministic)  # [B, L, d]
-    if c.gla.features_from == "clean":  # a second, unmasked encoder pass
-      clean_image = self.embed_image(batch["image"], None, deterministic)  # [B, 1+N, d]
-      clean_text = self.embed_text(batch["text_ids"], batch["text_mask"], deterministic)
-    elif c.gla.features_from == "masked":  # reuse the masked pass (FLIP-style)
-      clean_image, clean_text = image, text
-    else:
+    if c.gla.features_from not in ("clean", "masked"):
       raise ValueError(
           f"gla.features_from must be 'clean' or 'masked', got {c.gla.features_from!r}")
-    image_gla, text_gla = self.align(clean_image, clean_text)
+    text_mask = batch["text_mask"]
+    image = self.embed_image(batch["image"], batch["image_keep"], deterministic)  # [B, 1+n, d]
+    text = self.embed_text(batch["mlm_ids"], text_mask, deterministic)  # [B, L, d]
+    clean_image = clean_text = None
+    if not paired or with_itm or c.gla.features_from == "clean":  # an unmasked encoder pass
+      clean_image = self.embed_image(batch["image"], None, deterministic)  # [B, 1+N, d]
+      clean_text = self.embed_text(batch["text_ids"], text_mask, deterministic)  # [B, L, d]
+    if paired and c.gla.features_from == "masked":  # reuse the masked pass (FLIP-style)
+      image_gla, text_gla = self.align(image, text)  # [B, 1+n, G], [B, L, G]
+    else:
+      image_gla, text_gla = self.align(clean_image, clean_text)  # [B, 1+N, G], [B, L, G]
     t_global, t_local = self.gla.temperatures()
 
-    fused = self.fuse(image, text, batch["text_mask"], deterministic)
+    if paired:
+      fused = self.fuse(image, text, text_mask, deterministic)
+      mim_stream, mlm_stream = fused["image_at_mim_layer"], fused["text"]  # [B, 1+n, d], [B, L, d]
+    else:
+      mlm_stream = self.fuse(clean_image, text, text_mask, deterministic)["text"]  # [B, L, d]
+      mim_stream = self.fuse(image, clean_text, text_mask,
+                             deterministic)["image_at_mim_layer"]  # [B, 1+n, d]
     out = {
-        "mim_pred": self.mim_decoder(fused["image_at_mim_layer"], batch["image_restore"],
+        "mim_pred": self.mim_decoder(mim_stream, batch["image_restore"],
                                      deterministic).astype(jnp.float32),
-        "mlm_logits": self.mlm_head(fused["text"]).astype(jnp.float32),
+        "mlm_logits": self.mlm_head(mlm_stream).astype(jnp.float32),
         "image_gla": image_gla,
         "text_gla": text_gla,
         "temperature_global": t_global,
@@ -201,7 +217,6 @@ class MPMA(nn.Module):
       labels = jax.random.bernoulli(k_label, 0.5, (b,)).astype(jnp.int32)  # 1 = matched
       shift = jax.random.randint(k_shift, (b,), 1, max(b, 2))
       source = jnp.where(labels == 1, jnp.arange(b), (jnp.arange(b) + shift) % b)
-      out["itm_logits"] = self.itm_logits(clean_image[source], clean_text, batch["text_mask"],
-                                          deterministic)
+      out["itm_logits"] = self.itm_logits(clean_image[source], clean_text, text_mask, deterministic)
       out["itm_labels"] = labels
     return out

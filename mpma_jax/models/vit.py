@@ -20,17 +20,55 @@ def normalize_images(images):
   return (x - CLIP_MEAN) / CLIP_STD
 
 
-def resize_pos_embed(pos, new_grid: int):
-  """Bicubic resize of a [1 + g*g, D] position embedding to [1 + new*new, D]; the CLS row is kept."""
+# How a position table is resized when the patch grid changes (model.image.pos_resize).
+POS_RESIZE = ("torch_bicubic", "jax_bicubic")
+TORCH_CUBIC_A = -0.75  # the cubic-convolution coefficient of PyTorch's `bicubic` (Keys: -0.5)
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] float64 matrix M such that M @ x resizes x along its first axis exactly as
+  torch.nn.functional.interpolate(mode="bicubic", align_corners=False) given `size=` does: source
+  coordinate (dst + 0.5) * in / out - 0.5, four taps around it weighted by the cubic convolution
+  with a = -0.75, tap indices clamped to the border (no antialiasing when shrinking)."""
+  a = TORCH_CUBIC_A
+  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5  # [out]
+  base = np.floor(src)  # [out]
+  t = src - base  # [out], in [0, 1)
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)  # [out, 4]
+  taps = np.clip(base[:, None] + np.arange(-1, 3), 0, in_size - 1).astype(np.int64)  # [out, 4]
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (np.repeat(np.arange(out_size), 4), taps.reshape(-1)), weights.reshape(-1))
+  return matrix
+
+
+def resize_pos_embed(pos, new_grid: int, method: str = "torch_bicubic") -> np.ndarray:
+  """[1 + g*g, D] position embedding -> [1 + new*new, D] (host float32); the CLS row is kept and
+  the g x g patch rows are resized as an image.
+
+  method (model.image.pos_resize): `torch_bicubic`, PyTorch's `bicubic` with
+  `align_corners=False` (what M3AE uses; applied as two 1-D matrices, exact to float32 rounding);
+  `jax_bicubic`, `jax.image.resize(method="bicubic")` (Keys a = -0.5, taps outside the grid
+  dropped and the weights renormalised, antialiased when shrinking).
+  """
+  pos = np.asarray(pos, np.float32)
   cls, grid = pos[:1], pos[1:]
   old = int(round(np.sqrt(grid.shape[0])))
   if old * old != grid.shape[0]:
     raise ValueError(f"position embedding has {grid.shape[0]} patch rows, not a square grid")
   if old == new_grid:
     return pos
-  grid = grid.reshape(old, old, -1)
-  grid = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), method="bicubic")
-  return jnp.concatenate([cls, grid.reshape(new_grid * new_grid, -1)], axis=0)
+  grid = grid.reshape(old, old, -1)  # [g, g, D]
+  if method == "torch_bicubic":
+    m = torch_bicubic_matrix(old, new_grid)  # [new, g]
+    grid = np.einsum("ij,jkd,lk->ild", m, grid.astype(np.float64), m)  # [new, new, D]
+  elif method == "jax_bicubic":
+    grid = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), method="bicubic")
+  else:
+    raise ValueError(f"model.image.pos_resize must be one of {POS_RESIZE}, got {method!r}")
+  grid = np.asarray(grid, np.float32).reshape(new_grid * new_grid, -1)  # [new*new, D]
+  return np.concatenate([cls, grid], axis=0)
 
 
 class VisionTransformer(nn.Module):

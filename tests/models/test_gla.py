@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,3 +79,36 @@ def test_text_without_words_is_finite():
   grads = jax.grad(lambda t: sum(x.sum() for x in gla.filip_similarity(image, t, word_mask)))(text)
   assert np.isfinite(np.asarray(grads)).all()
   assert np.all(np.asarray(gla.filip_similarity(image, text, word_mask)[0])[:, 0] == 0)
+
+
+@pytest.mark.parametrize("log_t", [np.log(0.005), np.log(0.01) - 1e-3, np.log(0.07)])
+def test_clamped_temperature_keeps_its_gradient(log_t):
+  """Below temperature_min the value is the floor, but the gradient with respect to the log
+  temperature is exp(log_t), the same as without a floor, so the parameter can recover."""
+  heads = gla.GLAHeads(dim=4, temperature_min=0.01)
+  unclamped = gla.GLAHeads(dim=4, temperature_min=0.0)
+  params = heads.init(jax.random.key(0), jnp.zeros((1, 2, 8)), jnp.zeros((1, 3, 8)))["params"]
+  params = {
+      **params, "log_temperature_global": jnp.float32(log_t),
+      "log_temperature_local": jnp.float32(log_t)
+  }
+
+  def temperature(p, module, which):
+    return module.apply({"params": p}, method=module.temperatures)[which]
+
+  for which in (0, 1):
+    value = temperature(params, heads, which)
+    assert value == np.float32(max(np.exp(np.float32(log_t)), np.float32(0.01)))
+    grad = jax.grad(temperature)(params, heads, which)
+    name = ("log_temperature_global", "log_temperature_local")[which]
+    want = jax.grad(temperature)(params, unclamped, which)[name]
+    assert grad[name] != 0
+    np.testing.assert_allclose(grad[name], want, rtol=1e-6)
+    np.testing.assert_allclose(grad[name], np.exp(log_t), rtol=1e-6)
+
+
+def test_clamp_straight_through():
+  x = jnp.array([0.001, 0.01, 0.5])
+  np.testing.assert_array_equal(gla.clamp_straight_through(x, 0.01), jnp.maximum(x, 0.01))
+  grad = jax.grad(lambda x: jnp.sum(gla.clamp_straight_through(x, 0.01) * jnp.arange(1., 4.)))(x)
+  np.testing.assert_array_equal(grad, [1., 2., 3.])

@@ -20,6 +20,10 @@ def base(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.model_dtype = ""  # "" = the pre-training run's model.dtype; or float32 | bfloat16
   c.remat = ""  # "" = the pre-training run's model.remat
   c.linear_probe = False  # image_classification: train only the linear head on frozen features
+  # [choice] initial output biases of a VQA head (tasks.py): prior = log-odds of 1/C, so that the
+  # first steps of binary cross-entropy over C answers do not go into pushing C - 1 sigmoids from
+  # 1/2 towards 0; zero = M3AE's (its init_weights zeroes every Linear bias). Other heads: zero.
+  c.head_output_bias = "prior"
 
   c.data = ml_collections.ConfigDict()
   c.data.max_len = 32  # question / caption tokens [M3AE: 32 for VQA]
