@@ -3,13 +3,17 @@
 One d->gla.dim head per modality is applied to every token and L2-normalised; token 0 (CLS) gives
 the global embedding, the other tokens the local ones. Global similarity is a dot product; local
 similarity is FILIP-style late interaction (`filip`) or GLoRIA-style word-attended image context
-(`attention`). Both local forms are computed image by image with `jax.lax.map`, so memory grows as
-[chunk, B, P, L] rather than [B, B, P, L].
+(`attention`). Both local forms are computed a chunk of images at a time (`map_rows`: on a mesh,
+each chip its own images), so memory grows as [chunk, B, P, L] rather than [B, B, P, L].
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from mpma_jax import sharding
 from mpma_jax.models import layers
 
 _NEG = -1e9  # a finite -inf, so that masked-out entries never turn into NaN gradients
@@ -53,6 +57,41 @@ def clamp_straight_through(x, lower: float):
   return jax.lax.stop_gradient(jnp.maximum(x, lower)) + (x - jax.lax.stop_gradient(x))
 
 
+def _batch_shards() -> int:
+  """How many ways the current mesh splits a batch axis (sharding.BATCH_AXES); 1 outside a mesh."""
+  shape = jax.sharding.get_abstract_mesh().shape
+  return math.prod(shape.get(axis, 1) for axis in sharding.BATCH_AXES)
+
+
+def replicated(x):
+  """x held whole by every chip of the current mesh (gathered once, before a loop that reads all of
+  it in every step); x itself outside a mesh."""
+  if _batch_shards() <= 1 or not jax.sharding.get_abstract_mesh().are_all_axes_auto:
+    return x
+  return jax.lax.with_sharding_constraint(x, P())
+
+
+def map_rows(fn, x, chunk: int):
+  """jax.lax.map(fn, x, batch_size=chunk), with each step taking rows that the chips hold.
+
+  lax.map slices contiguous chunks of x's rows; with the batch split over D chips each chunk lies
+  on one chip, and XLA all-gathers the whole of x onto every chip in every step (and again in the
+  backward pass): for the local alignment, the global batch's patch features, once per chunk. Here
+  x [B, ...] is cut into the D chips' blocks and every step takes up to `chunk` rows of each block
+  ([steps, D, c, ...], the D axis split as the batch is): no step reads another chip's rows and
+  each chip computes its own rows. The result is the same as lax.map's, rows in order."""
+  b, shards = x.shape[0], _batch_shards()
+  if shards <= 1 or b % shards:
+    return jax.lax.map(fn, x, batch_size=chunk)
+  per = b // shards  # rows per chip
+  c = math.gcd(chunk, per)  # rows per chip per step
+  xs = x.reshape((shards, per // c, c) + x.shape[1:]).swapaxes(0, 1)  # [steps, D, c, ...]
+  if jax.sharding.get_abstract_mesh().are_all_axes_auto:  # (explicit axes carry it already)
+    xs = jax.lax.with_sharding_constraint(xs, P(None, sharding.BATCH_AXES))
+  out = jax.lax.map(jax.vmap(jax.vmap(fn)), xs)  # [steps, D, c, ...] per output
+  return jax.tree.map(lambda o: o.swapaxes(0, 1).reshape((b,) + o.shape[3:]), out)
+
+
 def filip_similarity(image, text, word_mask, chunk: int = 8):
   """FILIP late interaction.
 
@@ -61,7 +100,8 @@ def filip_similarity(image, text, word_mask, chunk: int = 8):
     t2i [Bt, Bi]: for each real word the max cosine over the image's patches, averaged over words.
   Padding and special tokens never contribute.
   """
-  word_mask = word_mask.astype(bool)
+  # every image is scored against every text: the texts are gathered once, the images stay put
+  text, word_mask = replicated(text), replicated(word_mask.astype(bool))
   has_words = word_mask.any(-1)  # [Bt]; a text without words scores 0 (and stays finite)
   n_words = jnp.maximum(word_mask.sum(-1), 1).astype(jnp.float32)  # [Bt]
 
@@ -73,7 +113,7 @@ def filip_similarity(image, text, word_mask, chunk: int = 8):
     t2i = jnp.sum(jnp.where(word_mask, best_patch, 0.0), axis=-1) / n_words  # [Bt]
     return i2t, t2i
 
-  i2t, t2i = jax.lax.map(one_image, image.astype(jnp.float32), batch_size=chunk)  # [Bi, Bt] each
+  i2t, t2i = map_rows(one_image, image.astype(jnp.float32), chunk)  # [Bi, Bt] each
   return i2t, t2i.T
 
 
@@ -85,7 +125,8 @@ def attention_similarity(image, text, word_mask, attention_temp: float = 4.0, ag
   score is the cosine between the word and its attended context; the pair score aggregates the
   real words with a log-sum-exp at agg_temp.
   """
-  word_mask = word_mask.astype(bool)
+  # every image is scored against every text: the texts are gathered once, the images stay put
+  text, word_mask = replicated(text), replicated(word_mask.astype(bool))
 
   def one_image(img):  # img [P, G]
     sim = jnp.einsum("pg,tlg->tlp", img, text)  # [Bt, L, P]
@@ -96,5 +137,5 @@ def attention_similarity(image, text, word_mask, attention_temp: float = 4.0, ag
     lse = jax.nn.logsumexp(word_score, axis=-1) / agg_temp  # [Bt]
     return jnp.where(word_mask.any(-1), lse, 0.0)
 
-  sim = jax.lax.map(one_image, image.astype(jnp.float32), batch_size=chunk)  # [Bi, Bt]
+  sim = map_rows(one_image, image.astype(jnp.float32), chunk)  # [Bi, Bt]
   return sim, sim.T
