@@ -15,6 +15,7 @@ Schemas (one per task, so the input pipeline and downstream code need not know t
   retrieval       id, image, texts [n]
 """
 import collections
+import csv
 import gzip
 import hashlib
 import json
@@ -53,6 +54,19 @@ def features_for(task: str, num_classes: int = 0) -> tfds.features.FeaturesDict:
   if task not in SCHEMAS:
     raise ValueError(f"unknown task {task!r}; expected one of {list(SCHEMAS)}")
   return tfds.features.FeaturesDict(SCHEMAS[task](num_classes))
+
+
+def csv_rows(path: str) -> tuple[list[str], list[dict]]:
+  """(columns, rows as dicts) of a CSV file, parsed by the csv module on the file (a quoted line
+  break stays inside its field), a UTF-8 byte-order mark dropped and bytes that are not UTF-8 kept
+  escaped (texts.utf8 finds them per field); a file the csv module cannot parse is a ValueError
+  naming the file and line. A row with more or fewer fields than the header has None in it."""
+  with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    reader = csv.DictReader(f)
+    try:
+      return list(reader.fieldnames or ()), list(reader)
+    except csv.Error as e:
+      raise ValueError(f"{path}: line {reader.reader.line_num}: {e}") from None
 
 
 def _paths(values) -> list[str]:

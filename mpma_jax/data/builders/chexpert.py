@@ -1,7 +1,6 @@
 """CheXpert-v1.0-small (Irvin et al. 2019): chest radiographs with 14 labels extracted from their
 reports (1 positive, 0 negative, -1 uncertain, empty = not mentioned); the official train / valid
 split. Prior work reports the mean AUC over the 5 competition labels."""
-import csv
 import os
 
 import numpy as np
@@ -38,12 +37,7 @@ class Chexpert(base.Builder):
 
   def _examples(self, split, path, root):
     # Bytes that are not UTF-8 stay escaped and are counted per row.
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-      reader = csv.DictReader(f)
-      try:
-        columns, rows = reader.fieldnames or (), list(reader)
-      except csv.Error as e:
-        raise ValueError(f"{path}: line {reader.reader.line_num}: {e}") from None
+    columns, rows = base.csv_rows(path)
     missing = [c for c in ("Path", *LABELS) if c not in columns]
     if missing:
       raise ValueError(f"{path}: no column(s) {missing}")

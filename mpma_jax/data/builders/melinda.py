@@ -1,6 +1,5 @@
 """MELINDA (Wu et al. 2021): biomedical figures with captions, classified by experiment method
 (task: p_meth_label, 7 classes, accuracy)."""
-import csv
 import os
 
 import numpy as np
@@ -38,12 +37,7 @@ class Melinda(base.Builder):
   @staticmethod
   def _rows(path):
     """The rows of a MELINDA CSV as dicts; bytes that are not UTF-8 stay escaped (see _fields)."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-      reader = csv.DictReader(f)
-      try:
-        columns, rows = reader.fieldnames or (), list(reader)
-      except csv.Error as e:
-        raise ValueError(f"{path}: line {reader.reader.line_num}: {e}") from None
+    columns, rows = base.csv_rows(path)
     missing = [c for c in COLUMNS if c not in columns]
     if missing:
       raise ValueError(f"{path}: no column(s) {missing}; found {list(columns)}")

@@ -1,7 +1,6 @@
 """ROCO (Pelka et al. 2018, radiology subset), ROCOv2 (Rückert et al. 2024), and the ROCO retrieval
 benchmark (2,000 test pairs drawn with a fixed seed)."""
 import codecs
-import csv
 import os
 
 import numpy as np
@@ -73,12 +72,7 @@ class Rocov2(base.Builder):
   def _examples(self, split, csv_path, image_dir):
     # The csv module reads the file itself, so a quoted line break (or U+2028, form feed, ...) stays
     # inside its caption; bytes that are not UTF-8 stay escaped and are counted per row.
-    with open(csv_path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-      reader = csv.DictReader(f)
-      try:
-        columns, rows = reader.fieldnames or (), list(reader)
-      except csv.Error as e:
-        raise ValueError(f"{csv_path}: line {reader.reader.line_num}: {e}") from None
+    columns, rows = base.csv_rows(csv_path)
     if not {"ID", "Caption"} <= set(columns):
       raise ValueError(f"{csv_path}: expected columns ID,Caption; found {list(columns)}")
     for row in rows:

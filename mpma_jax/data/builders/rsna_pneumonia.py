@@ -2,7 +2,6 @@
 pneumonia. Only the challenge's train images have labels, so train / validation / test are drawn
 from them by patient, each patient's split decided by a hash of its id alone."""
 import collections
-import csv
 import hashlib
 import os
 
@@ -39,12 +38,7 @@ class RsnaPneumonia(base.Builder):
     labels_csv, image_dir = self.require(manual_dir, "stage_2_train_labels.csv",
                                          "stage_2_train_images")
     # Bytes that are not UTF-8 stay escaped and are counted per patient.
-    with open(labels_csv, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-      reader = csv.DictReader(f)
-      try:
-        columns, rows = reader.fieldnames or (), list(reader)
-      except csv.Error as e:
-        raise ValueError(f"{labels_csv}: line {reader.reader.line_num}: {e}") from None
+    columns, rows = base.csv_rows(labels_csv)
     missing = [c for c in ("patientId", "Target") if c not in columns]
     if missing:
       raise ValueError(f"{labels_csv}: no column(s) {missing}")
