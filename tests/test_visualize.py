@@ -310,7 +310,7 @@ def test_to_tensorboard_writes_image_summaries(tmp_path):
 # --- a run directory ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, pretrained_run, data_dir):
-  """A copy of the session's pre-training run (conftest.pretrained_run: checkpoint at step 100),
+  """A copy of the shared pre-training run (conftest.pretrained_run: checkpoint at step 100),
   without the pictures and TensorBoard images its end-of-run evaluation wrote, and with its
   data_dir named in config.json as mpma-pretrain writes it."""
   workdir = str(tmp_path_factory.mktemp("vis") / "run")

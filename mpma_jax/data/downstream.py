@@ -190,7 +190,8 @@ class Decode(grain.transforms.Map):
                labels: Sequence[str] = (), uncertain: str = "ones", blank: str = "zeros",
                cache_images: int = 2048):
     self.task, self.tokenizer_dir, self.size, self.max_len = task, tokenizer_dir, size, max_len
-    self.text_field, self.image_group = tasks.get(task).text_field, tasks.get(task).image_group
+    row = tasks.get(task)  # (its fields only: the row's functions do not pickle for workers)
+    self.text_field, self.image_group = row.text_field, row.image_group
     self.vocab = {a: i for i, a in enumerate(vocab)}
     self.columns = [list(class_names).index(n) for n in labels]  # image_classification targets
     self.uncertain, self.blank = uncertain, blank
