@@ -81,7 +81,8 @@ def main(argv=None) -> dict:
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
   return ablation.run(args.workdir, args.variant, args.data_dir, _names(args.arms), args.seeds,
-                      _names(args.tasks), fixed, finetune, args.synthetic, args.out or None)
+                      _names(args.tasks), fixed, finetune, args.synthetic, args.out or None,
+                      command=" ".join(["python benchmarks/ablations.py", *(argv or sys.argv[1:])]))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ override whose key starts with 'xla_' is an XLA compiler option of that JAX step
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -53,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference
-from mpma_jax import flops, optim, sharding, train
+from mpma_jax import flops, logger, optim, sharding, train
 from mpma_jax import overrides as overrides_lib
 from mpma_jax.configs.pretrain import get_config
 from mpma_jax.interop import torch_mpma
@@ -256,7 +255,7 @@ def benchmark(config: ml_collections.ConfigDict, args: argparse.Namespace,
     torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's default float32 matmul precision
     torch.backends.cudnn.allow_tf32 = True
 
-  cpu_model = _cpu_model()
+  cpu_model = logger.cpu_model()
   log(f"config={config.variant} batch={args.batch} dtype={args.dtype} device={device.device_kind} "
       f"({device.platform}; {cpu_model}, {os.cpu_count()} cores) jax {jax.__version__} "
       f"torch {torch.__version__} threads={torch.get_num_threads()}; {compiler_status()}")
@@ -376,17 +375,6 @@ def _torch_variants(spec: str, on_cpu: bool) -> list[str]:
   if unknown:
     raise SystemExit(f"--torch: unknown variant(s) {unknown}; expected {TORCH_VARIANTS}")
   return names
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,12 +13,13 @@ import copy
 import dataclasses
 import json
 import os
+import time
 from typing import Callable, Optional
 
 import ml_collections
 import numpy as np
 
-from mpma_jax import metrics, suite, sweep, train
+from mpma_jax import logger, metrics, suite, sweep, train
 from mpma_jax import overrides as overrides_lib
 from mpma_jax.configs import ablations as study
 from mpma_jax.data import builders
@@ -41,6 +42,7 @@ class Run:
   config: ml_collections.ConfigDict
   action: str = ""  # what the study found: start | resume | skip (finished before)
   status: str = ""  # ok | failed: <error> | stopped at step N, then any task that failed
+  fine_tuned: int = 0  # tasks fine-tuned by this invocation (not reused from an earlier one)
   metrics: dict = dataclasses.field(default_factory=dict)  # figure name -> value in [0, 1]
 
 
@@ -123,6 +125,7 @@ def run_suite(run: Run, tasks: dict, data_dir: str, finetune_overrides: dict,
         out[name] = rows
         continue
     overrides = {**finetune_overrides, "seed": run.seed}
+    run.fine_tuned += 1
     try:
       _, out[name] = suite.run(run.workdir, data_dir, workdir, [(copy.deepcopy(config), "")],
                                overrides, log)
@@ -242,12 +245,14 @@ def write_markdown(path: str, section: str) -> None:
 
 def run(root: str, variant: str = "tiny", data_dir: str = "", arm_names=None, seeds=study.SEEDS,
         task_names=None, fixed=None, finetune_overrides=None, synthetic=None,
-        out: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+        out: Optional[str] = None, log: Callable[[str], None] = print, command: str = "") -> dict:
   """The whole study: pre-training (finished runs skipped), the suite on every finished run
   (finished tasks skipped), ROOT/ablations.json, and the results section of `out` (Markdown) when
   given. data_dir (default ROOT/data) holds the synthetic pre-training set and the downstream
   datasets. fixed: pre-training overrides of every run; finetune_overrides: on top of
-  configs/ablations.py FINETUNE. Returns the contents of ablations.json."""
+  configs/ablations.py FINETUNE; command: how the study was invoked, for the record. Returns the
+  contents of ablations.json."""
+  start = time.time()
   data_dir = data_dir or os.path.join(root, "data")
   fixed = {"data.data_dir": data_dir, **(fixed or {})}
   runs = plan(root, variant, arm_names, seeds, fixed)
@@ -265,9 +270,14 @@ def run(root: str, variant: str = "tiny", data_dir: str = "", arm_names=None, se
       r.metrics = run_metrics(r.workdir, run_suite(r, tasks, data_dir, finetune_overrides, log))
       per_arm.setdefault(r.arm, []).append(r.metrics)
   summary = summarize(per_arm)
+  invocation = {
+      "command": command, "machine": logger.machine(), "wall_s": round(time.time() - start, 1),
+      "pretrained": sum(r.action in ("start", "resume") for r in runs), "runs": len(runs),
+      "fine_tuned": sum(r.fine_tuned for r in runs), "tasks": len(runs) * len(tasks)
+  }
   result = {
-      "variant": variant, "fixed": fixed, "finetune": finetune_overrides, "tasks": list(tasks),
-      "runs": [{
+      "invocation": invocation, "variant": variant, "fixed": fixed, "finetune": finetune_overrides,
+      "tasks": list(tasks), "runs": [{
           "arm": r.arm, "seed": r.seed, "workdir": r.workdir, "action": r.action,
           "status": r.status, "metrics": r.metrics
       } for r in runs], "summary": summary
@@ -276,9 +286,15 @@ def run(root: str, variant: str = "tiny", data_dir: str = "", arm_names=None, se
   with open(os.path.join(root, "ablations.json"), "w") as f:
     json.dump(result, f, indent=1)
   shown = lambda d: ", ".join(f"`{k}={v}`" for k, v in d.items() if k != "data.data_dir") or "none"
-  settings = (f"Variant `{variant}`, seeds {', '.join(map(str, seeds))}, tasks "
-              f"{', '.join(tasks)}. Pre-training overrides: {shown(fixed)}. Fine-tuning "
-              f"overrides: {shown(finetune_overrides)}.")
+  settings = (
+      f"Variant `{variant}`, seeds {', '.join(map(str, seeds))}, tasks "
+      f"{', '.join(tasks)}. Pre-training overrides: {shown(fixed)}. Fine-tuning "
+      f"overrides: {shown(finetune_overrides)}.\n\n"
+      f"{'Command: `' + command + '`. ' if command else ''}Machine: "
+      f"{invocation['machine']}. This invocation: {invocation['wall_s'] / 60:.0f} min wall, "
+      f"pre-trained {invocation['pretrained']} of {invocation['runs']} runs and "
+      f"fine-tuned {invocation['fine_tuned']} of {invocation['tasks']} tasks (the others "
+      "were finished by an earlier invocation and are reused).")
   section = markdown(summary, runs, settings)
   if out:
     write_markdown(out, section)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import platform
 from typing import Any
 
 import jax
@@ -99,3 +100,20 @@ class Throughput:
     out = {"examples_per_sec": steps * self.batch / seconds, "step_time": seconds / steps}
     out.update(flops.throughput(self.step_flops, seconds / steps, self.devices, self.peak))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+  """'<CPU model>, <n> cores, <platform> jax <version>': the machine a benchmark or study ran on."""
+  return f"{cpu_model()}, {os.cpu_count()} cores, {jax.default_backend()} jax {jax.__version__}"

@@ -154,6 +154,11 @@ def test_study_command_end_to_end_and_skips_finished_runs(tmp_path):
   per_run = _table(open(out).read(), 1)
   assert per_run[0] == ["arm", "seed", "status", *figures] and len(per_run) == 5
   assert open(out).read().startswith("# Ablations\n\nhow-to\n\n")
+  # The record of the invocation: its command, machine and what it did.
+  assert first["invocation"]["command"] == " ".join(["python benchmarks/ablations.py", *argv])
+  assert (first["invocation"]["pretrained"], first["invocation"]["runs"]) == (4, 4)
+  assert (first["invocation"]["fine_tuned"], first["invocation"]["tasks"]) == (4, 4)
+  assert f"Command: `{first['invocation']['command']}`. Machine: " in open(out).read()
 
   # Again: every run and every task is found finished and nothing is trained.
   files = [os.path.join(r["workdir"], "eval.json") for r in runs]
@@ -163,5 +168,7 @@ def test_study_command_end_to_end_and_skips_finished_runs(tmp_path):
   assert [r["action"] for r in second["runs"]] == ["skip"] * 4
   assert {p: os.path.getmtime(p) for p in stamps} == stamps
   assert second["summary"] == first["summary"]
+  assert (second["invocation"]["pretrained"], second["invocation"]["fine_tuned"]) == (0, 0)
+  assert "pre-trained 0 of 4 runs and fine-tuned 0 of 4 tasks" in open(out).read()
   saved = json.load(open(os.path.join(root, "ablations.json")))
   assert saved["summary"] == first["summary"] and len(saved["runs"]) == 4
