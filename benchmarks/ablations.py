@@ -19,6 +19,7 @@ reuse them.
 """
 import argparse
 import os
+import signal
 import sys
 
 import jax
@@ -86,5 +87,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  failed = cli.one_line_errors("benchmarks/ablations.py", main) == 2  # an error in the input
+  try:
+    failed = cli.one_line_errors("benchmarks/ablations.py", main) == 2  # an error in the input
+  except ablation.Preempted as e:
+    print(f"benchmarks/ablations.py: {e}", file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
   sys.exit(2 if failed else 0)

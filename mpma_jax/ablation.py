@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -71,8 +72,14 @@ def plan(root: str, variant: str, arm_names=None, seeds=study.SEEDS, fixed=None)
   return runs
 
 
+class Preempted(Exception):
+  """SIGTERM stopped a pre-training run (with a checkpoint): the study stops there too, rather than
+  go on to the next run, and the same command continues it."""
+
+
 def pretrain(run: Run, log: Callable[[str], None] = print) -> None:
-  """Pre-trains the run unless it is finished; sets run.action and run.status."""
+  """Pre-trains the run unless it is finished; sets run.action and run.status. Raises Preempted
+  when SIGTERM stopped it."""
   run.action = sweep.run_state(run.workdir)
   if run.action == "skip":
     run.status = "ok"
@@ -84,6 +91,9 @@ def pretrain(run: Run, log: Callable[[str], None] = print) -> None:
     run.status = f"failed: {type(e).__name__}: {e}".splitlines()[0]
     log(f"{run.workdir}: {run.status}")
     return
+  if result.get("reason", "").startswith("preempted"):
+    raise Preempted(f"{run.workdir}: {result['reason']}, checkpoint {result['stopped_at']} saved; "
+                    "run the same command again to continue the study")
   run.status = f"stopped at step {result['stopped_at']}" if "stopped_at" in result else "ok"
 
 
@@ -113,7 +123,8 @@ def run_suite(run: Run, tasks: dict, data_dir: str, finetune_overrides: dict,
               log: Callable[[str], None] = print) -> dict[str, list]:
   """Task name -> the suite's rows on this run ([] when its dataset is not built or its
   fine-tuning failed, which run.status then names), each task fine-tuned with the run's seed
-  unless an earlier call left its results."""
+  unless an earlier call left its results (what an interrupted or failed attempt left is removed
+  first: a task starts over)."""
   out = {}
   for name, config in tasks.items():
     workdir = os.path.join(run.workdir, "suite", name)
@@ -124,6 +135,8 @@ def run_suite(run: Run, tasks: dict, data_dir: str, finetune_overrides: dict,
       if rows:
         out[name] = rows
         continue
+    if os.path.isdir(workdir):  # an interrupted or failed attempt: the task starts over
+      shutil.rmtree(workdir)
     overrides = {**finetune_overrides, "seed": run.seed}
     run.fine_tuned += 1
     try:

@@ -43,6 +43,46 @@ def test_arms_and_sweep():
     ablation.plan("/root", "tiny", fixed={"seed": 3})
 
 
+def test_a_preempted_run_stops_the_study_and_a_run_steps_stop_does_not(tmp_path, monkeypatch):
+  """SIGTERM during a pre-training run (train.pretrain returns its clean stop) ends the study with
+  a message naming the run and step; a stop at train.run_steps is recorded and the study goes on."""
+  stops = {
+      "preempted": {"stopped_at": 3, "reason": "preempted (SIGTERM) at step 3"},
+      "run_steps": {"stopped_at": 2, "reason": "train.run_steps=2 reached at step 2"}
+  }
+  (run,) = ablation.plan(str(tmp_path), "tiny", ["mpma"], seeds=(0,))
+  monkeypatch.setattr(ablation.train, "pretrain", lambda *a, **k: stops["run_steps"])
+  ablation.pretrain(run, log=lambda _: None)
+  assert (run.action, run.status) == ("start", "stopped at step 2")
+  monkeypatch.setattr(ablation.train, "pretrain", lambda *a, **k: stops["preempted"])
+  with pytest.raises(
+      ablation.Preempted, match=r"mpma/seed=0: preempted \(SIGTERM\) at step 3, "
+      "checkpoint 3 saved; run the same command again"):
+    ablation.pretrain(run, log=lambda _: None)
+
+
+def test_an_unfinished_task_starts_over_and_a_finished_one_is_reused(tmp_path, monkeypatch):
+  (run,) = ablation.plan(str(tmp_path), "tiny", ["mpma"], seeds=(0,))
+  done, left = (os.path.join(run.workdir, "suite", t) for t in ("done", "left"))
+  os.makedirs(os.path.join(left, "clean", "checkpoints", "2"))  # an interrupted attempt
+  os.makedirs(done)
+  with open(os.path.join(done, "suite.json"), "w") as f:
+    json.dump({"rows": [{"task": "done", "accuracy": 0.5}]}, f)
+  seen = []
+
+  def fake_suite(run_dir, data_dir, workdir, configs, overrides, log):
+    seen.append(
+        (workdir, os.listdir(workdir) if os.path.isdir(workdir) else None, overrides["seed"]))
+    return None, [{"task": "left", "accuracy": 0.25}]
+
+  monkeypatch.setattr(ablation.suite, "run", fake_suite)
+  out = ablation.run_suite(run, {"done": None, "left": None}, "", {}, log=lambda _: None)
+  assert out == {
+      "done": [{"task": "done", "accuracy": 0.5}], "left": [{"task": "left", "accuracy": 0.25}]
+  }
+  assert seen == [(left, None, 0)] and run.fine_tuned == 1
+
+
 def test_summary_marks_differences_larger_than_the_seed_spread():
   per_arm = {
       "mpma": [{"a": 0.50, "b": 0.2}, {"a": 0.60, "b": 0.2}],
