@@ -26,6 +26,7 @@ from mpma_jax import checkpoint, logger, metrics, optim, sharding, tasks, train,
 from mpma_jax.data import downstream
 from mpma_jax.data import text as texts
 from mpma_jax.data import tokenizer as tokenizers
+from mpma_jax.models import text as text_model
 from mpma_jax.models import vit
 from mpma_jax.models.heads import Downstream
 
@@ -43,6 +44,11 @@ def model_config(config: ml_collections.ConfigDict, pre_model: ml_collections.Co
   if m.image.size % m.image.patch:
     raise ValueError(f"image_size={m.image.size} is not a multiple of the patch size "
                      f"{m.image.patch}")
+  longest = text_model.longest_text(m.text.max_positions, m.text.position_style, m.text.pad_id)
+  if config.data.max_len > longest:
+    raise ValueError(f"data.max_len={config.data.max_len} is longer than the pre-trained text "
+                     f"encoder reads: its {m.text.max_positions} {m.text.position_style} "
+                     f"positions take at most {longest} tokens; set data.max_len <= {longest}")
   return m
 
 

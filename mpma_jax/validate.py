@@ -7,7 +7,7 @@ import ml_collections
 
 from mpma_jax import sharding
 from mpma_jax.data import pipeline
-from mpma_jax.models import layers
+from mpma_jax.models import layers, text
 
 
 class UsageError(ValueError):
@@ -96,6 +96,12 @@ def problems(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     bad("optim.warmup", "expected a fraction of the steps in [0, 1]")
   if m.mim.layer > m.fusion.layers:
     bad("model.mim.layer", f"expected a fusion layer, 1..model.fusion.layers={m.fusion.layers}")
+  longest = text.longest_text(m.text.max_positions, m.text.position_style, m.text.pad_id)
+  if config.data.max_len > longest:
+    bad(
+        "data.max_len", f"longer than the text encoder reads: model.text.max_positions="
+        f"{m.text.max_positions} ({m.text.position_style} positions) takes at most {longest} tokens"
+    )
   if m.memory.topk > m.memory.slots:
     bad("model.memory.topk", f"expected at most model.memory.slots={m.memory.slots}")
   if m.memory.placement == "every_text_layer" and m.scan:

@@ -98,6 +98,24 @@ def test_image_classification_targets_follow_the_uncertainty_policy():
   assert d.targets(raw)[0].tolist() == [0.0, 0.0, 1.0]
 
 
+@pytest.mark.faults
+def test_a_text_longer_than_the_pretrained_positions_is_refused():
+  """MELINDA's 128 caption tokens on tiny_config's 64 BERT positions: a one-line error naming the
+  field and the limit, not the NaN that a gather past the position table gives."""
+  config = suite.load_task_config("melinda", "")
+  pre_model = tiny_config().model
+  with pytest.raises(
+      ValueError, match=r"^data.max_len=128 is longer than the pre-trained text "
+      r"encoder reads: its 64 bert positions take at most 64 tokens; set "
+      r"data.max_len <= 64$"):
+    finetune.model_config(config, pre_model)
+  config.data.max_len = 64
+  assert finetune.model_config(config, pre_model).text.max_positions == 64
+  pre_model.text.update(position_style="roberta", pad_id=1)  # positions 2..L+1
+  with pytest.raises(ValueError, match="take at most 62 tokens"):
+    finetune.model_config(config, pre_model)
+
+
 def test_transfer_copies_every_pretrained_leaf_and_resizes_positions(pretrained_run):
   pre_config, params, _, _ = checkpoint.load_init(pretrained_run)
   config = ft_config("vqa_rad", "")

@@ -29,6 +29,8 @@ from tests.conftest import ROOT, tiny_config
     ("model.memory.topk", 1000, "model.memory.topk=1000: expected at most model.memory.slots"),
     ("data.name", "rocco", "unknown dataset 'rocco'"),
     ("data.max_len", 0, "data.max_len=0: expected a positive number"),
+    ("data.max_len", 65, "data.max_len=65: longer than the text encoder reads: "
+     "model.text.max_positions=64 (bert positions) takes at most 64 tokens"),
     ("eval.num_pairs", 0, "eval.num_pairs=0: expected a positive number"),
 ])
 def test_each_rule_names_field_value_and_expectation(field, value, expected):

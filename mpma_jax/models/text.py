@@ -21,6 +21,13 @@ def position_ids(attention_mask, style: str, pad_id: int):
   raise ValueError(f"text.position_style must be 'bert' or 'roberta', got {style!r}")
 
 
+def longest_text(max_positions: int, style: str, pad_id: int) -> int:
+  """The most tokens a text encoder with max_positions position rows reads: 'bert' numbers them
+  0..L-1, 'roberta' pad_id+1..pad_id+L. A longer text would index past the table, which a JAX
+  gather answers with NaN, not an error."""
+  return max_positions - pad_id - 1 if style == "roberta" else max_positions
+
+
 class TextEncoder(nn.Module):
   """ids [B, L], attention_mask [B, L] -> tokens [B, L, width]."""
   vocab_size: int
