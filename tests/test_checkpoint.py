@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -391,7 +392,6 @@ def _flip_bytes(path: str, offset_fraction: float = 0.3, count: int = 8) -> None
 
 
 def _copy_run(src: str, dst: str) -> str:
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst)
   return dst
 
@@ -413,7 +413,6 @@ def test_a_damaged_checkpoint_is_named_and_the_run_falls_back(straight, tmp_path
   step6 = os.path.join(workdir, "checkpoints", "6")
   target = _largest_file(os.path.join(step6, "state"))
   if damage == "swap":
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(os.path.join(step6, "state"))
     shutil.copytree(os.path.join(workdir, "checkpoints", "4", "state"),
                     os.path.join(step6, "state"))
